@@ -1,0 +1,285 @@
+"""Typed pipeline configuration: frozen dataclasses, YAML files and dotted `key=value` overrides.
+
+Defaults are the small CPU run. A YAML file is a serialised `PipelineConfig`; an unknown key is an
+error that names the file and the key and suggests the closest valid one.
+
+    cai run configs/quickstart.yaml sl.rounds=2 model.batch_size=8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings for one generation step.
+
+    `temperature` 0 means greedy. A list of temperatures is a per-round schedule: round k uses
+    entry k (the last entry repeats). `seed` is mixed with each record's id so results do not
+    depend on how records are batched across chunks.
+    """
+
+    temperature: float | list[float] = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    stop: list[str] = field(default_factory=list)
+
+    def at_round(self, k: int) -> Sampling:
+        """The settings for round `k` (0-based) with the schedule resolved to one temperature."""
+        t = self.temperature
+        if isinstance(t, list):
+            t = t[min(k, len(t) - 1)]
+        return dataclasses.replace(self, temperature=float(t))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model, and how it runs. `name` is `smollm2-135m`, a local directory or a hub id."""
+
+    name: str = "smollm2-135m"
+    backend: Literal["hf"] = "hf"
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+    device: str = "auto"
+    batch_size: int = 32
+    max_length: int = 4096
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """One source of prompts.
+
+    `path`: a JSONL file, a directory saved by `datasets`, a hub dataset id, or `builtin:red_team` /
+    `builtin:helpful` for the sets shipped with the toolkit. `format` `auto` picks by content:
+    rows with a `prompt` (or `field`) column, or hh-rlhf transcripts (`chosen`/`transcript`), whose
+    first human turn becomes the prompt.
+    """
+
+    path: str = "builtin:red_team"
+    format: Literal["auto", "jsonl", "hh", "datasets"] = "auto"
+    field: str | None = None
+    split: str = "train"
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    red_team: list[PromptSource] = field(default_factory=lambda: [PromptSource("builtin:red_team")])
+    helpful: list[PromptSource] = field(default_factory=lambda: [PromptSource("builtin:helpful")])
+
+
+@dataclass(frozen=True)
+class SLConfig:
+    """SL-CAI critique-revision settings."""
+
+    rounds: int = 4
+    few_shot: int = 2
+    chunk_size: int = 32
+    response: Sampling = field(default_factory=lambda: Sampling(temperature=1.0, top_p=0.9, max_new_tokens=128))
+    critique: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, max_new_tokens=96))
+    revision: Sampling = field(
+        default_factory=lambda: Sampling(temperature=[1.0, 0.8, 0.6, 0.4], top_p=0.9, max_new_tokens=128)
+    )
+    helpful_fraction: float = 0.5
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning on the SL-CAI export (TRL SFTTrainer)."""
+
+    method: Literal["full", "lora"] = "full"
+    epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 2e-5
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    warmup_ratio: float = 0.1
+    save_steps: int = 50
+    bf16: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    report_to: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    run_dir: str = "runs/quickstart"
+    constitution: str = "default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    sl: SLConfig = field(default_factory=SLConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, building nested dataclasses; raise on mismatch."""
+    origin = typing.get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover - a bug in this file
+
+
+def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
+    """Build a config dataclass from plain data; errors name `source` and the dotted key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return _build(cls, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {str(e).lstrip(': ')}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides to a nested dict; values are parsed as YAML scalars/lists."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. sl.rounds=2")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{p}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a pipeline config from YAML (or defaults when `path` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if overrides:
+        data = apply_overrides(data, overrides)
+    cfg = from_dict(PipelineConfig, data, source)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: PipelineConfig, source: str = "config") -> None:
+    """Range checks that types alone cannot express."""
+    checks = [
+        (cfg.sl.rounds >= 0, "sl.rounds must be >= 0"),
+        (cfg.sl.few_shot >= 0, "sl.few_shot must be >= 0"),
+        (cfg.sl.chunk_size >= 1, "sl.chunk_size must be >= 1"),
+        (0.0 <= cfg.sl.helpful_fraction < 1.0, "sl.helpful_fraction must be in [0, 1)"),
+        (cfg.model.batch_size >= 1, "model.batch_size must be >= 1"),
+        (cfg.sft.batch_size >= 1, "sft.batch_size must be >= 1"),
+        (cfg.sft.learning_rate > 0, "sft.learning_rate must be > 0"),
+    ]
+    for step in ("response", "critique", "revision"):
+        s: Sampling = getattr(cfg.sl, step)
+        temps = s.temperature if isinstance(s.temperature, list) else [s.temperature]
+        checks.append((len(temps) > 0 and all(t >= 0 for t in temps), f"sl.{step}.temperature must be >= 0"))
+        checks.append((0.0 < s.top_p <= 1.0, f"sl.{step}.top_p must be in (0, 1]"))
+        checks.append((s.max_new_tokens >= 1, f"sl.{step}.max_new_tokens must be >= 1"))
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"{source}: {msg}")
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-serialisable parts (configs are converted with `to_dict`)."""
+    blob = json.dumps(
+        [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,433 @@
+"""The constitution: principles, few-shot examples, validation, hashing, sampling, diffs, and
+every prompt the models see.
+
+A constitution is a YAML file (see `src/cai/resources/constitutions/default.yaml`):
+
+    schema: cai.constitution/v1
+    name: default
+    version: "1.0.0"
+    critique_revision: [{id, category, critique, revision}, ...]     # SL-CAI principles
+    preference: [{id, category, instruction}, ...]                    # RL-CAI principles
+    few_shot:
+      critique_revision: [{principle, conversation, critique, revision}, ...]
+      preference: [{principle?, conversation, options: [a, b], answer: A|B}, ...]
+      chain_of_thought: [{principle?, conversation, options, reasoning, answer}, ...]
+
+Every prompt template lives in this file, so one read shows all the model is asked. Prompts are
+rendered as un-templated chat messages; the back-end applies the model's chat template once.
+
+    cai constitution validate default
+    cai constitution show default
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEMA = "cai.constitution/v1"
+CATEGORIES = ("harm", "honesty", "helpfulness", "meta")
+ROLES = ("system", "user", "assistant")
+
+Message = dict[str, str]
+Conversation = list[Message]
+
+
+class ConstitutionError(ValueError):
+    """A constitution that cannot be used; the message names the file, the entry and the problem."""
+
+
+@dataclass(frozen=True)
+class Principle:
+    """A critique/revision pair for the SL-CAI phase."""
+
+    id: str
+    category: str
+    critique: str
+    revision: str
+
+
+@dataclass(frozen=True)
+class PreferencePrinciple:
+    """A multiple-choice instruction for the RL-CAI phase."""
+
+    id: str
+    category: str
+    instruction: str
+
+
+@dataclass(frozen=True)
+class CritiqueExample:
+    """A worked critique/revision example. The requests come from `principle`, or are given inline."""
+
+    conversation: tuple[Message, ...]
+    critique: str
+    revision: str
+    principle: str | None = None
+    critique_request: str | None = None
+    revision_request: str | None = None
+
+
+@dataclass(frozen=True)
+class ChoiceExample:
+    """A worked multiple-choice feedback example (with `reasoning` for chain of thought).
+
+    Without `principle`, the instruction of the comparison being labelled is used, as in the paper's
+    chain-of-thought examples.
+    """
+
+    conversation: tuple[Message, ...]
+    options: tuple[str, str]
+    answer: str
+    principle: str | None = None
+    reasoning: str | None = None
+
+
+@dataclass(frozen=True)
+class Constitution:
+    name: str
+    version: str
+    critique_revision: tuple[Principle, ...]
+    preference: tuple[PreferencePrinciple, ...]
+    critique_examples: tuple[CritiqueExample, ...] = ()
+    preference_examples: tuple[ChoiceExample, ...] = ()
+    cot_examples: tuple[ChoiceExample, ...] = ()
+    description: str = ""
+    source: str = field(default="<memory>", compare=False)
+
+    # ---- identity -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The canonical serialised form (what `hash` covers and what `save` writes)."""
+
+        def clean(d: dict[str, Any]) -> dict[str, Any]:
+            out = {}
+            for k, v in d.items():
+                if v is None or v == "":
+                    continue
+                out[k] = [dict(m) for m in v] if k == "conversation" else list(v) if k == "options" else v
+            return out
+
+        return {
+            "schema": SCHEMA,
+            "name": self.name,
+            "version": self.version,
+            **({"description": self.description} if self.description else {}),
+            "critique_revision": [asdict(p) for p in self.critique_revision],
+            "preference": [asdict(p) for p in self.preference],
+            "few_shot": {
+                "critique_revision": [clean(asdict(e)) for e in self.critique_examples],
+                "preference": [clean(asdict(e)) for e in self.preference_examples],
+                "chain_of_thought": [clean(asdict(e)) for e in self.cot_examples],
+            },
+        }
+
+    @property
+    def hash(self) -> str:
+        """Content hash: the same principles and examples give the same hash, whatever the YAML layout."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(
+            yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=100)
+        )
+
+    # ---- lookup and sampling --------------------------------------------------------------
+
+    def principle(self, pid: str) -> Principle:
+        for p in self.critique_revision:
+            if p.id == pid:
+                return p
+        raise KeyError(f"{self.source}: no critique_revision principle '{pid}'")
+
+    def preference_principle(self, pid: str) -> PreferencePrinciple:
+        for p in self.preference:
+            if p.id == pid:
+                return p
+        raise KeyError(f"{self.source}: no preference principle '{pid}'")
+
+    def draw(self, seed: int, record_id: str, k: int, kind: str = "critique_revision") -> list[str]:
+        """Draw `k` principle ids for one record, fresh each round (no repeats until all are used).
+
+        The draw depends only on (seed, record_id), never on batch order, so a resumed or sharded run
+        draws the same principles.
+        """
+        pool = [p.id for p in (self.critique_revision if kind == "critique_revision" else self.preference)]
+        digest = hashlib.sha256(f"{seed}:{kind}:{record_id}".encode()).digest()
+        rng = random.Random(int.from_bytes(digest[:8], "big"))
+        out: list[str] = []
+        while len(out) < k:
+            out.extend(rng.sample(pool, len(pool)))
+        return out[:k]
+
+    # ---- prompts: SL-CAI ------------------------------------------------------------------
+
+    def critique_request(self, ex: CritiqueExample) -> tuple[str, str]:
+        if ex.principle is not None:
+            p = self.principle(ex.principle)
+            return p.critique, p.revision
+        assert ex.critique_request is not None and ex.revision_request is not None
+        return ex.critique_request, ex.revision_request
+
+    def critique_few_shot(self, n: int) -> Conversation:
+        """The first `n` worked examples as chat turns. Identical for every record, so it is a
+        prefix the back-end computes once."""
+        msgs: Conversation = []
+        for ex in self.critique_examples[:n]:
+            creq, rreq = self.critique_request(ex)
+            msgs += [dict(m) for m in ex.conversation]
+            msgs += [
+                {"role": "user", "content": creq},
+                {"role": "assistant", "content": ex.critique},
+                {"role": "user", "content": rreq},
+                {"role": "assistant", "content": ex.revision},
+            ]
+        return msgs
+
+    def critique_messages(
+        self, conversation: Sequence[Message], response: str, principle_id: str, few_shot: int
+    ) -> Conversation:
+        """Ask for a critique of `response` (the assistant's reply to `conversation`) under one principle."""
+        p = self.principle(principle_id)
+        return [
+            *self.critique_few_shot(few_shot),
+            *[dict(m) for m in conversation],
+            {"role": "assistant", "content": response},
+            {"role": "user", "content": p.critique},
+        ]
+
+    def revision_messages(self, critique_msgs: Sequence[Message], critique: str, principle_id: str) -> Conversation:
+        """Ask for a revision, continuing the critique conversation with the critique the model wrote."""
+        p = self.principle(principle_id)
+        return [
+            *[dict(m) for m in critique_msgs],
+            {"role": "assistant", "content": critique},
+            {"role": "user", "content": p.revision},
+        ]
+
+    def scaffold_phrases(self) -> list[str]:
+        """Texts a revision must not echo: every critique and revision request."""
+        phrases = [p.critique for p in self.critique_revision] + [p.revision for p in self.critique_revision]
+        phrases += [e.critique_request for e in self.critique_examples if e.critique_request]
+        phrases += [e.revision_request for e in self.critique_examples if e.revision_request]
+        return phrases
+
+
+# ---- loading and validation ----------------------------------------------------------------
+
+
+def _fail(source: str, where: str, problem: str) -> ConstitutionError:
+    return ConstitutionError(f"{source}: {where}: {problem}" if where else f"{source}: {problem}")
+
+
+def _text(d: dict[str, Any], key: str, source: str, where: str) -> str:
+    v = d.get(key)
+    if not isinstance(v, str) or not v.strip():
+        raise _fail(source, where, f"'{key}' must be a non-empty string")
+    return v.strip()
+
+
+def _conversation(d: dict[str, Any], source: str, where: str, last: str) -> tuple[Message, ...]:
+    conv = d.get("conversation")
+    if not isinstance(conv, list) or not conv:
+        raise _fail(source, where, "'conversation' must be a non-empty list of {role, content}")
+    out = []
+    for i, m in enumerate(conv):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            raise _fail(source, f"{where}.conversation[{i}]", "each message needs exactly 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise _fail(source, f"{where}.conversation[{i}]", f"role must be one of {ROLES}, got {m['role']!r}")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise _fail(source, f"{where}.conversation[{i}]", "'content' must be a non-empty string")
+        out.append({"role": m["role"], "content": m["content"].strip()})
+    if out[-1]["role"] != last:
+        raise _fail(source, where, f"the conversation must end with a {last} message")
+    return tuple(out)
+
+
+def _check_keys(d: Any, allowed: set[str], source: str, where: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise _fail(source, where, f"expected a mapping, got {type(d).__name__}")
+    extra = set(d) - allowed
+    if extra:
+        raise _fail(source, where, f"unknown key(s) {sorted(extra)}; allowed: {sorted(allowed)}")
+    return d
+
+
+def from_dict(data: Any, source: str = "<memory>") -> Constitution:
+    """Validate plain data and build a `Constitution`; errors name the source, entry and problem."""
+    top = _check_keys(
+        data,
+        {"schema", "name", "version", "description", "critique_revision", "preference", "few_shot"},
+        source,
+        "",
+    )
+    if top.get("schema", SCHEMA) != SCHEMA:
+        raise _fail(source, "schema", f"unsupported schema {top.get('schema')!r}; expected {SCHEMA!r}")
+    name = _text(top, "name", source, "top level")
+    version = str(top.get("version", "0"))
+
+    def principles(key: str, fields: tuple[str, ...]) -> list[dict[str, str]]:
+        items = top.get(key)
+        if not isinstance(items, list) or not items:
+            raise _fail(source, key, "must be a non-empty list of principles")
+        seen: set[str] = set()
+        out = []
+        for i, raw in enumerate(items):
+            pid = raw.get("id") if isinstance(raw, dict) else None
+            where = f"{key}[{i}]" + (f" (id '{pid}')" if pid else "")
+            _check_keys(raw, {"id", "category", *fields}, source, where)
+            pid = _text(raw, "id", source, where)
+            if pid in seen:
+                raise _fail(source, where, f"duplicate id '{pid}'")
+            seen.add(pid)
+            cat = _text(raw, "category", source, where)
+            if cat not in CATEGORIES:
+                raise _fail(source, where, f"category must be one of {CATEGORIES}, got '{cat}'")
+            out.append({"id": pid, "category": cat, **{f: _text(raw, f, source, where) for f in fields}})
+        return out
+
+    cr = [Principle(**p) for p in principles("critique_revision", ("critique", "revision"))]
+    pref = [PreferencePrinciple(**p) for p in principles("preference", ("instruction",))]
+    cr_ids = {p.id for p in cr}
+    pref_ids = {p.id for p in pref}
+    clash = cr_ids & pref_ids
+    if clash:
+        raise _fail(source, "preference", f"ids also used in critique_revision: {sorted(clash)}")
+
+    shots = _check_keys(top.get("few_shot") or {}, {"critique_revision", "preference", "chain_of_thought"},
+                        source, "few_shot")
+    crit_ex = []
+    for i, raw in enumerate(shots.get("critique_revision") or []):
+        where = f"few_shot.critique_revision[{i}]"
+        _check_keys(raw, {"principle", "conversation", "critique", "revision", "critique_request",
+                          "revision_request"}, source, where)
+        pid = raw.get("principle")
+        if pid is not None and pid not in cr_ids:
+            raise _fail(source, where, f"principle '{pid}' is not a critique_revision id")
+        if pid is None and not (raw.get("critique_request") and raw.get("revision_request")):
+            raise _fail(source, where, "give 'principle', or both 'critique_request' and 'revision_request'")
+        crit_ex.append(CritiqueExample(
+            conversation=_conversation(raw, source, where, "assistant"),
+            critique=_text(raw, "critique", source, where),
+            revision=_text(raw, "revision", source, where),
+            principle=pid,
+            critique_request=_text(raw, "critique_request", source, where) if pid is None else None,
+            revision_request=_text(raw, "revision_request", source, where) if pid is None else None,
+        ))
+
+    def choice_examples(key: str, with_reasoning: bool) -> list[ChoiceExample]:
+        out = []
+        for i, raw in enumerate(shots.get(key) or []):
+            where = f"few_shot.{key}[{i}]"
+            allowed = {"principle", "conversation", "options", "answer"} | ({"reasoning"} if with_reasoning else set())
+            _check_keys(raw, allowed, source, where)
+            pid = raw.get("principle")
+            if pid is not None and pid not in pref_ids:
+                raise _fail(source, where, f"principle '{pid}' is not a preference id")
+            opts = raw.get("options")
+            if not (isinstance(opts, list) and len(opts) == 2 and all(isinstance(o, str) and o.strip() for o in opts)):
+                raise _fail(source, where, "'options' must be a list of two non-empty strings")
+            if raw.get("answer") not in ("A", "B"):
+                raise _fail(source, where, f"'answer' must be A or B, got {raw.get('answer')!r}")
+            out.append(ChoiceExample(
+                conversation=_conversation(raw, source, where, "user"),
+                options=(opts[0].strip(), opts[1].strip()),
+                answer=raw["answer"],
+                principle=pid,
+                reasoning=_text(raw, "reasoning", source, where) if with_reasoning else None,
+            ))
+        return out
+
+    return Constitution(
+        name=name,
+        version=version,
+        description=str(top.get("description") or "").strip(),
+        critique_revision=tuple(cr),
+        preference=tuple(pref),
+        critique_examples=tuple(crit_ex),
+        preference_examples=tuple(choice_examples("preference", False)),
+        cot_examples=tuple(choice_examples("chain_of_thought", True)),
+        source=source,
+    )
+
+
+def builtin_path(name: str) -> Path:
+    return Path(str(resources.files("cai") / "resources" / "constitutions" / f"{name}.yaml"))
+
+
+def load(spec: str | Path) -> Constitution:
+    """Load a constitution from a YAML path, or a shipped one by name (`default`)."""
+    path = Path(spec)
+    if not path.exists() and not str(spec).endswith((".yaml", ".yml")):
+        path = builtin_path(str(spec))
+        if not path.exists():
+            raise ConstitutionError(f"{spec}: no such file, and not a shipped constitution name")
+    if not path.is_file():
+        raise ConstitutionError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConstitutionError(f"{path}: not valid YAML: {e}") from None
+    return from_dict(data, str(path))
+
+
+# ---- diff ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Diff:
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
+    other: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.removed or self.changed or self.other)
+
+    def render(self) -> str:
+        if self.empty:
+            return "no differences"
+        lines = [f"+ {pid}" for pid in self.added] + [f"- {pid}" for pid in self.removed]
+        for pid, fields in self.changed.items():
+            lines.append(f"~ {pid}")
+            for f, (old, new) in fields.items():
+                lines += [f"    {f}:", f"      - {old}", f"      + {new}"]
+        lines += [f"* {o}" for o in self.other]
+        return "\n".join(lines)
+
+
+def diff(a: Constitution, b: Constitution) -> Diff:
+    """Principles added, removed and changed (by id, field by field) from `a` to `b`."""
+    out = Diff()
+    for kind in ("critique_revision", "preference"):
+        old = {p.id: asdict(p) for p in getattr(a, kind)}
+        new = {p.id: asdict(p) for p in getattr(b, kind)}
+        out.added += [f"{kind}/{i}" for i in new if i not in old]
+        out.removed += [f"{kind}/{i}" for i in old if i not in new]
+        for i in old.keys() & new.keys():
+            ch = {f: (old[i][f], new[i][f]) for f in old[i] if old[i][f] != new[i][f]}
+            if ch:
+                out.changed[f"{kind}/{i}"] = ch
+    out.changed = dict(sorted(out.changed.items()))
+    for attr, label in (("critique_examples", "few_shot.critique_revision"),
+                        ("preference_examples", "few_shot.preference"),
+                        ("cot_examples", "few_shot.chain_of_thought")):
+        ea, eb = getattr(a, attr), getattr(b, attr)
+        if ea != eb:
+            same = sum(x == y for x, y in zip(ea, eb))
+            out.other.append(f"{label}: {len(ea)} -> {len(eb)} examples, {same} unchanged in place")
+    for attr in ("name", "version", "description"):
+        if getattr(a, attr) != getattr(b, attr):
+            out.other.append(f"{attr}: {getattr(a, attr)!r} -> {getattr(b, attr)!r}")
+    return out

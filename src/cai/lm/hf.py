@@ -1,0 +1,358 @@
+"""The transformers back-end: batched generation and option scoring with a shared-prefix cache.
+
+Stages send many prompts that begin with the same long few-shot block. This back-end finds the
+longest token prefix shared by a batch, computes its key/value cache once (and keeps it for later
+batches), and attends to it from every row without copying it per row: the prefix keys are read
+once per layer for the whole batch (a "cascade" split of attention into a shared part and a
+per-row part, merged exactly in one softmax). Rows are left-padded after the prefix; finished rows
+are dropped from the batch as decoding goes on. Sampling runs here, one generator per request, so
+a request's tokens depend on its seed, not on its neighbours.
+
+    python -c "from cai.lm.hf import HFModel; from cai.config import ModelConfig, Sampling; \
+      lm = HFModel.from_config(ModelConfig()); \
+      print(lm.generate([[{'role': 'user', 'content': 'Hi!'}]], Sampling(temperature=0))[0][0].text)"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from cai.config import ModelConfig, Sampling
+from cai.lm.base import Completion, Message
+from cai.models import load_model
+
+ATTN_NAME = "cai_prefix"
+# The shared prefix's per-layer (key, value), each (1, kv_heads, P, head_dim), while a batch runs.
+_PREFIX: contextvars.ContextVar[list[tuple[torch.Tensor, torch.Tensor]] | None] = contextvars.ContextVar(
+    "cai_prefix", default=None
+)
+
+
+def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention over [shared prefix] + [per-row keys], exact, without expanding the prefix per row.
+
+    query: (B, H, q, D); key/value: (B, Hkv, S, D) for the per-row part; attention_mask: a boolean
+    (B, 1, q, S) mask for the per-row part (True = attend). Every query sees the whole prefix.
+    """
+    prefix = _PREFIX.get()
+    if not prefix:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    pk, pv = prefix[module.layer_idx]
+    b, h, q, d = query.shape
+    hkv = key.shape[1]
+    g = h // hkv
+    scale = scaling if scaling is not None else d ** -0.5
+    # Shared part: fold (batch, group, q) into one query axis so each kv head's prefix is one GEMM.
+    qf = query.view(b, hkv, g, q, d).transpose(0, 1).reshape(1, hkv, b * g * q, d)
+    s_pre = torch.matmul(qf, pk.transpose(-1, -2)).float() * scale  # (1, hkv, b*g*q, P)
+    # Per-row part.
+    k = key[:, :, None].expand(b, hkv, g, key.shape[2], d).reshape(b, h, key.shape[2], d)
+    v = value[:, :, None].expand(b, hkv, g, value.shape[2], d).reshape(b, h, value.shape[2], d)
+    s_row = torch.matmul(query, k.transpose(-1, -2)).float() * scale  # (b, h, q, S)
+    if attention_mask is not None:
+        s_row = s_row.masked_fill(~attention_mask, float("-inf"))
+    s_pre = s_pre.view(hkv, b, g, q, -1).transpose(0, 1).reshape(b, h, q, -1)
+    m = torch.maximum(s_pre.amax(-1, keepdim=True), s_row.amax(-1, keepdim=True))
+    e_pre = torch.exp(s_pre - m)
+    e_row = torch.exp(s_row - m)
+    denom = e_pre.sum(-1, keepdim=True) + e_row.sum(-1, keepdim=True)
+    p_pre = (e_pre / denom).to(query.dtype)
+    p_row = (e_row / denom).to(query.dtype)
+    pf = p_pre.view(b, hkv, g, q, -1).transpose(0, 1).reshape(1, hkv, b * g * q, -1)
+    out_pre = torch.matmul(pf, pv).view(hkv, b, g, q, d).transpose(0, 1).reshape(b, h, q, d)
+    out = out_pre + torch.matmul(p_row, v)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_NAME, prefix_attention)
+# Outside our own calls (which pass ready 4D masks) the model builds masks as it would for sdpa.
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+
+
+@contextlib.contextmanager
+def _use_prefix(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    token = _PREFIX.set(kv)
+    try:
+        yield
+    finally:
+        _PREFIX.reset(token)
+
+
+def _lcp(seqs: Sequence[Sequence[int]]) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        t = first[i]
+        if any(s[i] != t for s in seqs):
+            return i
+    return n
+
+
+@dataclass
+class _Prefix:
+    tokens: tuple[int, ...]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class HFModel:
+    """`LM` over a transformers causal LM. Use `from_config` or `HFModel(model, tokenizer, name)`."""
+
+    def __init__(self, model, tokenizer, name: str, batch_size: int = 32, max_length: int = 4096,
+                 min_prefix: int = 16, prefix_cache_size: int = 8):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.min_prefix = min_prefix
+        self.device = next(model.parameters()).device
+        self._prefixes: OrderedDict[tuple[int, ...], _Prefix] = OrderedDict()
+        self._prefix_cache_size = prefix_cache_size
+        model.set_attn_implementation(ATTN_NAME)
+        eos = {tokenizer.eos_token_id}
+        gen_eos = model.generation_config.eos_token_id
+        eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        self.eos_ids = frozenset(i for i in eos if i is not None)
+        self.stats = {"prompt_tokens": 0, "prefix_tokens_reused": 0, "generated_tokens": 0}
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> HFModel:
+        model, tok = load_model(cfg.name, cfg.dtype, cfg.device, cfg.revision, cfg.trust_remote_code)
+        return cls(model, tok, cfg.name, batch_size=cfg.batch_size, max_length=cfg.max_length)
+
+    # ---- tokenisation ---------------------------------------------------------------------
+
+    def encode(self, conversation: Sequence[Message]) -> list[int]:
+        """Template a conversation. If it ends with an assistant message, that message is left open
+        to be continued (used for option scoring); otherwise a generation prompt is added."""
+        conv = [dict(m) for m in conversation]
+        cont = bool(conv) and conv[-1]["role"] == "assistant"
+        text = self.tokenizer.apply_chat_template(
+            conv, tokenize=False, add_generation_prompt=not cont, continue_final_message=cont
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # ---- the shared prefix ----------------------------------------------------------------
+
+    def _cached_match(self, tokens: Sequence[int]) -> tuple[_Prefix | None, int]:
+        """The cached prefix sharing the most leading tokens with `tokens`, and how many it shares."""
+        best, best_n = None, 0
+        for p in self._prefixes.values():
+            n = _lcp([p.tokens, tokens])
+            if n > best_n:
+                best, best_n = p, n
+        return best, best_n
+
+    @torch.no_grad()
+    def _prefix_kv(self, tokens: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """KV cache of `tokens` (batch 1), reusing (a slice of) the best cached prefix."""
+        if tokens in self._prefixes:
+            self._prefixes.move_to_end(tokens)
+            return self._prefixes[tokens].kv
+        base, start = self._cached_match(tokens)
+        if start < self.min_prefix:
+            base, start = None, 0
+        kv_prev = [(k[:, :, :start], v[:, :, :start]) for k, v in base.kv] if base else None
+        if start < len(tokens):
+            new = torch.tensor([tokens[start:]], device=self.device)
+            with _use_prefix(kv_prev) if kv_prev else contextlib.nullcontext():
+                out = self.model(
+                    input_ids=new,
+                    position_ids=torch.arange(start, len(tokens), device=self.device)[None],
+                    attention_mask=self._causal(torch.ones(1, new.shape[1], dtype=torch.bool, device=self.device)),
+                    past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1,
+                )
+            kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            if kv_prev:
+                kv = [(torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(kv_prev, kv)]
+        else:
+            assert kv_prev is not None
+            kv = kv_prev
+        self._prefixes[tokens] = _Prefix(tokens, kv)
+        while len(self._prefixes) > self._prefix_cache_size:
+            self._prefixes.popitem(last=False)
+        return kv
+
+    @staticmethod
+    def _causal(valid: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) boolean mask: causal, keys must be valid (not padding). A padding query sees
+        itself only, so no row of the mask is empty (an empty row would put NaN into the values)."""
+        s = valid.shape[1]
+        tri = torch.ones(s, s, dtype=torch.bool, device=valid.device).tril()
+        eye = torch.eye(s, dtype=torch.bool, device=valid.device)
+        return ((tri[None] & valid[:, None, :]) | eye[None])[:, None]
+
+    def _prefill(self, rows: list[list[int]], keep: int):
+        """Run the batch through the model after its shared prefix.
+
+        Returns (logits of the last `keep` positions per row, cache, valid mask, next positions).
+        """
+        # One row alone shares nothing with a batch; it can still reuse a prefix cached earlier.
+        lcp = _lcp(rows) if len(rows) > 1 else self._cached_match(rows[0])[1]
+        lcp = min(lcp, min(len(r) for r in rows) - keep)
+        if lcp < self.min_prefix:
+            lcp = 0
+        prefix = self._prefix_kv(tuple(rows[0][:lcp])) if lcp else []
+        tails = [r[lcp:] for r in rows]
+        width = max(len(t) for t in tails)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(t)) + t for t in tails], device=self.device)
+        valid = torch.tensor([[False] * (width - len(t)) + [True] * len(t) for t in tails], device=self.device)
+        pos = (valid.long().cumsum(1) - 1).clamp(min=0) + lcp
+        cache = DynamicCache()
+        with _use_prefix(prefix):
+            out = self.model(input_ids=ids, attention_mask=self._causal(valid), position_ids=pos,
+                             past_key_values=cache, use_cache=True, logits_to_keep=keep)
+        self.stats["prompt_tokens"] += sum(len(r) for r in rows)
+        self.stats["prefix_tokens_reused"] += lcp * (len(rows) - 1)
+        return out.logits, out.past_key_values, valid, pos[:, -1] + 1, prefix
+
+    def _batches(self, order: list[int]) -> Iterator[list[int]]:
+        for i in range(0, len(order), self.batch_size):
+            yield order[i : i + self.batch_size]
+
+    # ---- generate -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, conversations: Sequence[Sequence[Message]], sampling: Sampling, n: int = 1,
+                 seeds: Sequence[int] | None = None) -> list[list[Completion]]:
+        """`n` completions per conversation. `seeds[i]` fixes conversation i's samples."""
+        if seeds is not None and len(seeds) != len(conversations):
+            raise ValueError("generate: need one seed per conversation")
+        encoded = [self.encode(c) for c in conversations]
+        requests = [(i, j) for i in range(len(conversations)) for j in range(n)]
+        too_long = [i for i, e in enumerate(encoded) if len(e) + sampling.max_new_tokens > self.max_length]
+        if too_long:
+            raise ValueError(
+                f"generate: conversation {too_long[0]} has {len(encoded[too_long[0]])} prompt tokens; with "
+                f"max_new_tokens={sampling.max_new_tokens} it exceeds model.max_length={self.max_length}"
+            )
+        # Similar lengths batch together; the order is fixed by the input, so results are repeatable.
+        order = sorted(range(len(requests)), key=lambda r: (len(encoded[requests[r][0]]), r))
+        results: list[Completion | None] = [None] * len(requests)
+        for batch in self._batches(order):
+            rows = [encoded[requests[r][0]] for r in batch]
+            batch_seeds = [
+                ((seeds[requests[r][0]] if seeds is not None else requests[r][0]) * 1_000_003 + requests[r][1])
+                for r in batch
+            ]
+            for r, comp in zip(batch, self._decode(rows, sampling, batch_seeds)):
+                results[r] = comp
+        out: list[list[Completion]] = [[] for _ in conversations]
+        for (i, _), comp in zip(requests, results):
+            assert comp is not None
+            out[i].append(comp)
+        return out
+
+    def _decode(self, rows: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[Completion]:
+        temperature = float(sampling.temperature)  # a schedule is resolved by the caller
+        gens = [torch.Generator(device="cpu").manual_seed(s % (2**63)) for s in seeds]
+        logits, cache, valid, next_pos, prefix = self._prefill(rows, keep=1)
+        b = len(rows)
+        active = list(range(b))  # original row index of each live batch slot
+        tokens: list[list[int]] = [[] for _ in range(b)]
+        finish: list[str] = ["length"] * b
+        step_logits = logits[:, -1]
+        for step in range(sampling.max_new_tokens):
+            nxt = self._sample(step_logits, temperature, sampling.top_p, [gens[i] for i in active])
+            done_slots = []
+            for slot, i in enumerate(active):
+                t = int(nxt[slot])
+                if t in self.eos_ids:
+                    finish[i] = "stop"
+                    done_slots.append(slot)
+                    continue
+                tokens[i].append(t)
+                if sampling.stop and self._hit_stop(tokens[i], sampling.stop):
+                    finish[i] = "stop"
+                    done_slots.append(slot)
+            if step == sampling.max_new_tokens - 1:
+                break
+            if done_slots:
+                gone = set(done_slots)
+                keep = [s for s in range(len(active)) if s not in gone]
+                if not keep:
+                    break
+                idx = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(idx)
+                valid, next_pos, nxt = valid[idx], next_pos[idx], nxt[idx]
+                active = [active[s] for s in keep]
+            valid = torch.cat([valid, torch.ones(len(active), 1, dtype=torch.bool, device=self.device)], 1)
+            with _use_prefix(prefix):
+                out = self.model(input_ids=nxt[:, None], attention_mask=valid[:, None, None, :],
+                                 position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+            next_pos = next_pos + 1
+            step_logits = out.logits[:, -1]
+        comps = []
+        for i in range(b):
+            text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
+            if sampling.stop:
+                cut = [text.find(s) for s in sampling.stop if s in text]
+                if cut:
+                    text = text[: min(cut)]
+            self.stats["generated_tokens"] += len(tokens[i])
+            comps.append(Completion(text=text.strip(), finish_reason=finish[i], num_tokens=len(tokens[i])))  # type: ignore[arg-type]
+        return comps
+
+    def _hit_stop(self, toks: list[int], stop: list[str]) -> bool:
+        tail = self.tokenizer.decode(toks[-16:], skip_special_tokens=True)
+        return any(s in tail for s in stop)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, temperature: float, top_p: float, gens: list[torch.Generator]) -> torch.Tensor:
+        logits = logits.float()
+        if temperature <= 0:
+            return logits.argmax(-1)
+        probs = F.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            sp, si = probs.sort(-1, descending=True)
+            cum = sp.cumsum(-1)
+            sp = sp.masked_fill(cum - sp > top_p, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, si, sp)
+        probs = probs.cpu()
+        return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(gens)]).to(
+            logits.device
+        )
+
+    # ---- score_options --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def score_options(self, contexts: Sequence[Sequence[Message]], options: Sequence[Sequence[str]]) -> list[list[float]]:
+        """Sum of log-probabilities of each option's tokens after its context."""
+        if len(contexts) != len(options):
+            raise ValueError("score_options: need one list of options per context")
+        items = []  # (context index, option index, context ids, option ids)
+        for ci, (ctx, opts) in enumerate(zip(contexts, options)):
+            cids = self.encode(ctx)
+            for oi, opt in enumerate(opts):
+                oids = self.tokenizer(opt, add_special_tokens=False)["input_ids"]
+                if not oids:
+                    raise ValueError(f"score_options: option {oi} of context {ci} is empty")
+                items.append((ci, oi, cids, oids))
+        scores: list[list[float]] = [[0.0] * len(o) for o in options]
+        order = sorted(range(len(items)), key=lambda k: (len(items[k][2]), k))
+        for batch in self._batches(order):
+            rows = [items[k][2] + items[k][3] for k in batch]
+            # Keep the logits from the last context token on; the prefix ends before it.
+            keep = max(len(items[k][3]) for k in batch) + 1
+            logits, *_ = self._prefill(rows, keep=keep)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            for slot, k in enumerate(batch):
+                ci, oi, _, oids = items[k]
+                m = len(oids)
+                # logits position j of the kept window predicts the token at window position j+1.
+                lp = logp[slot, keep - m - 1 : keep - 1]
+                tgt = torch.tensor(oids, device=lp.device)
+                scores[ci][oi] = float(lp.gather(-1, tgt[:, None]).sum())
+        return scores
