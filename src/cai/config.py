@@ -225,13 +225,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"override '{item}': expected key=value, e.g. sl.rounds=2")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw.strip() else ""
-        node = data
+        node: Any = data
         parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}': '{p}' is not a section")
-        node[parts[-1]] = value
+        for i, p in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not p.isdigit() or int(p) >= len(node):
+                    raise ConfigError(f"override '{item}': '{p}' is not an index of a {len(node)}-item list")
+                if last:
+                    node[int(p)] = value
+                else:
+                    node = node[int(p)]
+            elif isinstance(node, dict):
+                if last:
+                    node[p] = value
+                else:
+                    node = node.setdefault(p, {})
+            else:
+                raise ConfigError(f"override '{item}': '{parts[i - 1]}' is not a section")
     return data
 
 
@@ -277,9 +288,18 @@ def validate(cfg: PipelineConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: {msg}")
 
 
+def plain(obj: Any) -> Any:
+    """Dataclasses (nested in dicts and lists too) as plain JSON-ready data."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
 def fingerprint(*parts: Any) -> str:
-    """A short stable hash of JSON-serialisable parts (configs are converted with `to_dict`)."""
-    blob = json.dumps(
-        [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True, default=str
-    )
+    """A short stable hash of config parts (dataclasses, dicts, lists, scalars)."""
+    blob = json.dumps(plain(list(parts)), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,256 @@
+"""The `cai` command: argparse sub-commands, each one hop to the code that does the work.
+
+    cai run configs/quickstart.yaml [key=value ...] [--from STAGE] [--to STAGE]
+    cai show runs/quickstart
+    cai constitution validate|show|diff|convert ...
+    cai chat MODEL [-p PROMPT]
+    cai model fetch smollm2-135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from cai.config import ConfigError, load_config
+from cai.constitution import ConstitutionError
+
+
+def _short(text: Any, width: int = 160) -> str:
+    s = " ".join(str(text).split())
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+# ---- run / show ----------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cai import pipeline
+
+    if args.config and "=" in args.config and not Path(args.config).exists():
+        args.overrides.insert(0, args.config)  # `cai run sl.rounds=2`: overrides on the defaults
+        args.config = None
+    cfg = load_config(args.config, args.overrides)
+    done = pipeline.run(cfg, start=args.start, stop=args.stop, allow_changed=args.allow_config_change)
+    print(f"\nrun directory: {cfg.run_dir}")
+    for name, st in done.items():
+        m = st.manifest() or {}
+        print(f"  {name:<12} {m.get('status', '?'):<9} {json.dumps(m.get('counts', {}))}")
+    if "sft" in done:
+        print(f"\nfine-tuned model: {done['sft'].dir / 'model'}\ntry it: cai chat {done['sft'].dir / 'model'}")
+    return 0
+
+
+def _sample(stage: str, row: dict[str, Any]) -> list[str]:
+    lines = []
+    if "prompt" in row:
+        lines.append(f"prompt:   {_short(row['prompt'])}")
+    if stage == "sl_generate":
+        lines.append(f"initial:  {_short(row.get('init_response', ''))}")
+        for rd in row.get("rounds", []):
+            flag = "" if rd["status"] == "ok" else f"  [{rd['reason']}]"
+            lines.append(f"round {rd['round']} ({rd['principle_id']}){flag}")
+            lines.append(f"  critique: {_short(rd['critique'])}")
+            lines.append(f"  revision: {_short(rd['revision'])}")
+        lines.append(f"status:   {row.get('status')}" + (f" ({row['reason']})" if row.get("reason") else ""))
+    elif "messages" in row:
+        lines.append(f"answer:   {_short(row['messages'][-1]['content'])}")
+    return lines
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from cai.pipeline import STAGES
+    from cai.rundir import Stage
+
+    run = Path(args.run)
+    if not run.is_dir():
+        print(f"error: {run}: no such run directory", file=sys.stderr)
+        return 2
+    print(f"run: {run}")
+    cfg_path = run / "config.yaml"
+    if cfg_path.exists():
+        print(f"config: {cfg_path}")
+    for name in STAGES:
+        st = Stage.view(run, name)
+        m = st.manifest()
+        if m is None:
+            continue
+        print(f"\n== {name}: {m['status']}  (fingerprint {m['fingerprint']}, updated {m.get('updated')})")
+        for k, v in m.get("counts", {}).items():
+            print(f"   {k}: {v}")
+        for k in ("constitution_hash", "model_dir"):
+            if k in m:
+                print(f"   {k}: {m[k]}")
+        rows = st.rows() if st.rows_path.exists() else []
+        for row in rows[: args.rows]:
+            print(f"   -- {row.get('record_id')} ({row.get('kind', '')})")
+            for line in _sample(name, row):
+                print(textwrap.indent(line, "      "))
+    return 0
+
+
+# ---- constitution --------------------------------------------------------------------------
+
+
+def cmd_constitution(args: argparse.Namespace) -> int:
+    from cai import constitution as C
+
+    if args.action == "validate":
+        bad = 0
+        for path in args.paths:
+            try:
+                c = C.load(path)
+                print(f"ok  {path}: {len(c.critique_revision)} critique/revision principles, "
+                      f"{len(c.preference)} preference principles, hash {c.hash}")
+            except ConstitutionError as e:
+                bad += 1
+                print(f"ERR {e}", file=sys.stderr)
+        return 1 if bad else 0
+    if args.action == "show":
+        c = C.load(args.path)
+        print(f"{c.name} {c.version}  hash {c.hash}  ({c.source})")
+        if c.description:
+            print(textwrap.fill(c.description, 100))
+        for title, items in (("critique/revision", c.critique_revision), ("preference", c.preference)):
+            print(f"\n{title} principles ({len(items)}):")
+            for p in items:
+                print(f"  [{p.category}] {p.id}")
+                for field in ("critique", "revision", "instruction"):
+                    if hasattr(p, field):
+                        print(textwrap.fill(getattr(p, field), 100, initial_indent=f"      {field}: ",
+                                            subsequent_indent=" " * 8))
+        print(f"\nfew-shot: {len(c.critique_examples)} critique/revision, {len(c.preference_examples)} "
+              f"multiple-choice, {len(c.cot_examples)} chain-of-thought")
+        return 0
+    if args.action == "diff":
+        a, b = C.load(args.a), C.load(args.b)
+        d = C.diff(a, b)
+        print(f"--- {a.source} ({a.hash})\n+++ {b.source} ({b.hash})")
+        print(d.render())
+        return 0 if d.empty else 1
+    if args.action == "convert":
+        from cai.convert import convert
+
+        c = convert(args.src, args.format)
+        c.save(args.output)
+        print(f"wrote {args.output}: {len(c.critique_revision)} critique/revision and {len(c.preference)} "
+              f"preference principles, hash {c.hash}")
+        return 0
+    raise AssertionError(args.action)
+
+
+# ---- chat / model --------------------------------------------------------------------------
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from cai.config import ModelConfig, Sampling
+    from cai.lm.base import load_lm
+
+    lm = load_lm(ModelConfig(name=args.model, dtype=args.dtype, batch_size=1))
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    history: list[dict[str, str]] = []
+    prompts = [args.prompt] if args.prompt else None
+    while True:
+        if prompts is not None:
+            if not prompts:
+                return 0
+            text = prompts.pop(0)
+        else:
+            try:
+                text = input("you> ")
+            except EOFError:
+                return 0
+            if text.strip() in ("/exit", "/quit"):
+                return 0
+        history.append({"role": "user", "content": text})
+        reply = lm.generate([history], sampling, seeds=[args.seed])[0][0].text
+        history.append({"role": "assistant", "content": reply})
+        print(reply if prompts is not None else f"model> {reply}", flush=True)
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from cai.models import EMBEDDED, ensure_embedded
+
+    if args.name not in EMBEDDED:
+        print(f"error: '{args.name}' is not an embedded model (have: {', '.join(EMBEDDED)})", file=sys.stderr)
+        return 2
+    print(ensure_embedded(args.name))
+    return 0
+
+
+# ---- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cai", description="Constitutional AI end to end.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the pipeline from a config")
+    r.add_argument("config", nargs="?", help="YAML config (defaults when omitted)")
+    r.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sl.rounds=2")
+    r.add_argument("--from", dest="start", help="first stage to run")
+    r.add_argument("--to", dest="stop", help="last stage to run")
+    r.add_argument("--allow-config-change", action="store_true",
+                   help="resume a stage even though its config or inputs changed")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("show", help="print what a run directory holds, with sample rows")
+    s.add_argument("run")
+    s.add_argument("--rows", type=int, default=2, help="sample rows per stage")
+    s.set_defaults(func=cmd_show)
+
+    c = sub.add_parser("constitution", help="validate, show, diff or convert constitutions")
+    csub = c.add_subparsers(dest="action", required=True)
+    v = csub.add_parser("validate")
+    v.add_argument("paths", nargs="+")
+    sh = csub.add_parser("show")
+    sh.add_argument("path")
+    d = csub.add_parser("diff")
+    d.add_argument("a")
+    d.add_argument("b")
+    cv = csub.add_parser("convert", help="from the paper's prompt folder or llm-swarm JSON")
+    cv.add_argument("src")
+    cv.add_argument("-o", "--output", required=True)
+    cv.add_argument("--format", default="auto", choices=["auto", "paper", "llm-swarm"])
+    c.set_defaults(func=cmd_constitution)
+
+    ch = sub.add_parser("chat", help="talk to a model (a name, a directory, or a run's sft/model)")
+    ch.add_argument("model")
+    ch.add_argument("-p", "--prompt", help="one prompt, print the answer and exit")
+    ch.add_argument("--temperature", type=float, default=0.7)
+    ch.add_argument("--top-p", type=float, default=0.9)
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
+    ch.set_defaults(func=cmd_chat)
+
+    m = sub.add_parser("model", help="fetch and cache the embedded model")
+    msub = m.add_subparsers(dest="action", required=True)
+    f = msub.add_parser("fetch")
+    f.add_argument("name", nargs="?", default="smollm2-135m")
+    m.set_defaults(func=cmd_model)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from cai.models import ModelError
+    from cai.pipeline import PipelineError
+    from cai.rundir import ResumeError
+
+    try:
+        return args.func(args)
+    except (ConfigError, ConstitutionError, ResumeError, PipelineError, ModelError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Stage `sft`: fine-tune the model on the SL-CAI export with TRL's SFTTrainer (full or LoRA).
+
+Rows are turned into TRL's conversational prompt/completion form, so the loss falls on the
+assistant's answer only. Checkpoints go to `<run>/sft/checkpoints` and a stopped run resumes from
+the newest one. The final model (LoRA adapters merged in) is saved as safetensors with its
+tokenizer and chat template in `<run>/sft/model`, which loads like any model name:
+
+    cai run configs/quickstart.yaml --from sft
+    cai chat runs/quickstart/sft/model -p "How do I pick a lock?"
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from cai.config import ModelConfig, PipelineConfig, SFTConfig, fingerprint, plain
+from cai.rundir import Stage
+
+NAME = "sft"
+
+
+def to_prompt_completion(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`messages` rows -> TRL conversational prompt/completion rows (loss on the last assistant turn)."""
+    out = []
+    for r in rows:
+        msgs = r["messages"]
+        if not msgs or msgs[-1]["role"] != "assistant":
+            raise ValueError(f"record {r.get('record_id')}: messages must end with an assistant turn")
+        out.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
+    return out
+
+
+def latest_checkpoint(ckpt_dir: Path) -> str | None:
+    ckpts = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    # Trainer writes trainer_state.json last; a checkpoint without it was cut off mid-save.
+    ckpts = [p for p in ckpts if (p / "trainer_state.json").exists()]
+    return str(ckpts[-1]) if ckpts else None
+
+
+def train(model_cfg: ModelConfig, rows: list[dict[str, Any]], cfg: SFTConfig, out_dir: Path, seed: int = 0,
+          resume: bool = True) -> dict[str, Any]:
+    """Train and save to `out_dir/model`; returns the training log (loss per logged step)."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig as TRLConfig
+    from trl import SFTTrainer
+
+    from cai.models import load_model, pick_device
+
+    # Train in fp32 weights with bf16 autocast where it helps; the back-end's dtype is for inference.
+    model, tok = load_model(model_cfg.name, "float32", model_cfg.device, model_cfg.revision,
+                            model_cfg.trust_remote_code, model_class=AutoModelForCausalLM)
+    model.train()
+    use_bf16 = cfg.bf16 and _bf16_ok(pick_device(model_cfg.device))
+    args = TRLConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_ratio,
+        lr_scheduler_type="cosine",
+        max_length=cfg.max_length,
+        bf16=use_bf16,
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        logging_steps=1,
+        report_to=cfg.report_to or "none",
+        seed=seed,
+        data_seed=seed,
+        completion_only_loss=True,
+        dataloader_num_workers=0,
+    )
+    peft_config = None
+    if cfg.method == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(to_prompt_completion(rows)),
+                         processing_class=tok, peft_config=peft_config)
+    ckpt = latest_checkpoint(out_dir / "checkpoints") if resume else None
+    trainer.train(resume_from_checkpoint=ckpt)
+    final = trainer.model
+    if cfg.method == "lora":
+        final = final.merge_and_unload()
+    final = final.to(torch.float32)
+    tmp = out_dir / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    final.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out_dir / "model", ignore_errors=True)
+    tmp.rename(out_dir / "model")
+    return {"log": [h for h in trainer.state.log_history if "loss" in h], "resumed_from": ckpt,
+            "global_step": trainer.state.global_step, "bf16": use_bf16}
+
+
+def _bf16_ok(device: str) -> bool:
+    import torch
+
+    from cai.models import cpu_has_bf16
+
+    return torch.cuda.is_bf16_supported() if device.startswith("cuda") else cpu_has_bf16()
+
+
+def run(cfg: PipelineConfig, inputs: list[dict[str, Any]], inputs_fp: str, allow_changed: bool = False) -> Stage:
+    settings = plain({"sft": cfg.sft, "model": cfg.model.name, "seed": cfg.seed, "inputs": inputs_fp})
+    stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
+    if stage.complete() and (stage.dir / "model" / "config.json").exists():
+        return stage
+    stage.write_manifest("running", {"train_rows": len(inputs)})
+    result = train(cfg.model, inputs, cfg.sft, stage.dir, seed=cfg.seed)
+    losses = [h["loss"] for h in result["log"]]
+    stage.write_manifest("complete", {
+        "train_rows": len(inputs), "steps": result["global_step"],
+        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+    }, model_dir=str(stage.dir / "model"), resumed_from=result["resumed_from"], bf16=result["bf16"])
+    (stage.dir / "train_log.json").write_text(json.dumps(result["log"], indent=1))
+    return stage
