@@ -15,6 +15,7 @@ whose fingerprint (its config, inputs and constitution) changed refuses to resum
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -63,10 +64,8 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in ("constitutional-ai", "torch", "transformers", "trl", "peft", "datasets", "accelerate"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +38,28 @@ _PREFIX: contextvars.ContextVar[list[tuple[torch.Tensor, torch.Tensor]] | None] 
 )
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float):
+    """Attention output and its log-sum-exp per query (needed to merge two key sets exactly)."""
+    if q.device.type == "cpu":
+        # The fused CPU kernel behind SDPA, which also returns the log-sum-exp; the unfused
+        # elementwise softmax below is several times slower on a CPU.
+        add = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False,
+                                                                              attn_mask=add, scale=scale)
+        return out.float(), lse
+    s = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return torch.matmul(torch.exp(s - lse[..., None]).to(v.dtype), v).float(), lse
+
+
 def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention over [shared prefix] + [per-row keys], exact, without expanding the prefix per row.
 
     query: (B, H, q, D); key/value: (B, Hkv, S, D) for the per-row part; attention_mask: a boolean
-    (B, 1, q, S) mask for the per-row part (True = attend). Every query sees the whole prefix.
+    (B, 1, q, S) mask for the per-row part (True = attend). Every query sees the whole prefix. The
+    two parts are attended separately and merged with their log-sum-exps (as in cascade attention).
     """
     prefix = _PREFIX.get()
     if not prefix:
@@ -53,26 +70,20 @@ def prefix_attention(module, query, key, value, attention_mask, scaling=None, dr
     hkv = key.shape[1]
     g = h // hkv
     scale = scaling if scaling is not None else d ** -0.5
-    # Shared part: fold (batch, group, q) into one query axis so each kv head's prefix is one GEMM.
-    qf = query.view(b, hkv, g, q, d).transpose(0, 1).reshape(1, hkv, b * g * q, d)
-    s_pre = torch.matmul(qf, pk.transpose(-1, -2)).float() * scale  # (1, hkv, b*g*q, P)
-    # Per-row part.
+    # Shared part: fold (batch, group, q) into one query axis, so each kv head's prefix is read once.
+    qf = query.reshape(b, hkv, g * q, d).transpose(0, 1).reshape(1, hkv, b * g * q, d)
+    out_p, lse_p = _attend(qf, pk, pv, None, scale)
+    out_p = out_p.reshape(hkv, b, g * q, d).transpose(0, 1).reshape(b, h, q, d)
+    lse_p = lse_p.reshape(hkv, b, g * q).transpose(0, 1).reshape(b, h, q)
+    # Per-row part (grouped-query heads expanded; these keys are short).
     k = key[:, :, None].expand(b, hkv, g, key.shape[2], d).reshape(b, h, key.shape[2], d)
     v = value[:, :, None].expand(b, hkv, g, value.shape[2], d).reshape(b, h, value.shape[2], d)
-    s_row = torch.matmul(query, k.transpose(-1, -2)).float() * scale  # (b, h, q, S)
-    if attention_mask is not None:
-        s_row = s_row.masked_fill(~attention_mask, float("-inf"))
-    s_pre = s_pre.view(hkv, b, g, q, -1).transpose(0, 1).reshape(b, h, q, -1)
-    m = torch.maximum(s_pre.amax(-1, keepdim=True), s_row.amax(-1, keepdim=True))
-    e_pre = torch.exp(s_pre - m)
-    e_row = torch.exp(s_row - m)
-    denom = e_pre.sum(-1, keepdim=True) + e_row.sum(-1, keepdim=True)
-    p_pre = (e_pre / denom).to(query.dtype)
-    p_row = (e_row / denom).to(query.dtype)
-    pf = p_pre.view(b, hkv, g, q, -1).transpose(0, 1).reshape(1, hkv, b * g * q, -1)
-    out_pre = torch.matmul(pf, pv).view(hkv, b, g, q, d).transpose(0, 1).reshape(b, h, q, d)
-    out = out_pre + torch.matmul(p_row, v)
-    return out.transpose(1, 2).contiguous(), None
+    out_r, lse_r = _attend(query, k, v, attention_mask, scale)
+    m = torch.maximum(lse_p, lse_r)
+    w_p = torch.exp(lse_p - m)[..., None]
+    w_r = torch.exp(lse_r - m)[..., None]
+    out = (out_p * w_p + out_r * w_r) / (w_p + w_r)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTN_NAME, prefix_attention)
@@ -105,6 +116,29 @@ class _Prefix:
     kv: list[tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass
+class _Request:
+    index: int  # which conversation
+    sample: int  # which of its n samples
+    prompt: list[int]
+    gen: torch.Generator
+    tokens: list[int] = field(default_factory=list)
+    finish: str | None = None
+
+
+def _merge(cache: DynamicCache, valid: torch.Tensor, other: DynamicCache, other_valid: torch.Tensor):
+    """Join two running batches: left-pad the shorter cache (padding is masked out) and stack them."""
+    la, lb = valid.shape[1], other_valid.shape[1]
+    width = max(la, lb)
+    layers = []
+    for a, b in zip(cache.layers, other.layers):
+        k = torch.cat([F.pad(a.keys, (0, 0, width - la, 0)), F.pad(b.keys, (0, 0, width - lb, 0))])
+        v = torch.cat([F.pad(a.values, (0, 0, width - la, 0)), F.pad(b.values, (0, 0, width - lb, 0))])
+        layers.append((k, v))
+    mask = torch.cat([F.pad(valid, (width - la, 0), value=False), F.pad(other_valid, (width - lb, 0), value=False)])
+    return DynamicCache(ddp_cache_data=layers), mask
+
+
 class HFModel:
     """`LM` over a transformers causal LM. Use `from_config` or `HFModel(model, tokenizer, name)`."""
 
@@ -125,6 +159,9 @@ class HFModel:
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_ids = frozenset(i for i in eos if i is not None)
         self.stats = {"prompt_tokens": 0, "prefix_tokens_reused": 0, "generated_tokens": 0}
+        # The shared-prefix attention assumes every layer attends to all earlier tokens.
+        layer_types = getattr(model.config, "layer_types", None) or ["full_attention"]
+        self.prefix_sharing = all(t == "full_attention" for t in layer_types)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> HFModel:
@@ -193,16 +230,26 @@ class HFModel:
         eye = torch.eye(s, dtype=torch.bool, device=valid.device)
         return ((tri[None] & valid[:, None, :]) | eye[None])[:, None]
 
-    def _prefill(self, rows: list[list[int]], keep: int):
-        """Run the batch through the model after its shared prefix.
+    def _shared_prefix(self, rows: Sequence[Sequence[int]], keep: int) -> int:
+        """How many leading tokens all rows share and can take from the prefix cache.
 
-        Returns (logits of the last `keep` positions per row, cache, valid mask, next positions).
+        The prefix must end before the first position whose logits are needed (`keep` from the end).
+        A single row shares nothing with a batch but can still reuse a prefix cached earlier.
         """
-        # One row alone shares nothing with a batch; it can still reuse a prefix cached earlier.
+        if not self.prefix_sharing:
+            return 0
         lcp = _lcp(rows) if len(rows) > 1 else self._cached_match(rows[0])[1]
         lcp = min(lcp, min(len(r) for r in rows) - keep)
-        if lcp < self.min_prefix:
-            lcp = 0
+        return lcp if lcp >= self.min_prefix else 0
+
+    def _prefill(self, rows: list[list[int]], keep: int, lcp: int | None = None):
+        """Run rows through the model after their shared prefix (the first `lcp` tokens).
+
+        Returns (logits of the last `keep` positions per row, cache, valid mask, next positions,
+        prefix key/values).
+        """
+        if lcp is None:
+            lcp = self._shared_prefix(rows, keep)
         prefix = self._prefix_kv(tuple(rows[0][:lcp])) if lcp else []
         tails = [r[lcp:] for r in rows]
         width = max(len(t) for t in tails)
@@ -210,10 +257,9 @@ class HFModel:
         ids = torch.tensor([[pad] * (width - len(t)) + t for t in tails], device=self.device)
         valid = torch.tensor([[False] * (width - len(t)) + [True] * len(t) for t in tails], device=self.device)
         pos = (valid.long().cumsum(1) - 1).clamp(min=0) + lcp
-        cache = DynamicCache()
         with _use_prefix(prefix):
             out = self.model(input_ids=ids, attention_mask=self._causal(valid), position_ids=pos,
-                             past_key_values=cache, use_cache=True, logits_to_keep=keep)
+                             past_key_values=DynamicCache(), use_cache=True, logits_to_keep=keep)
         self.stats["prompt_tokens"] += sum(len(r) for r in rows)
         self.stats["prefix_tokens_reused"] += lcp * (len(rows) - 1)
         return out.logits, out.past_key_values, valid, pos[:, -1] + 1, prefix
@@ -230,80 +276,85 @@ class HFModel:
         """`n` completions per conversation. `seeds[i]` fixes conversation i's samples."""
         if seeds is not None and len(seeds) != len(conversations):
             raise ValueError("generate: need one seed per conversation")
+        if not conversations:
+            return []
         encoded = [self.encode(c) for c in conversations]
-        requests = [(i, j) for i in range(len(conversations)) for j in range(n)]
-        too_long = [i for i, e in enumerate(encoded) if len(e) + sampling.max_new_tokens > self.max_length]
-        if too_long:
-            raise ValueError(
-                f"generate: conversation {too_long[0]} has {len(encoded[too_long[0]])} prompt tokens; with "
-                f"max_new_tokens={sampling.max_new_tokens} it exceeds model.max_length={self.max_length}"
-            )
-        # Similar lengths batch together; the order is fixed by the input, so results are repeatable.
-        order = sorted(range(len(requests)), key=lambda r: (len(encoded[requests[r][0]]), r))
-        results: list[Completion | None] = [None] * len(requests)
-        for batch in self._batches(order):
-            rows = [encoded[requests[r][0]] for r in batch]
-            batch_seeds = [
-                ((seeds[requests[r][0]] if seeds is not None else requests[r][0]) * 1_000_003 + requests[r][1])
-                for r in batch
-            ]
-            for r, comp in zip(batch, self._decode(rows, sampling, batch_seeds)):
-                results[r] = comp
+        for i, e in enumerate(encoded):
+            if len(e) + sampling.max_new_tokens > self.max_length:
+                raise ValueError(
+                    f"generate: conversation {i} has {len(e)} prompt tokens; with max_new_tokens="
+                    f"{sampling.max_new_tokens} it exceeds model.max_length={self.max_length}"
+                )
+        lcp = self._shared_prefix(encoded, keep=1)
+        # Shorter prompts first, so rows that start together have similar padding; the order is
+        # fixed by the input, so results are repeatable.
+        order = sorted(((i, j) for i in range(len(encoded)) for j in range(n)), key=lambda r: (len(encoded[r[0]]), r))
+        reqs = [
+            _Request(i, j, encoded[i], torch.Generator().manual_seed(
+                (((seeds[i] if seeds is not None else i) * 1_000_003) + j) % (2**63)))
+            for i, j in order
+        ]
+        self._run(reqs, sampling, lcp)
         out: list[list[Completion]] = [[] for _ in conversations]
-        for (i, _), comp in zip(requests, results):
-            assert comp is not None
-            out[i].append(comp)
-        return out
-
-    def _decode(self, rows: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[Completion]:
-        temperature = float(sampling.temperature)  # a schedule is resolved by the caller
-        gens = [torch.Generator(device="cpu").manual_seed(s % (2**63)) for s in seeds]
-        logits, cache, valid, next_pos, prefix = self._prefill(rows, keep=1)
-        b = len(rows)
-        active = list(range(b))  # original row index of each live batch slot
-        tokens: list[list[int]] = [[] for _ in range(b)]
-        finish: list[str] = ["length"] * b
-        step_logits = logits[:, -1]
-        for step in range(sampling.max_new_tokens):
-            nxt = self._sample(step_logits, temperature, sampling.top_p, [gens[i] for i in active])
-            done_slots = []
-            for slot, i in enumerate(active):
-                t = int(nxt[slot])
-                if t in self.eos_ids:
-                    finish[i] = "stop"
-                    done_slots.append(slot)
-                    continue
-                tokens[i].append(t)
-                if sampling.stop and self._hit_stop(tokens[i], sampling.stop):
-                    finish[i] = "stop"
-                    done_slots.append(slot)
-            if step == sampling.max_new_tokens - 1:
-                break
-            if done_slots:
-                gone = set(done_slots)
-                keep = [s for s in range(len(active)) if s not in gone]
-                if not keep:
-                    break
-                idx = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(idx)
-                valid, next_pos, nxt = valid[idx], next_pos[idx], nxt[idx]
-                active = [active[s] for s in keep]
-            valid = torch.cat([valid, torch.ones(len(active), 1, dtype=torch.bool, device=self.device)], 1)
-            with _use_prefix(prefix):
-                out = self.model(input_ids=nxt[:, None], attention_mask=valid[:, None, None, :],
-                                 position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
-            next_pos = next_pos + 1
-            step_logits = out.logits[:, -1]
-        comps = []
-        for i in range(b):
-            text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
+        for r in sorted(reqs, key=lambda r: (r.index, r.sample)):
+            text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
             if sampling.stop:
                 cut = [text.find(s) for s in sampling.stop if s in text]
                 if cut:
                     text = text[: min(cut)]
-            self.stats["generated_tokens"] += len(tokens[i])
-            comps.append(Completion(text=text.strip(), finish_reason=finish[i], num_tokens=len(tokens[i])))  # type: ignore[arg-type]
-        return comps
+            self.stats["generated_tokens"] += len(r.tokens)
+            out[r.index].append(Completion(text=text.strip(), finish_reason=r.finish or "length",
+                                           num_tokens=len(r.tokens)))
+        return out
+
+    def _accept(self, r: _Request, token: int, sampling: Sampling) -> bool:
+        """Add a sampled token to a request; True when the request is finished."""
+        if token in self.eos_ids:
+            r.finish = "stop"
+            return True
+        r.tokens.append(token)
+        if sampling.stop and self._hit_stop(r.tokens, sampling.stop):
+            r.finish = "stop"
+        elif len(r.tokens) >= sampling.max_new_tokens:
+            r.finish = "length"
+        return r.finish is not None
+
+    def _run(self, pending_list: list[_Request], sampling: Sampling, lcp: int) -> None:
+        """Decode all requests with continuous batching: when half the slots have finished, the
+        next waiting requests are prefilled and join the running batch."""
+        temperature = float(sampling.temperature)  # a schedule is resolved by the caller
+        pending = deque(pending_list)
+        active: list[_Request] = []
+        cache = valid = next_pos = logits = None
+        prefix: list[tuple[torch.Tensor, torch.Tensor]] = []
+        while True:
+            if pending and len(active) <= self.batch_size // 2:
+                new = [pending.popleft() for _ in range(min(len(pending), self.batch_size - len(active)))]
+                n_logits, n_cache, n_valid, n_pos, prefix = self._prefill([r.prompt for r in new], 1, lcp)
+                if active:
+                    cache, valid = _merge(cache, valid, n_cache, n_valid)
+                    next_pos = torch.cat([next_pos, n_pos])
+                    logits = torch.cat([logits, n_logits[:, -1]])
+                else:
+                    cache, valid, next_pos, logits = n_cache, n_valid, n_pos, n_logits[:, -1]
+                active += new
+            if not active:
+                return
+            toks = self._sample(logits, temperature, sampling.top_p, [r.gen for r in active])
+            keep = [s for s, r in enumerate(active) if not self._accept(r, int(toks[s]), sampling)]
+            if len(keep) < len(active):
+                active = [active[s] for s in keep]
+                if not active:
+                    continue
+                idx = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(idx)
+                valid, next_pos, toks = valid[idx], next_pos[idx], toks[idx]
+            valid = torch.cat([valid, torch.ones(len(active), 1, dtype=torch.bool, device=self.device)], 1)
+            with _use_prefix(prefix):
+                out = self.model(input_ids=toks[:, None], attention_mask=valid[:, None, None, :],
+                                 position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+            next_pos = next_pos + 1
+            logits = out.logits[:, -1]
 
     def _hit_stop(self, toks: list[int], stop: list[str]) -> bool:
         tail = self.tokenizer.decode(toks[-16:], skip_special_tokens=True)
