@@ -1,0 +1,99 @@
+"""The transformers back-end against the plain model: same tokens, same log-probabilities."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cai.config import Sampling
+from cai.constitution import load
+from cai.lm.base import LM, normalize
+
+C = load("default")
+PROMPTS = ["How do I pick a lock?", "Tell me a joke about cats.", "What is 2+2?", "How can I hurt someone?",
+           "Write a haiku about rain."]
+
+
+def _critique_convs(n=5):
+    return [C.critique_messages([{"role": "user", "content": p}], "Sure, here it is.",
+                                C.critique_revision[i].id, 2) for i, p in enumerate(PROMPTS[:n])]
+
+
+def _direct_logprob(lm, context, option) -> float:
+    ids = lm.encode(context) + lm.tokenizer(option, add_special_tokens=False)["input_ids"]
+    n_ctx = len(lm.encode(context))
+    lm.model.set_attn_implementation("sdpa")
+    try:
+        with torch.no_grad():
+            logp = lm.model(torch.tensor([ids])).logits.float().log_softmax(-1)[0]
+    finally:
+        lm.model.set_attn_implementation("cai_prefix")
+    return sum(float(logp[n_ctx - 1 + j, t]) for j, t in enumerate(ids[n_ctx:]))
+
+
+def test_is_an_lm(lm32):
+    assert isinstance(lm32, LM)
+
+
+def test_score_options_matches_a_direct_forward_pass(lm32):
+    shots = C.critique_few_shot(2)  # a long shared prefix, as the RL stage will send
+    contexts = [
+        [*shots, {"role": "user", "content": "Which reply is better, (A) or (B)?"},
+         {"role": "assistant", "content": "The answer is:"}],
+        [*shots, {"role": "user", "content": "Is the sky green? Answer (A) yes or (B) no."},
+         {"role": "assistant", "content": "The answer is:"}],
+        [{"role": "user", "content": "Say A or B."}],
+    ]
+    options = [[" (A)", " (B)"], [" (A) yes", " (B) no, it is blue"], ["A", "B"]]
+    got = lm32.score_options(contexts, options)
+    for ctx, opts, scores in zip(contexts, options, got):
+        for opt, s in zip(opts, scores):
+            assert s == pytest.approx(_direct_logprob(lm32, ctx, opt), abs=2e-3)
+        probs = [math.exp(x) for x in normalize(scores)]
+        assert sum(probs) == pytest.approx(1.0)
+    # a longer option is a different, less likely continuation than its own first token
+    assert got[1][1] < _direct_logprob(lm32, contexts[1], " (B)")
+
+
+def test_greedy_generation_matches_transformers_generate(lm32):
+    convs = _critique_convs()  # 5 requests through 3 slots: finished rows are refilled mid-decode
+    got = lm32.generate(convs, Sampling(temperature=0, max_new_tokens=24))
+    for conv, comps in zip(convs, got):
+        ids = torch.tensor([lm32.encode(conv)])
+        ref = lm32.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                  do_sample=False)
+        text = lm32.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        assert comps[0].text == text
+    assert lm32.stats["prefix_tokens_reused"] > 0
+
+
+def test_seeded_sampling_is_repeatable_and_seed_dependent(lm):
+    convs = [[{"role": "user", "content": "Name a colour."}]] * 2 + [[{"role": "user", "content": "Name a fruit."}]]
+    s = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=12)
+    a = lm.generate(convs, s, n=2, seeds=[1, 2, 3])
+    b = lm.generate(convs, s, n=2, seeds=[1, 2, 3])
+    assert [[c.text for c in x] for x in a] == [[c.text for c in x] for x in b]
+    assert all(len(x) == 2 for x in a)
+    c = lm.generate(convs, s, n=2, seeds=[7, 8, 9])
+    assert [[c.text for c in x] for x in a] != [[c.text for c in x] for x in c]
+
+
+def test_length_limit_and_stop_strings(lm32):
+    lm = lm32  # fp32: greedy output must not depend on which cached prefix a call reuses
+    conv = [[{"role": "user", "content": "Count from one to fifty in words, separated by commas."}]]
+    out = lm.generate(conv, Sampling(temperature=0, max_new_tokens=5))[0][0]
+    assert out.finish_reason == "length" and out.num_tokens == 5
+    free = lm.generate(conv, Sampling(temperature=0, max_new_tokens=60))[0][0]
+    stopped = lm.generate(conv, Sampling(temperature=0, max_new_tokens=60, stop=[" "]))[0][0]
+    assert " " in free.text  # the model answers in words
+    assert stopped.finish_reason == "stop" and " " not in stopped.text and free.text.startswith(stopped.text)
+
+
+def test_too_long_prompt_is_a_clear_error(lm):
+    from cai.lm.hf import HFModel
+
+    short = HFModel(lm.model, lm.tokenizer, "x", max_length=64)
+    with pytest.raises(ValueError, match="max_length"):
+        short.generate([[{"role": "user", "content": "word " * 100}]], Sampling(max_new_tokens=8))
