@@ -55,7 +55,8 @@ def train(model_cfg: ModelConfig, rows: list[dict[str, Any]], cfg: SFTConfig, ou
     model, tok = load_model(model_cfg.name, "float32", model_cfg.device, model_cfg.revision,
                             model_cfg.trust_remote_code, model_class=AutoModelForCausalLM)
     model.train()
-    use_bf16 = cfg.bf16 and _bf16_ok(pick_device(model_cfg.device))
+    device = pick_device(model_cfg.device)
+    use_bf16 = cfg.bf16 and _bf16_ok(device)
     args = TRLConfig(
         output_dir=str(out_dir / "checkpoints"),
         num_train_epochs=cfg.epochs,
@@ -67,6 +68,7 @@ def train(model_cfg: ModelConfig, rows: list[dict[str, Any]], cfg: SFTConfig, ou
         lr_scheduler_type="cosine",
         max_length=cfg.max_length,
         bf16=use_bf16,
+        use_cpu=device == "cpu",
         save_steps=cfg.save_steps,
         save_total_limit=2,
         logging_steps=1,

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Install, then run SL-CAI end to end on the embedded SmolLM2-135M with the quickstart config:
+# prompts -> critique/revision -> export -> fine-tune. Extra arguments go to `cai run`
+# (e.g. `bash scripts/quickstart.sh sl.rounds=2`). Run it again to resume; finished stages are kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+cai model fetch smollm2-135m
+cai run configs/quickstart.yaml "$@"
+run_dir=$(python -c "import sys; from cai.config import load_config; print(load_config('configs/quickstart.yaml', sys.argv[1:]).run_dir)" "$@")
+cai show "$run_dir" --rows 1
