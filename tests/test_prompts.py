@@ -218,11 +218,6 @@ def test_limit_counts_unique_prompts(tmp_path):
     assert len(read_source(PromptSource(str(p), limit=10))) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG stages/prompts.py:read_source: the limit is checked only after a row is appended, "
-    "so limit=0 still returns one row",
-)
 def test_limit_zero_reads_nothing(tmp_path):
     p = _jsonl(tmp_path / "d.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
     assert read_source(PromptSource(str(p), limit=0)) == []
@@ -285,12 +280,6 @@ def test_missing_file_with_explicit_format(tmp_path):
     assert str(p) in str(e.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG stages/prompts.py:read_source: with format 'auto' (the default) a missing local file "
-    "falls through to datasets.load_dataset (a raw FileNotFoundError here; a Hub lookup with retries "
-    "for a relative path) instead of a PromptError naming the file",
-)
 def test_missing_file_with_auto_format(tmp_path):
     p = tmp_path / "missing.jsonl"
     with pytest.raises(PromptError, match="missing.jsonl"):
@@ -367,11 +356,6 @@ def test_helpful_needed_edges():
     assert helpful_needed(10, 0.5) == 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG stages/prompts.py:134 helpful_needed: float round-off makes ceil overshoot by one "
-    "(e.g. 3 red, fraction 0.4: 3*0.4/0.6 = 2.0000000000000004 -> 3, but 2/(3+2) >= 0.4 already)",
-)
 def test_helpful_needed_exact_fractions():
     bad = []
     for n_red in range(0, 60):

@@ -201,14 +201,22 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
     return cls(**kwargs)
 
 
+def _merge(base: Any, over: Any) -> Any:
+    """`over` laid onto `base`: mappings merge key by key, anything else (lists too) replaces."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {**base, **{k: _merge(base.get(k), v) for k, v in over.items()}}
+    return over
+
+
 def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
-    """Build a config dataclass from plain data; errors name `source` and the dotted key."""
+    """Build a config dataclass from plain data laid over its defaults (a partial section keeps the
+    defaults of the fields it does not name); errors name `source` and the dotted key."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
     try:
-        return _build(cls, data, "")
+        return _build(cls, _merge(to_dict(cls()), data), "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {str(e).lstrip(': ')}") from None
 
@@ -259,8 +267,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    if overrides:
-        data = apply_overrides(data, overrides)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    if overrides:  # laid onto the defaults, so `prompts.red_team.0.limit=3` works without a file
+        data = apply_overrides(_merge(to_dict(PipelineConfig()), data), overrides)
     cfg = from_dict(PipelineConfig, data, source)
     validate(cfg, source)
     return cfg

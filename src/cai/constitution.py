@@ -166,7 +166,10 @@ class Constitution:
         rng = random.Random(int.from_bytes(digest[:8], "big"))
         out: list[str] = []
         while len(out) < k:
-            out.extend(rng.sample(pool, len(pool)))
+            batch = rng.sample(pool, len(pool))
+            if out and len(pool) > 1 and batch[0] == out[-1]:
+                batch.append(batch.pop(0))  # no principle twice in a row across passes
+            out.extend(batch)
         return out[:k]
 
     # ---- prompts: SL-CAI ------------------------------------------------------------------

@@ -99,12 +99,16 @@ def read_source(src: PromptSource) -> list[dict[str, Any]]:
     if src.path.startswith("builtin:"):
         rows: Iterator[tuple[str, dict[str, Any]]] = _jsonl_rows(_builtin(src.path.split(":", 1)[1]))
     elif src.format == "datasets" or not Path(src.path).is_file():
-        if src.format not in ("auto", "datasets") and not Path(src.path).exists():
+        local = src.path.startswith((".", "/", "~")) or src.path.endswith((".jsonl", ".json", ".gz"))
+        if not Path(src.path).exists() and (src.format not in ("auto", "datasets") or local):
             raise PromptError(f"{src.path}: no such file")
         rows = _dataset_rows(src)
     else:
         rows = _jsonl_rows(Path(src.path))
-    out, seen = [], set()
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    if src.limit == 0:
+        return out
     for where, row in rows:
         text = _extract(where, row, src)
         if text in seen:
@@ -131,7 +135,9 @@ def collect(sources: list[PromptSource], kind: str) -> list[dict[str, Any]]:
 
 def helpful_needed(n_red: int, fraction: float) -> int:
     """How many helpfulness rows make them `fraction` of the export."""
-    return math.ceil(n_red * fraction / (1 - fraction)) if fraction > 0 else 0
+    # Rounded before the ceiling so that float noise (3 * 0.4 / 0.6 = 2.0000000000000004) does
+    # not ask for one prompt more than the fraction needs.
+    return math.ceil(round(n_red * fraction / (1 - fraction), 9)) if fraction > 0 else 0
 
 
 def run(cfg: PipelineConfig, allow_changed: bool = False) -> Stage:
