@@ -98,7 +98,9 @@ def main() -> None:
     print(f"{'batched':10} {len(rows):>8} {b_tok:>8} {b_dt:>8.1f} {b_rate:>8.1f} {b_dt / b_rev:>11.2f}")
     print(f"{'naive':10} {args.naive_prompts:>8} {n_tok:>8} {n_dt:>8.1f} {n_rate:>8.1f} {n_dt / n_rev:>11.2f}")
     print(f"speed-up: {b_rate / n_rate:.1f}x tokens/s, {(n_dt / n_rev) / (b_dt / b_rev):.1f}x per revision")
-    print(f"prefix tokens reused: {lm.stats['prefix_tokens_reused']} of {lm.stats['prompt_tokens']} prompt tokens")
+    st = lm.stats
+    print(f"prefix tokens reused: {st['prefix_tokens_reused']} of {st['prompt_tokens']} prompt tokens; "
+          f"prefill {st['prefill_s']:.1f}s, decode {st['decode_s']:.1f}s over {st['decode_steps']} steps")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import time
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -143,7 +144,7 @@ class HFModel:
     """`LM` over a transformers causal LM. Use `from_config` or `HFModel(model, tokenizer, name)`."""
 
     def __init__(self, model, tokenizer, name: str, batch_size: int = 32, max_length: int = 4096,
-                 min_prefix: int = 16, prefix_cache_size: int = 8):
+                 min_prefix: int = 16, prefix_cache_size: int = 8, prefill_rows: int = 8):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -158,7 +159,9 @@ class HFModel:
         gen_eos = model.generation_config.eos_token_id
         eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_ids = frozenset(i for i in eos if i is not None)
-        self.stats = {"prompt_tokens": 0, "prefix_tokens_reused": 0, "generated_tokens": 0}
+        self.prefill_rows = prefill_rows
+        self.stats: dict[str, float] = {"prompt_tokens": 0, "prefix_tokens_reused": 0, "generated_tokens": 0,
+                                        "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
         # The shared-prefix attention assumes every layer attends to all earlier tokens.
         layer_types = getattr(model.config, "layer_types", None) or ["full_attention"]
         self.prefix_sharing = all(t == "full_attention" for t in layer_types)
@@ -329,15 +332,21 @@ class HFModel:
         prefix: list[tuple[torch.Tensor, torch.Tensor]] = []
         while True:
             if pending and len(active) <= self.batch_size // 2:
+                t0 = time.perf_counter()
                 new = [pending.popleft() for _ in range(min(len(pending), self.batch_size - len(active)))]
-                n_logits, n_cache, n_valid, n_pos, prefix = self._prefill([r.prompt for r in new], 1, lcp)
-                if active:
-                    cache, valid = _merge(cache, valid, n_cache, n_valid)
-                    next_pos = torch.cat([next_pos, n_pos])
-                    logits = torch.cat([logits, n_logits[:, -1]])
-                else:
-                    cache, valid, next_pos, logits = n_cache, n_valid, n_pos, n_logits[:, -1]
-                active += new
+                # Prefill in small groups of similar length (requests are sorted by length), so short
+                # prompts are not padded to the longest one; the groups' caches are then joined.
+                for g in range(0, len(new), self.prefill_rows):
+                    group = new[g : g + self.prefill_rows]
+                    n_logits, n_cache, n_valid, n_pos, prefix = self._prefill([r.prompt for r in group], 1, lcp)
+                    if active:
+                        cache, valid = _merge(cache, valid, n_cache, n_valid)
+                        next_pos = torch.cat([next_pos, n_pos])
+                        logits = torch.cat([logits, n_logits[:, -1]])
+                    else:
+                        cache, valid, next_pos, logits = n_cache, n_valid, n_pos, n_logits[:, -1]
+                    active += group
+                self.stats["prefill_s"] += time.perf_counter() - t0
             if not active:
                 return
             toks = self._sample(logits, temperature, sampling.top_p, [r.gen for r in active])
@@ -349,32 +358,50 @@ class HFModel:
                 idx = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(idx)
                 valid, next_pos, toks = valid[idx], next_pos[idx], toks[idx]
+            t0 = time.perf_counter()
             valid = torch.cat([valid, torch.ones(len(active), 1, dtype=torch.bool, device=self.device)], 1)
             with _use_prefix(prefix):
                 out = self.model(input_ids=toks[:, None], attention_mask=valid[:, None, None, :],
                                  position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
             next_pos = next_pos + 1
             logits = out.logits[:, -1]
+            self.stats["decode_s"] += time.perf_counter() - t0
+            self.stats["decode_steps"] += 1
 
     def _hit_stop(self, toks: list[int], stop: list[str]) -> bool:
         tail = self.tokenizer.decode(toks[-16:], skip_special_tokens=True)
         return any(s in tail for s in stop)
 
     @staticmethod
-    def _sample(logits: torch.Tensor, temperature: float, top_p: float, gens: list[torch.Generator]) -> torch.Tensor:
+    def _sample(logits: torch.Tensor, temperature: float, top_p: float, gens: list[torch.Generator],
+                top_k: int = 1024) -> torch.Tensor:
+        """One token per row: greedy at temperature 0, else nucleus sampling.
+
+        Each row draws a single uniform number from its own generator and picks its token by inverse
+        CDF, so a row's sample depends only on its seed. The nucleus is found among the `top_k` most
+        likely tokens (a partial sort); a row whose top-k mass is below `top_p` is sorted in full.
+        """
         logits = logits.float()
         if temperature <= 0:
             return logits.argmax(-1)
         probs = F.softmax(logits / temperature, dim=-1)
-        if top_p < 1.0:
-            sp, si = probs.sort(-1, descending=True)
-            cum = sp.cumsum(-1)
-            sp = sp.masked_fill(cum - sp > top_p, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, si, sp)
-        probs = probs.cpu()
-        return torch.stack([torch.multinomial(probs[i], 1, generator=g)[0] for i, g in enumerate(gens)]).to(
-            logits.device
-        )
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens]).to(probs.device)
+        if top_p >= 1.0:
+            vals, idx = probs.double(), None
+        else:
+            k = min(top_k, probs.shape[-1])
+            vals, idx = probs.topk(k, dim=-1)
+            short = (vals.sum(-1) < top_p).nonzero().flatten()
+            if len(short):  # rare: a very flat distribution; sort those rows in full
+                full_v, full_i = probs[short].sort(-1, descending=True)
+                vals = F.pad(vals, (0, probs.shape[-1] - k))
+                idx = F.pad(idx, (0, probs.shape[-1] - k))
+                vals[short], idx[short] = full_v, full_i
+            vals = vals.double()
+            vals = vals.masked_fill(vals.cumsum(-1) - vals > top_p, 0.0)
+        cdf = vals.cumsum(-1)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
+        return pick if idx is None else idx.gather(-1, pick[:, None]).squeeze(-1)
 
     # ---- score_options --------------------------------------------------------------------
 
