@@ -240,11 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cai.models import ModelError
     from cai.pipeline import PipelineError
-    from cai.rundir import ResumeError
+    from cai.rundir import ResumeError, StageError
 
     try:
         return args.func(args)
-    except (ConfigError, ConstitutionError, ResumeError, PipelineError, ModelError, ValueError) as e:
+    except (ConfigError, ConstitutionError, ResumeError, StageError, PipelineError, ModelError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -32,6 +32,10 @@ class ResumeError(RuntimeError):
     """A stage's saved state does not match the current config; the message says what differs."""
 
 
+class StageError(RuntimeError):
+    """A stage cannot go on (for example, nothing is left to train on); the message says why."""
+
+
 def atomic_write(path: Path, text: str) -> None:
     """Write a file so readers see the old or the new content, never a half-written one."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 from cai.config import PipelineConfig, fingerprint
 from cai.records import STATUS_OK
-from cai.rundir import Stage
+from cai.rundir import Stage, StageError
 
 NAME = "sl_export"
 COLUMNS = ("messages", "record_id", "kind", "prompt", "category", "source", "init_response", "rounds",
@@ -43,7 +43,8 @@ def run(cfg: PipelineConfig, inputs: list[dict[str, Any]], inputs_fp: str, allow
     stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
     kept, counts = export_rows(inputs)
     if not kept:
-        raise RuntimeError(f"{NAME}: every row was dropped ({counts['dropped_by_reason']}); nothing to train on")
+        raise StageError(f"{NAME}: every row was dropped ({counts['dropped_by_reason']}); nothing to train on. "
+                         "Raise the sl.*.max_new_tokens limits or check the model's answers with `cai show`.")
     stage.rows_path.unlink(missing_ok=True)
     stage.append(kept)
     stage.write_manifest("complete", counts)

@@ -35,8 +35,12 @@ def _gen(lm: LM, convs: list[list[dict[str, str]]], sampling, seeds: list[int]) 
 
 
 def process_chunk(rows: list[dict[str, Any]], lm: LM, constitution: Constitution, cfg: SLConfig,
-                  seed: int) -> list[dict[str, Any]]:
-    """The SL-CAI core for one chunk of prompt rows: pure apart from the model calls."""
+                  seed: int, step: Callable[[str], None] = lambda _: None) -> list[dict[str, Any]]:
+    """The SL-CAI core for one chunk of prompt rows: pure apart from the model calls.
+
+    `step` is told which step starts ("responses", "round 1/4 critiques", ...), for progress display.
+    """
+    step("responses")
     init = _gen(lm, [[{"role": "user", "content": r["prompt"]}] for r in rows], cfg.response.at_round(0), [stable_seed(seed, r["record_id"], "response") for r in rows])
     out = []
     for r, c in zip(rows, init):
@@ -50,12 +54,14 @@ def process_chunk(rows: list[dict[str, Any]], lm: LM, constitution: Constitution
     scaffold = constitution.scaffold_phrases()
     for k in range(cfg.rounds):
         pids = [draws[o["record_id"]][k] for o in red]
+        step(f"round {k + 1}/{cfg.rounds} critiques")
         crit_msgs = [
             constitution.critique_messages([{"role": "user", "content": o["prompt"]}], o["current"], pid, cfg.few_shot)
             for o, pid in zip(red, pids)
         ]
         critiques = _gen(lm, crit_msgs, cfg.critique.at_round(k),
                          [stable_seed(seed, o["record_id"], "critique", k) for o in red])
+        step(f"round {k + 1}/{cfg.rounds} revisions")
         rev_msgs = [constitution.revision_messages(m, c.text, pid) for m, c, pid in zip(crit_msgs, critiques, pids)]
         revisions = _gen(lm, rev_msgs, cfg.revision.at_round(k),
                          [stable_seed(seed, o["record_id"], "revision", k) for o in red])
@@ -116,7 +122,9 @@ def run(cfg: PipelineConfig, lm_factory: Callable[[], LM], constitution: Constit
                    desc="sl_generate", unit="prompt")
         for i, chunk in enumerate(todo_chunks):
             todo = [r for r in chunk if r["record_id"] not in done]
-            stage.append({**row, **extra} for row in process_chunk(todo, lm, constitution, cfg.sl, cfg.seed))
+            done_rows = process_chunk(todo, lm, constitution, cfg.sl, cfg.seed,
+                                      step=lambda s, i=i: bar.set_postfix_str(f"chunk {i + 1}/{len(todo_chunks)}: {s}"))
+            stage.append({**row, **extra} for row in done_rows)
             bar.update(len(todo))
             if on_chunk is not None:
                 on_chunk(i)
