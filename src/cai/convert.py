@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,15 +171,21 @@ def _paper_critique_examples(path: Path, principles: list[dict[str, str]]) -> li
     return out
 
 
-def _paper_preference_examples(path: Path) -> list[dict[str, Any]]:
+def _prompt_entries(path: Path, shape: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(index, location, entry) for a JSON list of objects that each hold a string 'prompt'."""
     data = _read_json(path)
     if not isinstance(data, list):
-        raise _err(path, "", "expected a list of {prompt, corrects, incorrects}")
-    out = []
+        raise _err(path, "", f"expected a list of {shape}")
     for i, entry in enumerate(data):
         where = f"entry {i}"
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
             raise _err(path, where, "expected an object with a string 'prompt'")
+        yield i, where, entry
+
+
+def _paper_preference_examples(path: Path) -> list[dict[str, Any]]:
+    out = []
+    for i, where, entry in _prompt_entries(path, "{prompt, corrects, incorrects}"):
         options = []
         for key in ("corrects", "incorrects"):
             v = entry.get(key)
@@ -200,14 +207,8 @@ def _paper_preference_examples(path: Path) -> list[dict[str, Any]]:
 
 
 def _paper_cot_examples(path: Path) -> list[dict[str, Any]]:
-    data = _read_json(path)
-    if not isinstance(data, list):
-        raise _err(path, "", "expected a list of {prompt}")
     out = []
-    for i, entry in enumerate(data):
-        where = f"entry {i}"
-        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
-            raise _err(path, where, "expected an object with a string 'prompt'")
+    for _, where, entry in _prompt_entries(path, "{prompt}"):
         text = entry["prompt"]
         if text.count("{}") != 1:
             n = text.count("{}")
