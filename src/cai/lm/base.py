@@ -15,10 +15,12 @@ sit behind the same two verbs (chat completions with `n`/`seed`; prompt log-prob
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from cai.config import ModelConfig, Sampling
 
@@ -47,6 +49,46 @@ class LM(Protocol):
     def score_options(
         self, contexts: Sequence[Sequence[Message]], options: Sequence[Sequence[str]]
     ) -> list[list[float]]: ...
+
+
+# A multi-step job on one record: it yields (conversation, sampling, seed) requests and is sent each
+# request's Completion back. SL-CAI's answer -> critique -> revision chain is one program per prompt.
+Request = tuple[Sequence[Message], Sampling, int]
+Program = Generator[Request, Completion, Any]
+
+
+@runtime_checkable
+class RunsPrograms(Protocol):
+    """A back-end that can interleave programs itself (the next request of a program joins the
+    running batch as soon as its previous one finishes)."""
+
+    def run_programs(self, programs: Sequence[Program], on_done: Callable[[], None] | None = None) -> None: ...
+
+
+def run_programs(lm: LM, programs: Sequence[Program], on_done: Callable[[], None] | None = None) -> None:
+    """Run programs to completion: interleaved by the back-end when it can, else in lockstep, one
+    `generate` call per step for all programs that wait with the same sampling settings."""
+    if isinstance(lm, RunsPrograms):
+        lm.run_programs(programs, on_done)
+        return
+    waiting: dict[int, Request] = {}
+    for i, prog in enumerate(programs):
+        with contextlib.suppress(StopIteration):  # a program may need no model at all
+            waiting[i] = next(prog)
+    while waiting:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, (_, sampling, _) in waiting.items():
+            groups[repr(sampling)].append(i)
+        for ids in groups.values():
+            sampling = waiting[ids[0]][1]
+            comps = lm.generate([waiting[i][0] for i in ids], sampling, seeds=[waiting[i][2] for i in ids])
+            for i, c in zip(ids, comps):
+                if on_done is not None:
+                    on_done()
+                try:
+                    waiting[i] = programs[i].send(c[0])
+                except StopIteration:
+                    del waiting[i]
 
 
 def normalize(logprobs: Sequence[float]) -> list[float]:

@@ -19,7 +19,7 @@ import contextlib
 import contextvars
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +29,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from cai.config import ModelConfig, Sampling
-from cai.lm.base import Completion, Message
+from cai.lm.base import Completion, Message, Program
 from cai.models import load_model
 
 ATTN_NAME = "cai_prefix"
@@ -119,10 +119,11 @@ class _Prefix:
 
 @dataclass
 class _Request:
-    index: int  # which conversation
+    index: int  # which conversation (or program)
     sample: int  # which of its n samples
     prompt: list[int]
     gen: torch.Generator
+    sampling: Sampling
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
 
@@ -273,6 +274,25 @@ class HFModel:
 
     # ---- generate -------------------------------------------------------------------------
 
+    def _check_length(self, ids: list[int], sampling: Sampling, what: str) -> None:
+        if len(ids) + sampling.max_new_tokens > self.max_length:
+            raise ValueError(
+                f"generate: {what} has {len(ids)} prompt tokens; with max_new_tokens="
+                f"{sampling.max_new_tokens} it exceeds model.max_length={self.max_length}"
+            )
+
+    def _completion(self, r: _Request) -> Completion:
+        text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
+        cut = [text.find(s) for s in r.sampling.stop if s in text]
+        if cut:
+            text = text[: min(cut)]
+        self.stats["generated_tokens"] += len(r.tokens)
+        return Completion(text=text.strip(), finish_reason=r.finish or "length", num_tokens=len(r.tokens))  # type: ignore[arg-type]
+
+    @staticmethod
+    def _generator(seed: int, sample: int) -> torch.Generator:
+        return torch.Generator().manual_seed((seed * 1_000_003 + sample) % (2**63))
+
     @torch.no_grad()
     def generate(self, conversations: Sequence[Sequence[Message]], sampling: Sampling, n: int = 1,
                  seeds: Sequence[int] | None = None) -> list[list[Completion]]:
@@ -281,56 +301,79 @@ class HFModel:
             raise ValueError("generate: need one seed per conversation")
         if not conversations:
             return []
+        sampling = sampling.at_round(0)
         encoded = [self.encode(c) for c in conversations]
         for i, e in enumerate(encoded):
-            if len(e) + sampling.max_new_tokens > self.max_length:
-                raise ValueError(
-                    f"generate: conversation {i} has {len(e)} prompt tokens; with max_new_tokens="
-                    f"{sampling.max_new_tokens} it exceeds model.max_length={self.max_length}"
-                )
-        lcp = self._shared_prefix(encoded, keep=1)
+            self._check_length(e, sampling, f"conversation {i}")
         # Shorter prompts first, so rows that start together have similar padding; the order is
         # fixed by the input, so results are repeatable.
         order = sorted(((i, j) for i in range(len(encoded)) for j in range(n)), key=lambda r: (len(encoded[r[0]]), r))
-        reqs = [
-            _Request(i, j, encoded[i], torch.Generator().manual_seed(
-                (((seeds[i] if seeds is not None else i) * 1_000_003) + j) % (2**63)))
-            for i, j in order
-        ]
-        self._run(reqs, sampling, lcp)
+        reqs = [_Request(i, j, encoded[i], self._generator(seeds[i] if seeds is not None else i, j), sampling)
+                for i, j in order]
+        self._run(reqs)
         out: list[list[Completion]] = [[] for _ in conversations]
         for r in sorted(reqs, key=lambda r: (r.index, r.sample)):
-            text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
-            if sampling.stop:
-                cut = [text.find(s) for s in sampling.stop if s in text]
-                if cut:
-                    text = text[: min(cut)]
-            self.stats["generated_tokens"] += len(r.tokens)
-            out[r.index].append(Completion(text=text.strip(), finish_reason=r.finish or "length",
-                                           num_tokens=len(r.tokens)))
+            out[r.index].append(self._completion(r))
         return out
 
-    def _accept(self, r: _Request, token: int, sampling: Sampling) -> bool:
+    @torch.no_grad()
+    def run_programs(self, programs: Sequence[Program], on_done: Callable[[], None] | None = None) -> None:
+        """Run many multi-step programs at once (see `cai.lm.base.Program`).
+
+        When one program's request finishes, its next request joins the running batch at once, so
+        the batch stays full across steps instead of draining at the end of each step.
+        """
+        def start(i: int, prog: Program, value: Completion | None) -> _Request | None:
+            try:
+                conv, sampling, seed = prog.send(value) if value is not None else next(prog)
+            except StopIteration:
+                return None
+            sampling = sampling.at_round(0)
+            ids = self.encode(conv)
+            self._check_length(ids, sampling, f"program {i}")
+            return _Request(i, 0, ids, self._generator(seed, 0), sampling)
+
+        first = [r for i, p in enumerate(programs) if (r := start(i, p, None)) is not None]
+        first.sort(key=lambda r: (len(r.prompt), r.index))
+
+        def finished(r: _Request) -> _Request | None:
+            nxt = start(r.index, programs[r.index], self._completion(r))
+            if on_done is not None:
+                on_done()
+            return nxt
+
+        self._run(first, finished)
+
+    def _accept(self, r: _Request, token: int) -> bool:
         """Add a sampled token to a request; True when the request is finished."""
         if token in self.eos_ids:
             r.finish = "stop"
             return True
         r.tokens.append(token)
-        if sampling.stop and self._hit_stop(r.tokens, sampling.stop):
+        if r.sampling.stop and self._hit_stop(r.tokens, r.sampling.stop):
             r.finish = "stop"
-        elif len(r.tokens) >= sampling.max_new_tokens:
+        elif len(r.tokens) >= r.sampling.max_new_tokens:
             r.finish = "length"
         return r.finish is not None
 
-    def _run(self, pending_list: list[_Request], sampling: Sampling, lcp: int) -> None:
-        """Decode all requests with continuous batching: when half the slots have finished, the
-        next waiting requests are prefilled and join the running batch."""
-        temperature = float(sampling.temperature)  # a schedule is resolved by the caller
-        pending = deque(pending_list)
+    def _run(self, requests: list[_Request], on_finish: Callable[[_Request], _Request | None] | None = None) -> None:
+        """Decode requests with continuous batching: when half the slots are free, waiting requests
+        are prefilled and join the running batch. `on_finish` may return a follow-up request.
+
+        All rows of a batch share one prefix (the longest common to the requests waiting when the
+        batch starts); a follow-up request that does not begin with it waits for the next batch.
+        """
+        pending = deque(requests)
+        later: list[_Request] = []
         active: list[_Request] = []
         cache = valid = next_pos = logits = None
         prefix: list[tuple[torch.Tensor, torch.Tensor]] = []
+        lcp = 0
         while True:
+            if not active and not pending and later:
+                pending, later = deque(sorted(later, key=lambda r: (len(r.prompt), r.index))), []
+            if not active and pending:
+                lcp = self._shared_prefix([r.prompt for r in pending], keep=1)
             if pending and len(active) <= self.batch_size // 2:
                 t0 = time.perf_counter()
                 new = [pending.popleft() for _ in range(min(len(pending), self.batch_size - len(active)))]
@@ -349,8 +392,14 @@ class HFModel:
                 self.stats["prefill_s"] += time.perf_counter() - t0
             if not active:
                 return
-            toks = self._sample(logits, temperature, sampling.top_p, [r.gen for r in active])
-            keep = [s for s, r in enumerate(active) if not self._accept(r, int(toks[s]), sampling)]
+            toks = self._sample(logits, [r.sampling for r in active], [r.gen for r in active])
+            keep = []
+            for s, r in enumerate(active):
+                if not self._accept(r, int(toks[s])):
+                    keep.append(s)
+                elif on_finish is not None and (nxt := on_finish(r)) is not None:
+                    fits = lcp == 0 or nxt.prompt[:lcp] == active[0].prompt[:lcp] and len(nxt.prompt) > lcp
+                    (pending if fits else later).append(nxt)
             if len(keep) < len(active):
                 active = [active[s] for s in keep]
                 if not active:
@@ -373,35 +422,40 @@ class HFModel:
         return any(s in tail for s in stop)
 
     @staticmethod
-    def _sample(logits: torch.Tensor, temperature: float, top_p: float, gens: list[torch.Generator],
+    def _sample(logits: torch.Tensor, samplings: list[Sampling], gens: list[torch.Generator],
                 top_k: int = 1024) -> torch.Tensor:
-        """One token per row: greedy at temperature 0, else nucleus sampling.
+        """One token per row, each row with its own settings: greedy at temperature 0, else nucleus
+        sampling.
 
-        Each row draws a single uniform number from its own generator and picks its token by inverse
-        CDF, so a row's sample depends only on its seed. The nucleus is found among the `top_k` most
-        likely tokens (a partial sort); a row whose top-k mass is below `top_p` is sorted in full.
+        Each sampled row draws a single uniform number from its own generator and picks its token by
+        inverse CDF, so a row's sample depends only on its seed. The nucleus is found among the
+        `top_k` most likely tokens (a partial sort); a row whose top-k mass is below its `top_p` is
+        sorted in full.
         """
         logits = logits.float()
-        if temperature <= 0:
-            return logits.argmax(-1)
-        probs = F.softmax(logits / temperature, dim=-1)
-        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens]).to(probs.device)
-        if top_p >= 1.0:
-            vals, idx = probs.double(), None
-        else:
-            k = min(top_k, probs.shape[-1])
-            vals, idx = probs.topk(k, dim=-1)
-            short = (vals.sum(-1) < top_p).nonzero().flatten()
-            if len(short):  # rare: a very flat distribution; sort those rows in full
-                full_v, full_i = probs[short].sort(-1, descending=True)
-                vals = F.pad(vals, (0, probs.shape[-1] - k))
-                idx = F.pad(idx, (0, probs.shape[-1] - k))
-                vals[short], idx[short] = full_v, full_i
-            vals = vals.double()
-            vals = vals.masked_fill(vals.cumsum(-1) - vals > top_p, 0.0)
+        out = logits.argmax(-1)
+        rows = [i for i, s in enumerate(samplings) if float(s.temperature) > 0]
+        if not rows:
+            return out
+        sel = torch.tensor(rows, device=logits.device)
+        temps = torch.tensor([float(samplings[i].temperature) for i in rows], device=logits.device)
+        top_p = torch.tensor([samplings[i].top_p for i in rows], device=logits.device, dtype=torch.float64)
+        probs = F.softmax(logits[sel] / temps[:, None], dim=-1)
+        u = torch.cat([torch.rand(1, generator=gens[i], dtype=torch.float64) for i in rows]).to(probs.device)
+        k = min(top_k, probs.shape[-1])
+        vals, idx = probs.topk(k, dim=-1)
+        short = (vals.sum(-1).double() < top_p).nonzero().flatten()
+        if len(short):  # a flat distribution (or top_p = 1): sort those rows in full
+            full_v, full_i = probs[short].sort(-1, descending=True)
+            vals = F.pad(vals, (0, probs.shape[-1] - k))
+            idx = F.pad(idx, (0, probs.shape[-1] - k))
+            vals[short], idx[short] = full_v, full_i
+        vals = vals.double()
+        vals = vals.masked_fill(vals.cumsum(-1) - vals > top_p[:, None], 0.0)
         cdf = vals.cumsum(-1)
-        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
-        return pick if idx is None else idx.gather(-1, pick[:, None]).squeeze(-1)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=cdf.shape[-1] - 1)
+        out[sel] = idx.gather(-1, pick).squeeze(-1)
+        return out
 
     # ---- score_options --------------------------------------------------------------------
 

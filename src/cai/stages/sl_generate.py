@@ -23,69 +23,70 @@ from tqdm import tqdm
 
 from cai.config import PipelineConfig, SLConfig, fingerprint, plain
 from cai.constitution import Constitution
-from cai.lm.base import LM, Completion
+from cai.lm.base import LM, Program, run_programs
 from cai.records import STATUS_DROPPED, STATUS_OK, degenerate_reason, stable_seed
 from cai.rundir import Stage
 
 NAME = "sl_generate"
 
 
-def _gen(lm: LM, convs: list[list[dict[str, str]]], sampling, seeds: list[int]) -> list[Completion]:
-    return [c[0] for c in lm.generate(convs, sampling, n=1, seeds=seeds)] if convs else []
+def record_program(row: dict[str, Any], constitution: Constitution, cfg: SLConfig, seed: int,
+                   scaffold: list[str]) -> Program:
+    """One prompt's SL-CAI chain as a program: it asks for the answer, then for each round a
+    critique and a revision, and fills in `row` (the audit record) as the answers come back."""
+    rid = row["record_id"]
+    user = [{"role": "user", "content": row["prompt"]}]
+    c = yield user, cfg.response.at_round(0), stable_seed(seed, rid, "response")
+    row.update(init_response=c.text, init_finish=c.finish_reason, rounds=[])
+    current = c.text
+    if row["kind"] != "red_team":
+        return
+    for k, pid in enumerate(constitution.draw(seed, rid, cfg.rounds)):
+        crit_msgs = constitution.critique_messages(user, current, pid, cfg.few_shot)
+        crit = yield crit_msgs, cfg.critique.at_round(k), stable_seed(seed, rid, "critique", k)
+        rev = yield (constitution.revision_messages(crit_msgs, crit.text, pid), cfg.revision.at_round(k),
+                     stable_seed(seed, rid, "revision", k))
+        reason = degenerate_reason(rev, current, crit.text, row["prompt"], scaffold)
+        row["rounds"].append({
+            "round": k + 1, "principle_id": pid,
+            "critique": crit.text, "critique_finish": crit.finish_reason,
+            "revision": rev.text, "revision_finish": rev.finish_reason,
+            "status": STATUS_OK if reason is None else "degenerate", "reason": reason,
+        })
+        if reason is None:  # a degenerate revision does not replace the answer
+            current = rev.text
+
+
+def finalize(row: dict[str, Any], rounds: int) -> dict[str, Any]:
+    """Pick the training target (the last good revision) and the row's status."""
+    good = [rd for rd in row["rounds"] if rd["status"] == STATUS_OK]
+    row["final_round"] = good[-1]["round"] if good else 0
+    final = good[-1]["revision"] if good else row["init_response"]
+    if row["kind"] == "red_team" and rounds > 0:
+        reason = None if good else row["rounds"][-1]["reason"]
+    else:  # the training target is the initial response itself
+        reason = "empty" if not final.strip() else "truncated" if row["init_finish"] == "length" else None
+    row["status"], row["reason"] = (STATUS_OK, None) if reason is None else (STATUS_DROPPED, reason)
+    row["messages"] = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": final}]
+    return row
 
 
 def process_chunk(rows: list[dict[str, Any]], lm: LM, constitution: Constitution, cfg: SLConfig,
-                  seed: int, step: Callable[[str], None] = lambda _: None) -> list[dict[str, Any]]:
+                  seed: int, on_call: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """The SL-CAI core for one chunk of prompt rows: pure apart from the model calls.
 
-    `step` is told which step starts ("responses", "round 1/4 critiques", ...), for progress display.
+    Each prompt's chain runs as a program; a back-end that can (the transformers one) interleaves
+    them so one prompt's revision decodes beside another's critique. `on_call` is called after
+    each finished model call (for progress display).
     """
-    step("responses")
-    init = _gen(lm, [[{"role": "user", "content": r["prompt"]}] for r in rows], cfg.response.at_round(0), [stable_seed(seed, r["record_id"], "response") for r in rows])
-    out = []
-    for r, c in zip(rows, init):
-        out.append({
-            **{k: r[k] for k in ("record_id", "kind", "prompt", "category", "source")},
-            "init_response": c.text, "init_finish": c.finish_reason, "rounds": [],
-            "current": c.text,
-        })
-    red = [o for o in out if o["kind"] == "red_team"]
-    draws = {o["record_id"]: constitution.draw(seed, o["record_id"], cfg.rounds) for o in red}
+    out = [{k: r[k] for k in ("record_id", "kind", "prompt", "category", "source")} for r in rows]
     scaffold = constitution.scaffold_phrases()
-    for k in range(cfg.rounds):
-        pids = [draws[o["record_id"]][k] for o in red]
-        step(f"round {k + 1}/{cfg.rounds} critiques")
-        crit_msgs = [
-            constitution.critique_messages([{"role": "user", "content": o["prompt"]}], o["current"], pid, cfg.few_shot)
-            for o, pid in zip(red, pids)
-        ]
-        critiques = _gen(lm, crit_msgs, cfg.critique.at_round(k),
-                         [stable_seed(seed, o["record_id"], "critique", k) for o in red])
-        step(f"round {k + 1}/{cfg.rounds} revisions")
-        rev_msgs = [constitution.revision_messages(m, c.text, pid) for m, c, pid in zip(crit_msgs, critiques, pids)]
-        revisions = _gen(lm, rev_msgs, cfg.revision.at_round(k),
-                         [stable_seed(seed, o["record_id"], "revision", k) for o in red])
-        for o, pid, c, v in zip(red, pids, critiques, revisions):
-            reason = degenerate_reason(v, o["current"], c.text, o["prompt"], scaffold)
-            o["rounds"].append({
-                "round": k + 1, "principle_id": pid,
-                "critique": c.text, "critique_finish": c.finish_reason,
-                "revision": v.text, "revision_finish": v.finish_reason,
-                "status": STATUS_OK if reason is None else "degenerate", "reason": reason,
-            })
-            if reason is None:
-                o["current"] = v.text
-    for o in out:
-        good = [rd["round"] for rd in o["rounds"] if rd["status"] == STATUS_OK]
-        o["final_round"] = good[-1] if good else 0
-        final = o.pop("current")
-        if o["kind"] == "red_team" and cfg.rounds > 0:
-            reason = None if good else o["rounds"][-1]["reason"]
-        else:  # the training target is the initial response itself
-            reason = "empty" if not final.strip() else "truncated" if o["init_finish"] == "length" else None
-        o["status"], o["reason"] = (STATUS_OK, None) if reason is None else (STATUS_DROPPED, reason)
-        o["messages"] = [{"role": "user", "content": o["prompt"]}, {"role": "assistant", "content": final}]
-    return out
+    run_programs(lm, [record_program(o, constitution, cfg, seed, scaffold) for o in out], on_call)
+    return [finalize(o, cfg.rounds) for o in out]
+
+
+def calls_per_chunk(rows: list[dict[str, Any]], rounds: int) -> int:
+    return sum(1 + (2 * rounds if r["kind"] == "red_team" else 0) for r in rows)
 
 
 def chunks(rows: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
@@ -122,8 +123,14 @@ def run(cfg: PipelineConfig, lm_factory: Callable[[], LM], constitution: Constit
                    desc="sl_generate", unit="prompt")
         for i, chunk in enumerate(todo_chunks):
             todo = [r for r in chunk if r["record_id"] not in done]
-            done_rows = process_chunk(todo, lm, constitution, cfg.sl, cfg.seed,
-                                      step=lambda s, i=i: bar.set_postfix_str(f"chunk {i + 1}/{len(todo_chunks)}: {s}"))
+            calls = [0, calls_per_chunk(todo, cfg.sl.rounds)]
+
+            def tick(i: int = i, calls: list[int] = calls) -> None:
+                calls[0] += 1
+                if calls[0] % 8 == 0 or calls[0] == calls[1]:
+                    bar.set_postfix_str(f"chunk {i + 1}/{len(todo_chunks)}: {calls[0]}/{calls[1]} model calls")
+
+            done_rows = process_chunk(todo, lm, constitution, cfg.sl, cfg.seed, on_call=tick)
             stage.append({**row, **extra} for row in done_rows)
             bar.update(len(todo))
             if on_chunk is not None:
