@@ -356,6 +356,22 @@ class HFModel:
             r.finish = "length"
         return r.finish is not None
 
+    def _joins(self, nxt: _Request, running: list[int], lcp: int, last: list[int]) -> bool:
+        """Whether a follow-up request joins the running batch now or waits for the next batch.
+
+        It must begin with the batch's prefix. With prefix sharing on, it also waits when that
+        prefix is under a third of its prompt, or when it shares a much longer prefix with the
+        previous follow-up (the next step's few-shot block, say): joining now would put that block
+        into every such row instead of computing it once for the next batch.
+        """
+        if lcp and (len(nxt.prompt) <= lcp or nxt.prompt[:lcp] != running[:lcp]):
+            return False
+        if not self.prefix_sharing:
+            return True
+        if 3 * lcp < len(nxt.prompt) and len(nxt.prompt) > 3 * self.min_prefix:
+            return False
+        return not (last and _lcp([nxt.prompt, last]) > lcp + 64)
+
     def _run(self, requests: list[_Request], on_finish: Callable[[_Request], _Request | None] | None = None) -> None:
         """Decode requests with continuous batching: when half the slots are free, waiting requests
         are prefilled and join the running batch. `on_finish` may return a follow-up request.
@@ -369,6 +385,7 @@ class HFModel:
         cache = valid = next_pos = logits = None
         prefix: list[tuple[torch.Tensor, torch.Tensor]] = []
         lcp = 0
+        last: list[int] = []  # the previous follow-up's prompt
         while True:
             if not active and not pending and later:
                 pending, later = deque(sorted(later, key=lambda r: (len(r.prompt), r.index))), []
@@ -398,8 +415,8 @@ class HFModel:
                 if not self._accept(r, int(toks[s])):
                     keep.append(s)
                 elif on_finish is not None and (nxt := on_finish(r)) is not None:
-                    fits = lcp == 0 or nxt.prompt[:lcp] == active[0].prompt[:lcp] and len(nxt.prompt) > lcp
-                    (pending if fits else later).append(nxt)
+                    (pending if self._joins(nxt, active[0].prompt, lcp, last) else later).append(nxt)
+                    last = nxt.prompt
             if len(keep) < len(active):
                 active = [active[s] for s in keep]
                 if not active:
