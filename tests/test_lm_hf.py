@@ -98,33 +98,3 @@ def test_too_long_prompt_is_a_clear_error(lm):
     with pytest.raises(ValueError, match="max_length"):
         short.generate([[{"role": "user", "content": "word " * 100}]], Sampling(max_new_tokens=8))
 
-
-class _LockstepOnly:
-    """The same model seen through `generate` only, so programs run in lockstep."""
-
-    def __init__(self, lm):
-        self.lm, self.name = lm, "lockstep"
-
-    def generate(self, *a, **kw):
-        return self.lm.generate(*a, **kw)
-
-    def score_options(self, *a, **kw):
-        return self.lm.score_options(*a, **kw)
-
-
-def test_interleaved_programs_give_the_same_answers_as_lockstep(lm32):
-    from cai.lm.base import run_programs
-
-    def program(i, log):
-        shots = C.critique_few_shot(1)
-        first = yield [*shots, {"role": "user", "content": PROMPTS[i]}], Sampling(temperature=0, max_new_tokens=6 + 5 * i), i
-        # a sampled request in the same batch must not disturb the greedy ones
-        sampled = yield [*shots, {"role": "user", "content": "Name an animal."}], Sampling(temperature=1.0, max_new_tokens=4), i
-        second = yield ([*shots, {"role": "user", "content": PROMPTS[i]}, {"role": "assistant", "content": first.text},
-                         {"role": "user", "content": "Say it more briefly."}], Sampling(temperature=0, max_new_tokens=10), i)
-        log.append((i, first.text, sampled.num_tokens > 0, second.text))
-
-    inter, lock = [], []
-    run_programs(lm32, [program(i, inter) for i in range(5)])
-    run_programs(_LockstepOnly(lm32), [program(i, lock) for i in range(5)])
-    assert sorted(inter) == sorted(lock) and len(inter) == 5

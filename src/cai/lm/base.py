@@ -59,8 +59,10 @@ Program = Generator[Request, Completion, Any]
 
 @runtime_checkable
 class RunsPrograms(Protocol):
-    """A back-end that can interleave programs itself (the next request of a program joins the
-    running batch as soon as its previous one finishes)."""
+    """A back-end that can interleave programs itself, sending a program's next request as soon
+    as its previous one finishes (a concurrent HTTP back-end, say). The transformers back-end
+    does not: in measurements here, lockstep steps decoded as fast, since most requests of a step
+    run to the same token limit and finish together."""
 
     def run_programs(self, programs: Sequence[Program], on_done: Callable[[], None] | None = None) -> None: ...
 

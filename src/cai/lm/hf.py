@@ -19,7 +19,7 @@ import contextlib
 import contextvars
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +29,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from cai.config import ModelConfig, Sampling
-from cai.lm.base import Completion, Message, Program
+from cai.lm.base import Completion, Message
 from cai.models import load_model
 
 ATTN_NAME = "cai_prefix"
@@ -126,6 +126,16 @@ class _Request:
     sampling: Sampling
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
+
+
+def _trim(cache: DynamicCache, valid: torch.Tensor):
+    """Drop leading cache columns that are padding in every row (left by rows that have finished),
+    so attention and cache growth do not pay for them."""
+    start = int(valid.any(0).long().argmax())
+    if start == 0:
+        return cache, valid
+    layers = [(layer.keys[:, :, start:], layer.values[:, :, start:]) for layer in cache.layers]
+    return DynamicCache(ddp_cache_data=layers), valid[:, start:]
 
 
 def _merge(cache: DynamicCache, valid: torch.Tensor, other: DynamicCache, other_valid: torch.Tensor):
@@ -316,34 +326,6 @@ class HFModel:
             out[r.index].append(self._completion(r))
         return out
 
-    @torch.no_grad()
-    def run_programs(self, programs: Sequence[Program], on_done: Callable[[], None] | None = None) -> None:
-        """Run many multi-step programs at once (see `cai.lm.base.Program`).
-
-        When one program's request finishes, its next request joins the running batch at once, so
-        the batch stays full across steps instead of draining at the end of each step.
-        """
-        def start(i: int, prog: Program, value: Completion | None) -> _Request | None:
-            try:
-                conv, sampling, seed = prog.send(value) if value is not None else next(prog)
-            except StopIteration:
-                return None
-            sampling = sampling.at_round(0)
-            ids = self.encode(conv)
-            self._check_length(ids, sampling, f"program {i}")
-            return _Request(i, 0, ids, self._generator(seed, 0), sampling)
-
-        first = [r for i, p in enumerate(programs) if (r := start(i, p, None)) is not None]
-        first.sort(key=lambda r: (len(r.prompt), r.index))
-
-        def finished(r: _Request) -> _Request | None:
-            nxt = start(r.index, programs[r.index], self._completion(r))
-            if on_done is not None:
-                on_done()
-            return nxt
-
-        self._run(first, finished)
-
     def _accept(self, r: _Request, token: int) -> bool:
         """Add a sampled token to a request; True when the request is finished."""
         if token in self.eos_ids:
@@ -356,41 +338,15 @@ class HFModel:
             r.finish = "length"
         return r.finish is not None
 
-    def _joins(self, nxt: _Request, running: list[int], lcp: int, last: list[int]) -> bool:
-        """Whether a follow-up request joins the running batch now or waits for the next batch.
-
-        It must begin with the batch's prefix. With prefix sharing on, it also waits when that
-        prefix is under a third of its prompt, or when it shares a much longer prefix with the
-        previous follow-up (the next step's few-shot block, say): joining now would put that block
-        into every such row instead of computing it once for the next batch.
-        """
-        if lcp and (len(nxt.prompt) <= lcp or nxt.prompt[:lcp] != running[:lcp]):
-            return False
-        if not self.prefix_sharing:
-            return True
-        if 3 * lcp < len(nxt.prompt) and len(nxt.prompt) > 3 * self.min_prefix:
-            return False
-        return not (last and _lcp([nxt.prompt, last]) > lcp + 64)
-
-    def _run(self, requests: list[_Request], on_finish: Callable[[_Request], _Request | None] | None = None) -> None:
+    def _run(self, requests: list[_Request]) -> None:
         """Decode requests with continuous batching: when half the slots are free, waiting requests
-        are prefilled and join the running batch. `on_finish` may return a follow-up request.
-
-        All rows of a batch share one prefix (the longest common to the requests waiting when the
-        batch starts); a follow-up request that does not begin with it waits for the next batch.
-        """
+        are prefilled and join the running batch. All rows share the prefix common to all requests."""
         pending = deque(requests)
-        later: list[_Request] = []
         active: list[_Request] = []
         cache = valid = next_pos = logits = None
         prefix: list[tuple[torch.Tensor, torch.Tensor]] = []
-        lcp = 0
-        last: list[int] = []  # the previous follow-up's prompt
+        lcp = self._shared_prefix([r.prompt for r in requests], keep=1)
         while True:
-            if not active and not pending and later:
-                pending, later = deque(sorted(later, key=lambda r: (len(r.prompt), r.index))), []
-            if not active and pending:
-                lcp = self._shared_prefix([r.prompt for r in pending], keep=1)
             if pending and len(active) <= self.batch_size // 2:
                 t0 = time.perf_counter()
                 new = [pending.popleft() for _ in range(min(len(pending), self.batch_size - len(active)))]
@@ -410,13 +366,7 @@ class HFModel:
             if not active:
                 return
             toks = self._sample(logits, [r.sampling for r in active], [r.gen for r in active])
-            keep = []
-            for s, r in enumerate(active):
-                if not self._accept(r, int(toks[s])):
-                    keep.append(s)
-                elif on_finish is not None and (nxt := on_finish(r)) is not None:
-                    (pending if self._joins(nxt, active[0].prompt, lcp, last) else later).append(nxt)
-                    last = nxt.prompt
+            keep = [s for s, r in enumerate(active) if not self._accept(r, int(toks[s]))]
             if len(keep) < len(active):
                 active = [active[s] for s in keep]
                 if not active:
@@ -424,6 +374,7 @@ class HFModel:
                 idx = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(idx)
                 valid, next_pos, toks = valid[idx], next_pos[idx], toks[idx]
+                cache, valid = _trim(cache, valid)
             t0 = time.perf_counter()
             valid = torch.cat([valid, torch.ones(len(active), 1, dtype=torch.bool, device=self.device)], 1)
             with _use_prefix(prefix):

@@ -75,8 +75,8 @@ def process_chunk(rows: list[dict[str, Any]], lm: LM, constitution: Constitution
                   seed: int, on_call: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """The SL-CAI core for one chunk of prompt rows: pure apart from the model calls.
 
-    Each prompt's chain runs as a program; a back-end that can (the transformers one) interleaves
-    them so one prompt's revision decodes beside another's critique. `on_call` is called after
+    Each prompt's chain runs as a program (`record_program`); the programs advance in lockstep, one
+    batched call per step, unless the back-end interleaves them itself. `on_call` is called after
     each finished model call (for progress display).
     """
     out = [{k: r[k] for k in ("record_id", "kind", "prompt", "category", "source")} for r in rows]
