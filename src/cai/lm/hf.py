@@ -4,9 +4,10 @@ Stages send many prompts that begin with the same long few-shot block. This back
 longest token prefix shared by a batch, computes its key/value cache once (and keeps it for later
 batches), and attends to it from every row without copying it per row: the prefix keys are read
 once per layer for the whole batch (a "cascade" split of attention into a shared part and a
-per-row part, merged exactly in one softmax). Rows are left-padded after the prefix; finished rows
-are dropped from the batch as decoding goes on. Sampling runs here, one generator per request, so
-a request's tokens depend on its seed, not on its neighbours.
+per-row part, merged exactly through their log-sum-exps). Rows are left-padded after the prefix;
+finished rows leave the batch and waiting requests take their slots (continuous batching).
+Sampling runs here, one generator per request, so a request's tokens depend on its seed, not on
+its neighbours.
 
     python -c "from cai.lm.hf import HFModel; from cai.config import ModelConfig, Sampling; \
       lm = HFModel.from_config(ModelConfig()); \
