@@ -113,9 +113,10 @@ def run(cfg: PipelineConfig, lm_factory: Callable[[], LM], constitution: Constit
     settings = plain({"sl": cfg.sl, "model": cfg.model, "seed": cfg.seed,
                       "constitution_hash": constitution.hash, "inputs": inputs_fp})
     stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
-    done = stage.done_ids()
+    existing = stage.rows()
+    done = {r["record_id"] for r in existing}
     todo_chunks = [c for c in chunks(inputs, cfg.sl.chunk_size) if any(r["record_id"] not in done for r in c)]
-    stage.write_manifest("running", count(stage.rows()), constitution_hash=constitution.hash)
+    stage.write_manifest("running", count(existing), constitution_hash=constitution.hash)
     if todo_chunks:
         lm = lm_factory()
         extra = {"constitution_hash": constitution.hash, "model": lm.name, "seed": cfg.seed}
