@@ -120,6 +120,127 @@ class SFTConfig:
 
 
 @dataclass(frozen=True)
+class PairsConfig:
+    """RL-CAI comparison pairs: two sampled responses per prompt from the policy model.
+
+    `model` `sft` is this run's SL-CAI model (`<run>/sft/model`); anything else is a model name.
+    """
+
+    model: str = "sft"
+    kinds: list[str] = field(default_factory=lambda: ["red_team"])
+    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=1.0, top_p=0.95, max_new_tokens=128))
+    chunk_size: int = 32
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    """AI feedback: a multiple-choice question per pair under `principles` drawn principles
+    (an ensemble when > 1, averaged), both option orders scored and averaged."""
+
+    model: str = "smollm2-135m"
+    principles: int = 1
+    few_shot: int = 2
+    chain_of_thought: bool = False
+    cot: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, max_new_tokens=128))
+    clamp: list[float] = field(default_factory=lambda: [0.4, 0.6])
+    min_option_mass: float = 0.05
+    chunk_size: int = 32
+
+
+@dataclass(frozen=True)
+class PairSource:
+    """Human preference pairs: hh-rlhf transcripts (`chosen`/`rejected`), any preference file with
+    `prompt`/`chosen`/`rejected` columns, a `datasets` directory or hub id, or `builtin:helpful_pairs`."""
+
+    path: str = "builtin:helpful_pairs"
+    format: Literal["auto", "hh", "preference", "datasets"] = "auto"
+    split: str = "train"
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class PreferencesConfig:
+    """The preference-model training mix: AI harmlessness labels plus human helpfulness labels.
+    `human_fraction` is the share of human rows in the mix; `eval_fraction` is held out."""
+
+    human: list[PairSource] = field(default_factory=lambda: [PairSource()])
+    human_fraction: float = 0.5
+    eval_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class PMConfig:
+    """The preference model: a scalar head on `model`, trained on soft targets."""
+
+    model: str = "smollm2-135m"
+    epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 1e-5
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    save_steps: int = 50
+    bf16: bool = True
+    report_to: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO against the preference model with a KL penalty to the frozen SL-CAI model.
+    `kl_target` set makes the KL coefficient adaptive (Ziegler et al. 2019); unset keeps it fixed."""
+
+    steps: int = 20
+    batch_size: int = 8
+    mini_batch_size: int = 4
+    ppo_epochs: int = 2
+    learning_rate: float = 1e-6
+    kl_coef: float = 0.05
+    kl_target: float | None = None
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    reward_clip: float = 10.0
+    response: Sampling = field(default_factory=lambda: Sampling(temperature=1.0, top_p=1.0, max_new_tokens=64))
+    max_length: int = 512
+    save_steps: int = 5
+    bf16: bool = True
+    report_to: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """DPO against the frozen SL-CAI model; with `soft_labels` each pair pulls in proportion to its
+    AI label (0.7 pulls less hard than 1.0)."""
+
+    beta: float = 0.1
+    soft_labels: bool = True
+    epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 1e-6
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    warmup_ratio: float = 0.1
+    save_steps: int = 50
+    bf16: bool = True
+    report_to: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """RL-CAI policy optimisation: `method` picks PPO (with the preference model) or DPO."""
+
+    method: Literal["ppo", "dpo"] = "ppo"
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     run_dir: str = "runs/quickstart"
     constitution: str = "default"
@@ -128,6 +249,11 @@ class PipelineConfig:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     sl: SLConfig = field(default_factory=SLConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    preferences: PreferencesConfig = field(default_factory=PreferencesConfig)
+    pm: PMConfig = field(default_factory=PMConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
 
 T = TypeVar("T")
@@ -286,13 +412,35 @@ def validate(cfg: PipelineConfig, source: str = "config") -> None:
         (cfg.model.batch_size >= 1, "model.batch_size must be >= 1"),
         (cfg.sft.batch_size >= 1, "sft.batch_size must be >= 1"),
         (cfg.sft.learning_rate > 0, "sft.learning_rate must be > 0"),
+        (cfg.pairs.chunk_size >= 1, "pairs.chunk_size must be >= 1"),
+        (all(k in ("red_team", "helpful") for k in cfg.pairs.kinds) and bool(cfg.pairs.kinds),
+         "pairs.kinds must list 'red_team' and/or 'helpful'"),
+        (cfg.feedback.principles >= 1, "feedback.principles must be >= 1"),
+        (cfg.feedback.few_shot >= 0, "feedback.few_shot must be >= 0"),
+        (cfg.feedback.chunk_size >= 1, "feedback.chunk_size must be >= 1"),
+        (len(cfg.feedback.clamp) == 2 and 0.0 <= cfg.feedback.clamp[0] <= 0.5 <= cfg.feedback.clamp[1] <= 1.0,
+         "feedback.clamp must be [low, high] with 0 <= low <= 0.5 <= high <= 1"),
+        (0.0 <= cfg.feedback.min_option_mass < 1.0, "feedback.min_option_mass must be in [0, 1)"),
+        (0.0 <= cfg.preferences.human_fraction < 1.0, "preferences.human_fraction must be in [0, 1)"),
+        (0.0 <= cfg.preferences.eval_fraction < 1.0, "preferences.eval_fraction must be in [0, 1)"),
+        (cfg.pm.batch_size >= 1 and cfg.pm.learning_rate > 0, "pm.batch_size must be >= 1 and pm.learning_rate > 0"),
+        (cfg.rl.ppo.batch_size >= 1 and cfg.rl.ppo.mini_batch_size >= 1
+         and cfg.rl.ppo.batch_size % cfg.rl.ppo.mini_batch_size == 0,
+         "rl.ppo.batch_size must be a positive multiple of rl.ppo.mini_batch_size"),
+        (cfg.rl.ppo.kl_coef >= 0, "rl.ppo.kl_coef must be >= 0"),
+        (cfg.rl.ppo.kl_target is None or cfg.rl.ppo.kl_target > 0, "rl.ppo.kl_target must be > 0 when set"),
+        (0.0 <= cfg.rl.ppo.lam <= 1.0 and 0.0 < cfg.rl.ppo.gamma <= 1.0, "rl.ppo.gamma must be in (0, 1] and lam in [0, 1]"),
+        (cfg.rl.dpo.beta > 0, "rl.dpo.beta must be > 0"),
+        (cfg.rl.dpo.batch_size >= 1, "rl.dpo.batch_size must be >= 1"),
     ]
-    for step in ("response", "critique", "revision"):
-        s: Sampling = getattr(cfg.sl, step)
+    samplings = {f"sl.{k}": getattr(cfg.sl, k) for k in ("response", "critique", "revision")}
+    samplings.update({"pairs.sampling": cfg.pairs.sampling, "feedback.cot": cfg.feedback.cot,
+                      "rl.ppo.response": cfg.rl.ppo.response})
+    for step, s in samplings.items():
         temps = s.temperature if isinstance(s.temperature, list) else [s.temperature]
-        checks.append((len(temps) > 0 and all(t >= 0 for t in temps), f"sl.{step}.temperature must be >= 0"))
-        checks.append((0.0 < s.top_p <= 1.0, f"sl.{step}.top_p must be in (0, 1]"))
-        checks.append((s.max_new_tokens >= 1, f"sl.{step}.max_new_tokens must be >= 1"))
+        checks.append((len(temps) > 0 and all(t >= 0 for t in temps), f"{step}.temperature must be >= 0"))
+        checks.append((0.0 < s.top_p <= 1.0, f"{step}.top_p must be in (0, 1]"))
+        checks.append((s.max_new_tokens >= 1, f"{step}.max_new_tokens must be >= 1"))
     for ok, msg in checks:
         if not ok:
             raise ConfigError(f"{source}: {msg}")

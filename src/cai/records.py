@@ -12,6 +12,21 @@ SL-CAI rows (stage `sl_generate`):
     rounds: [{round, principle_id, critique, critique_finish, revision, revision_finish, status, reason}],
     final_round (0 = the initial response), status ("ok" | "dropped"), reason,
     messages (user prompt + the final response), constitution_hash, model, seed
+
+Pair rows (stage `pairs`): two samples per prompt from the policy model
+    record_id, kind, prompt, category, source, responses: [r1, r2], finishes: [f1, f2],
+    status ("ok" | "set_aside"), reason ("identical" | "empty" | "truncated" | ...), model, seed
+
+Preference rows (stages `feedback` and `preferences`), TRL's conversational preference format:
+    prompt: [{role, content}, ...]  (the conversation up to the answer)
+    chosen: [{role: assistant, content}], rejected: [{role: assistant, content}]
+    p_chosen: P(chosen is better), in [0.5, 1]; 1.0 for a hard human label
+    label_source: "ai" | "human", record_id, source
+  AI rows add: p_first (P(response 1 is better)), principle_ids, orders: per principle
+    {principle_id, p_ab, p_ba, mass_ab, mass_ba, cot_ab, cot_ba} (p_ab: P(response 1) with it shown
+    first; p_ba: P(response 1) with it shown second), feedback_model, constitution_hash,
+    status ("ok" | "abstain" | "failed"), reason
+  Rows of stage `preferences` add split ("train" | "eval").
 """
 
 from __future__ import annotations

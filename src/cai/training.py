@@ -1,0 +1,284 @@
+"""Pieces shared by the training loops we own (preference model, DPO, PPO): tokenising a prompt
+and a response with the response marked, padding, deterministic batch order, the optimiser and
+schedule, checkpoints that resume with the same data order and RNG state, and a metrics log.
+
+The loops themselves live in their stage files (`stages/pm.py`, `stages/dpo.py`, `stages/ppo.py`),
+each short enough to read top to bottom. Device placement and mixed precision go through
+`accelerate`, so the same loops run under `accelerate launch` on many devices.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+Message = dict[str, str]
+
+
+# ---- tokenisation ---------------------------------------------------------------------------
+
+
+def encode_prompt(tokenizer: Any, prompt: Sequence[Message]) -> list[int]:
+    """The prompt conversation templated with the generation prompt (where the answer starts)."""
+    text = tokenizer.apply_chat_template([dict(m) for m in prompt], tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_response(tokenizer: Any, prompt: Sequence[Message], response: str) -> list[int]:
+    """The response's tokens as the chat template closes an assistant turn (end-of-turn included).
+
+    Found as what the full conversation adds after the templated prompt; if the template rewrites
+    earlier text (some strip reasoning), fall back to the response plus the EOS token.
+    """
+    p_ids = encode_prompt(tokenizer, prompt)
+    full_text = tokenizer.apply_chat_template([*map(dict, prompt), {"role": "assistant", "content": response}],
+                                              tokenize=False)
+    full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+    if full[: len(p_ids)] == p_ids:
+        tail = full[len(p_ids):]
+        # Drop whitespace the template puts after the end-of-turn token: it is not the model's.
+        while tail and tokenizer.decode(tail[-1:]).strip() == "" and tail[-1] not in (tokenizer.eos_token_id,):
+            tail = tail[:-1]
+        return tail
+    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def encode_pair(tokenizer: Any, prompt: Sequence[Message], response: str, max_length: int) -> tuple[list[int], int]:
+    """(ids, response_start): prompt then response, the prompt cut from the left and then the
+    response from the right when the whole is longer than `max_length`."""
+    p = encode_prompt(tokenizer, prompt)
+    r = encode_response(tokenizer, prompt, response)
+    if len(p) + len(r) > max_length:
+        keep_p = max(max_length // 2, max_length - len(r))
+        p = p[-keep_p:]
+        r = r[: max_length - len(p)]
+    return p + r, len(p)
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, starts: Sequence[int] | None = None,
+              left: bool = False) -> dict[str, torch.Tensor]:
+    """Pad token lists into `input_ids`, `attention_mask` and (with `starts`) `response_mask`,
+    which is 1 on the tokens from each row's response start to its end."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    resp = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        off = width - len(s) if left else 0
+        ids[i, off: off + len(s)] = torch.tensor(list(s), dtype=torch.long)
+        att[i, off: off + len(s)] = 1
+        if starts is not None:
+            resp[i, off + starts[i]: off + len(s)] = 1
+    out = {"input_ids": ids, "attention_mask": att}
+    if starts is not None:
+        out["response_mask"] = resp
+    return out
+
+
+def sequence_logprob(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed log-probability of each row's response tokens (rows right-padded)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits[:, :-1]
+    labels = batch["input_ids"][:, 1:]
+    mask = batch["response_mask"][:, 1:].to(logits.device)
+    logp = torch.gather(torch.log_softmax(logits.float(), -1), -1, labels.unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(-1)
+
+
+# ---- data order -----------------------------------------------------------------------------
+
+
+def batch_order(n: int, batch_size: int, epochs: float, seed: int) -> list[list[int]]:
+    """Every optimiser step's row indices for the whole run, from a seeded shuffle per epoch, so
+    step k has the same rows however often the run was stopped and resumed."""
+    if n == 0:
+        return []
+    total = max(1, math.ceil(n * epochs / batch_size))
+    order: list[int] = []
+    epoch = 0
+    while len(order) < total * batch_size:
+        perm = list(range(n))
+        random.Random(f"{seed}:{epoch}").shuffle(perm)
+        order += perm
+        epoch += 1
+    return [order[i * batch_size: (i + 1) * batch_size] for i in range(total)]
+
+
+def steps_for(n: int, batch_size: int, epochs: float, max_steps: int, seed: int) -> list[list[int]]:
+    """`batch_order`, cut to `max_steps` when that is positive."""
+    steps = batch_order(n, batch_size, epochs, seed)
+    return steps[:max_steps] if max_steps > 0 else steps
+
+
+# ---- optimiser ------------------------------------------------------------------------------
+
+
+def optimizer_and_schedule(params: Any, lr: float, total_steps: int, warmup_ratio: float,
+                           weight_decay: float = 0.0) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW with linear warm-up then cosine decay to 10% of `lr`."""
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    warm = max(0, round(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        frac = (step - warm) / max(1, total_steps - warm)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def accelerator(bf16: bool, device: str = "auto") -> Any:
+    """An `accelerate.Accelerator` with bf16 autocast where the hardware has it."""
+    from accelerate import Accelerator
+
+    from cai.models import cpu_has_bf16, pick_device
+
+    dev = pick_device(device)
+    ok = torch.cuda.is_bf16_supported() if dev.startswith("cuda") else cpu_has_bf16()
+    return Accelerator(mixed_precision="bf16" if bf16 and ok else "no", cpu=dev == "cpu")
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, modules: dict[str, Any], extra: dict[str, Any]) -> Path:
+    """Write `step-<n>/` (module and optimiser state dicts, RNG state, `extra`) through a temporary
+    folder renamed into place, then delete older checkpoints. Model weights go in safetensors."""
+    from safetensors.torch import save_file
+
+    final = ckpt_dir / f"step-{step}"
+    tmp = ckpt_dir / f".step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, obj in modules.items():
+        if isinstance(obj, torch.nn.Module):
+            sd = {k: v.detach().contiguous().cpu() for k, v in obj.state_dict().items()}
+            save_file(_untie(sd), str(tmp / f"{name}.safetensors"))
+        else:  # optimiser / scheduler state: plain tensors and numbers
+            torch.save(obj.state_dict(), tmp / f"{name}.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in ckpt_dir.glob("step-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _untie(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied embeddings): give each its own copy."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in sd.items():
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    done = [p for p in ckpt_dir.glob("step-*") if (p / "state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+
+def load_checkpoint(path: Path, modules: dict[str, Any]) -> dict[str, Any]:
+    """Restore what `save_checkpoint` wrote into `modules` and the RNG; returns its state.json."""
+    from safetensors.torch import load_file
+
+    for name, obj in modules.items():
+        if isinstance(obj, torch.nn.Module):
+            obj.load_state_dict(load_file(str(path / f"{name}.safetensors")), strict=False)
+        else:
+            obj.load_state_dict(torch.load(path / f"{name}.pt", weights_only=False))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return json.loads((path / "state.json").read_text())
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """Per-step metrics appended to `<stage>/metrics.jsonl`, and to TensorBoard / W&B / trackio
+    when named in `report_to` (imported only then)."""
+
+    def __init__(self, path: Path, report_to: Sequence[str] = (), run_name: str = "cai", config: Any = None):
+        self.path = path
+        self.sinks: list[Any] = []
+        for name in report_to:
+            if name == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.sinks.append(("tensorboard", SummaryWriter(str(path.parent / "tensorboard"))))
+            elif name == "wandb":
+                import wandb
+
+                self.sinks.append(("wandb", wandb.init(project="constitutional-ai", name=run_name, config=config)))
+            elif name == "trackio":
+                import trackio
+
+                self.sinks.append(("trackio", trackio.init(project="constitutional-ai", name=run_name, config=config)))
+            elif name != "none":
+                raise ValueError(f"report_to: unknown tracker '{name}' (use tensorboard, wandb or trackio)")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint so no step appears twice."""
+        if not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for kind, sink in self.sinks:
+            if kind == "tensorboard":
+                for k, v in metrics.items():
+                    sink.add_scalar(k, float(v), step)
+            else:
+                sink.log({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def rows(self) -> list[dict[str, float]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+
+    def close(self) -> None:
+        for kind, sink in self.sinks:
+            if kind == "tensorboard":
+                sink.close()
+            elif kind == "wandb":
+                sink.finish()
+
+
+def save_model(model: Any, tokenizer: Any, out: Path) -> None:
+    """Save weights (safetensors) and tokenizer through a temporary folder renamed into place."""
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
