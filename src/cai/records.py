@@ -105,3 +105,17 @@ def parse_hh(transcript: str) -> list[dict[str, str]]:
     for tag, body in zip(parts[1::2], parts[2::2]):
         msgs.append({"role": "user" if tag == "Human" else "assistant", "content": body.strip()})
     return msgs
+
+
+def hh_pair(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str] | None:
+    """An hh-rlhf pair as (conversation up to the last answer, chosen answer, rejected answer).
+
+    The two transcripts share every turn but the final assistant turn. None when they do not
+    (different histories, or no final assistant turn in one of them).
+    """
+    c, r = parse_hh(chosen), parse_hh(rejected)
+    if not c or not r or c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
+        return None
+    if c[:-1] != r[:-1] or not c[:-1] or c[-2]["role"] != "user":
+        return None
+    return c[:-1], c[-1]["content"], r[-1]["content"]
