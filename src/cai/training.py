@@ -138,11 +138,16 @@ def optimizer_and_schedule(params: Any, lr: float, total_steps: int, warmup_rati
 def accelerator(bf16: bool, device: str = "auto") -> Any:
     """An `accelerate.Accelerator` with bf16 autocast where the hardware has it."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from cai.models import cpu_has_bf16, pick_device
 
     dev = pick_device(device)
     ok = torch.cuda.is_bf16_supported() if dev.startswith("cuda") else cpu_has_bf16()
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another
+    # precision; stages run one after another in a process (a pipeline, the tests), each with its
+    # own setting. The distributed part (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision="bf16" if bf16 and ok else "no", cpu=dev == "cpu")
 
 
