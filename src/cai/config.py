@@ -181,6 +181,7 @@ class PMConfig:
     max_length: int = 512
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
     save_steps: int = 50
     bf16: bool = True
     report_to: list[str] = field(default_factory=list)
@@ -226,6 +227,7 @@ class DPOConfig:
     grad_accum: int = 1
     max_length: int = 512
     warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
     save_steps: int = 50
     bf16: bool = True
     report_to: list[str] = field(default_factory=list)
@@ -432,6 +434,11 @@ def validate(cfg: PipelineConfig, source: str = "config") -> None:
         (0.0 <= cfg.rl.ppo.lam <= 1.0 and 0.0 < cfg.rl.ppo.gamma <= 1.0, "rl.ppo.gamma must be in (0, 1] and lam in [0, 1]"),
         (cfg.rl.dpo.beta > 0, "rl.dpo.beta must be > 0"),
         (cfg.rl.dpo.batch_size >= 1, "rl.dpo.batch_size must be >= 1"),
+        (cfg.pm.grad_accum >= 1 and cfg.pm.save_steps >= 1 and cfg.pm.max_grad_norm > 0 and cfg.pm.epochs > 0,
+         "pm.grad_accum and pm.save_steps must be >= 1, pm.max_grad_norm and pm.epochs > 0"),
+        (cfg.rl.dpo.grad_accum >= 1 and cfg.rl.dpo.save_steps >= 1 and cfg.rl.dpo.max_grad_norm > 0
+         and cfg.rl.dpo.epochs > 0 and cfg.rl.dpo.learning_rate > 0,
+         "rl.dpo.grad_accum and rl.dpo.save_steps must be >= 1, rl.dpo.max_grad_norm, epochs and learning_rate > 0"),
     ]
     samplings = {f"sl.{k}": getattr(cfg.sl, k) for k in ("response", "critique", "revision")}
     samplings.update({"pairs.sampling": cfg.pairs.sampling, "feedback.cot": cfg.feedback.cot,

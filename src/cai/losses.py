@@ -4,6 +4,8 @@
 - `dpo_margin`: the DPO implicit-reward margin, fed to `soft_bt_loss` (soft-label DPO).
 - `gae`, `ppo_policy_loss`, `ppo_value_loss`, `AdaptiveKL`: PPO with a KL penalty.
 - `expected_calibration_error`: calibration of predicted preference probabilities.
+- `preference_metrics`, `preference_report`: held-out accuracy, loss and calibration of a
+  preference scorer (the preference model, DPO's implicit reward), per label source.
 
 Every masked reduction goes through `masked_mean`, so padding never enters a loss.
 """
@@ -122,3 +124,28 @@ def expected_calibration_error(probs: torch.Tensor, outcomes: torch.Tensor, bins
         if sel.any():
             ece += sel.double().mean() * (probs[sel].mean() - outcomes[sel].mean()).abs()
     return float(ece)
+
+
+def preference_metrics(margins: torch.Tensor, p: torch.Tensor, bins: int = 10) -> dict[str, float]:
+    """Held-out metrics of a preference scorer from its margins (score of chosen minus score of
+    rejected) and labels `p` = P(chosen is better): `accuracy` (a tie counts half), mean
+    `soft_bt_loss`, mean `margin`, and the `ece` of sigmoid(margin) against `p`. Each pair enters the
+    ECE in both orders (sigmoid(-margin) against 1 - p too): labels are all >= 0.5 as stored, and
+    one-sided bins would hide over-confidence toward the rejected answer."""
+    margins = margins.detach().double().flatten()
+    p = p.detach().double().flatten()
+    acc = ((margins > 0).double() + 0.5 * (margins == 0).double()).mean()
+    probs = torch.cat([torch.sigmoid(margins), torch.sigmoid(-margins)])
+    return {"n": int(margins.numel()), "accuracy": float(acc), "loss": float(soft_bt_loss(margins, p)),
+            "margin": float(margins.mean()),
+            "ece": expected_calibration_error(probs, torch.cat([p, 1 - p]), bins)}
+
+
+def preference_report(margins: torch.Tensor, p: torch.Tensor, sources: list[str]) -> dict[str, dict | None]:
+    """`preference_metrics` over all pairs and separately for AI and human labels (`sources`);
+    a group without pairs is None."""
+    out: dict[str, dict | None] = {}
+    for group in ("overall", "ai", "human"):
+        sel = [i for i, s in enumerate(sources) if group == "overall" or s == group]
+        out[group] = preference_metrics(margins[sel], p[sel]) if sel else None
+    return out

@@ -1,6 +1,8 @@
 """Pieces shared by the training loops we own (preference model, DPO, PPO): tokenising a prompt
 and a response with the response marked, padding, deterministic batch order, the optimiser and
 schedule, checkpoints that resume with the same data order and RNG state, and a metrics log.
+`preference_pairs` turns preference rows into chosen/rejected token sequences for the preference
+model and DPO.
 
 The loops themselves live in their stage files (`stages/pm.py`, `stages/dpo.py`, `stages/ppo.py`),
 each short enough to read top to bottom. Device placement and mixed precision go through
@@ -60,6 +62,33 @@ def encode_pair(tokenizer: Any, prompt: Sequence[Message], response: str, max_le
         p = p[-keep_p:]
         r = r[: max_length - len(p)]
     return p + r, len(p)
+
+
+def preference_pairs(tokenizer: Any, rows: Sequence[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
+    """Tokenise preference rows (see records.py) for the preference model and DPO: per row
+    `chosen`/`rejected` as (ids, response_start) from `encode_pair`, `p` = P(chosen is better) and
+    `source` (the label source). A malformed row is a ValueError naming its record and field."""
+    out = []
+    for n, row in enumerate(rows):
+        where = f"preference row {row.get('record_id', f'#{n}')}"
+        prompt = row.get("prompt")
+        if not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                           for m in prompt) and prompt[-1].get("role") == "user"):
+            raise ValueError(f"{where}: 'prompt' must be a list of {{role, content}} messages ending with a user turn")
+        texts = []
+        for key in ("chosen", "rejected"):
+            msgs = row.get(key)
+            if not (isinstance(msgs, list) and len(msgs) == 1 and isinstance(msgs[0], dict)
+                    and msgs[0].get("role") == "assistant" and isinstance(msgs[0].get("content"), str)):
+                raise ValueError(f"{where}: '{key}' must be one assistant message [{{role: assistant, content}}]")
+            texts.append(msgs[0]["content"])
+        p = row.get("p_chosen")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"{where}: 'p_chosen' must be a probability in [0, 1], got {p!r}")
+        out.append({"chosen": encode_pair(tokenizer, prompt, texts[0], max_length),
+                    "rejected": encode_pair(tokenizer, prompt, texts[1], max_length),
+                    "p": float(p), "source": row.get("label_source", "ai")})
+    return out
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, starts: Sequence[int] | None = None,
@@ -220,6 +249,20 @@ def load_checkpoint(path: Path, modules: dict[str, Any]) -> dict[str, Any]:
             obj.load_state_dict(torch.load(path / f"{name}.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return json.loads((path / "state.json").read_text())
+
+
+def resume(ckpt_dir: Path, modules: dict[str, Any], plan: str) -> tuple[int, Path | None]:
+    """Restore the newest checkpoint into `modules` if it was saved with `extra={"plan": plan}`
+    (a hash of what fixes the step sequence: config, seed, data) and return (its step, its path).
+    A checkpoint of another plan would continue a different schedule on different rows, so it is
+    removed and the run starts afresh: (0, None)."""
+    path = latest_checkpoint(ckpt_dir)
+    if path is None:
+        return 0, None
+    if json.loads((path / "state.json").read_text()).get("plan") != plan:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return 0, None
+    return int(load_checkpoint(path, modules)["step"]), path
 
 
 # ---- metrics --------------------------------------------------------------------------------

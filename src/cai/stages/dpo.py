@@ -1,0 +1,200 @@
+"""Stage `dpo`: direct preference optimisation of the SL-CAI model on the preference rows, the
+alternative to PM + PPO (`rl.method: dpo`).
+
+Policy and reference both start from `policy_dir` (the pipeline passes `<run>/sft/model`); the
+reference stays frozen, so its sequence log-probabilities are computed once before training. The
+loss is `soft_bt_loss(dpo_margin(...), target)` with target `p_chosen` when `rl.dpo.soft_labels`
+is on (an AI label of 0.7 pulls less hard than 1.0 and is satisfied by a finite margin) and 1
+otherwise. Rows with split "train" are trained on; rows with split "eval" are scored at the end with
+the implicit reward (accuracy, ECE, loss) for AI and human labels separately (`<run>/dpo/eval.json`).
+Checkpoints go to `<run>/dpo/checkpoints`; a stopped run resumes with the same data order and RNG
+state. Per-step loss, margin, reward accuracy and chosen/rejected implicit rewards are logged to
+`<run>/dpo/metrics.jsonl`; the model is saved as safetensors with its tokenizer in `<run>/dpo/model`.
+
+    cai run configs/quickstart.yaml rl.method=dpo --from dpo
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cai.config import DPOConfig, PipelineConfig, fingerprint, plain
+from cai.rundir import Stage, write_json
+from cai.stages.pm import row_counts, split_rows
+
+NAME = "dpo"
+
+
+def response_logps(model: Any, pairs: Sequence[dict[str, Any]], pad_id: int, device: Any) -> tuple[Any, Any]:
+    """Summed log-probabilities of the chosen and of the rejected responses of tokenised pairs
+    (`training.preference_pairs`), in one forward pass over both."""
+    from cai.training import pad_batch, sequence_logprob
+
+    seqs = [p["chosen"][0] for p in pairs] + [p["rejected"][0] for p in pairs]
+    starts = [p["chosen"][1] for p in pairs] + [p["rejected"][1] for p in pairs]
+    batch = {k: v.to(device) for k, v in pad_batch(seqs, pad_id, starts).items()}
+    lp = sequence_logprob(model, batch)
+    return lp[: len(pairs)], lp[len(pairs):]
+
+
+def dpo_loss(model: Any, pairs: Sequence[dict[str, Any]], ref_chosen: Any, ref_rejected: Any, beta: float,
+             soft_labels: bool, pad_id: int, device: Any) -> tuple[Any, dict[str, Any]]:
+    """The DPO loss of a batch of pairs against precomputed reference log-probabilities, and its
+    per-pair margin and implicit rewards (beta times the policy-to-reference log-ratio)."""
+    import torch
+
+    from cai.losses import dpo_margin, soft_bt_loss
+
+    pi_c, pi_r = response_logps(model, pairs, pad_id, device)
+    ref_c, ref_r = ref_chosen.to(pi_c.device), ref_rejected.to(pi_c.device)
+    margin = dpo_margin(pi_c, pi_r, ref_c, ref_r, beta)
+    target = torch.tensor([p["p"] if soft_labels else 1.0 for p in pairs], device=margin.device)
+    stats = {"margin": margin.detach(), "chosen_reward": beta * (pi_c - ref_c).detach(),
+             "rejected_reward": beta * (pi_r - ref_r).detach(), "target": target}
+    return soft_bt_loss(margin, target), stats
+
+
+def reference_logps(model: Any, pairs: Sequence[dict[str, Any]], batch_size: int, pad_id: int, acc: Any
+                    ) -> tuple[Any, Any]:
+    """Log-probabilities of every pair's responses under `model` as it is now (no gradients)."""
+    import torch
+
+    chosen, rejected = [], []
+    with torch.no_grad():
+        for k in range(0, len(pairs), batch_size):
+            with acc.autocast():
+                c, r = response_logps(model, pairs[k: k + batch_size], pad_id, acc.device)
+            chosen.append(c.float().cpu())
+            rejected.append(r.float().cpu())
+    if not chosen:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_dir: Path, seed: int = 0,
+          device: str = "auto", on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train the model in `policy_dir` with DPO on the rows with split "train" (reference: the same
+    model, frozen), evaluate the implicit reward on the rows with split "eval", save the model to
+    `out_dir/model` and the evaluation to `out_dir/eval.json`. `on_step(step, metrics)` is called
+    after each optimiser step (and its checkpoint). Returns steps, per-step log and evaluation."""
+    import torch
+    from tqdm import tqdm
+
+    from cai import training as T
+    from cai.losses import preference_report
+    from cai.models import load_model
+
+    train_rows, eval_rows = split_rows(rows, NAME)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    acc = T.accelerator(cfg.bf16, device)
+    # fp32 weights: bf16 comes from autocast, and tiny DPO updates would vanish in bf16 weights.
+    model, tok = load_model(policy_dir, "float32", str(acc.device))
+    # Dropout off throughout (eval mode still gives gradients): the policy's log-probs must match
+    # the reference's exactly at the start, or the margin starts from noise.
+    model.eval()
+    pad_id = tok.pad_token_id
+    pairs = T.preference_pairs(tok, train_rows, cfg.max_length)
+    held_out = T.preference_pairs(tok, eval_rows, cfg.max_length)
+    ref_c, ref_r = reference_logps(model, pairs + held_out, cfg.batch_size, pad_id, acc)
+
+    step_size = cfg.batch_size * cfg.grad_accum
+    steps = T.steps_for(len(pairs), step_size, cfg.epochs, cfg.max_steps, seed)
+    opt, sched = T.optimizer_and_schedule(model.parameters(), cfg.learning_rate, len(steps), cfg.warmup_ratio)
+    model, opt = acc.prepare(model, opt)
+    modules = {"model": model, "optimizer": opt, "scheduler": sched}
+    plan = fingerprint(cfg, seed, policy_id(policy_dir), [r.get("record_id") for r in train_rows])
+    start, resumed_from = T.resume(out_dir / "checkpoints", modules, plan)
+    log = T.MetricsLog(out_dir / "metrics.jsonl", cfg.report_to, run_name=f"{out_dir.parent.name}-dpo",
+                       config=plain(cfg))
+    log.truncate_after(start)
+
+    bar = tqdm(range(start, len(steps)), initial=start, total=len(steps), desc="dpo", leave=False)
+    for step in bar:
+        idx = steps[step]
+        opt.zero_grad(set_to_none=True)
+        total, parts = 0.0, []
+        for k in range(0, len(idx), cfg.batch_size):
+            micro = idx[k: k + cfg.batch_size]
+            with acc.autocast():
+                loss, stats = dpo_loss(model, [pairs[i] for i in micro], ref_c[micro], ref_r[micro], cfg.beta,
+                                       cfg.soft_labels, pad_id, acc.device)
+            # Weighted by the micro-batch's share so the step's gradient is the mean over its rows.
+            loss = loss * (len(micro) / len(idx))
+            acc.backward(loss)
+            total += loss.item()
+            parts.append(stats)
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        cat = {k: torch.cat([s[k] for s in parts]).float() for k in parts[0]}
+        metrics = {"loss": total, "margin": float(cat["margin"].mean()),
+                   "reward_accuracy": float(((cat["margin"] > 0).float() + 0.5 * (cat["margin"] == 0).float()).mean()),
+                   "chosen_reward": float(cat["chosen_reward"].mean()),
+                   "rejected_reward": float(cat["rejected_reward"].mean()),
+                   "target": float(cat["target"].mean()), "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0]}
+        log.log(step + 1, metrics)
+        bar.set_postfix(loss=f"{total:.4f}")
+        if (step + 1) % cfg.save_steps == 0 and step + 1 < len(steps):
+            T.save_checkpoint(out_dir / "checkpoints", step + 1, modules, {"plan": plan})
+        if on_step is not None:
+            on_step(step + 1, metrics)
+    bar.close()
+    log.close()
+
+    final = acc.unwrap_model(model)
+    report: dict[str, Any] = {"overall": None, "ai": None, "human": None}
+    if held_out:
+        n = len(pairs)
+        margins = []
+        with torch.no_grad():
+            for k in range(0, len(held_out), cfg.batch_size):
+                sel = slice(n + k, n + k + cfg.batch_size)
+                with acc.autocast():
+                    _, stats = dpo_loss(final, held_out[k: k + cfg.batch_size], ref_c[sel], ref_r[sel], cfg.beta,
+                                        cfg.soft_labels, pad_id, acc.device)
+                margins.append(stats["margin"].double().cpu())
+        report = preference_report(torch.cat(margins), torch.tensor([p["p"] for p in held_out]),
+                                   [p["source"] for p in held_out])
+    write_json(out_dir / "eval.json", report)
+    T.save_model(final, tok, out_dir / "model")
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the saved model supersedes them
+    losses = [r["loss"] for r in log.rows()]
+    return {"steps": len(steps), "log": log.rows(), "eval": report, "train_rows": len(train_rows),
+            "eval_rows": len(eval_rows), "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "resumed_from": str(resumed_from) if resumed_from else None, "bf16": acc.mixed_precision == "bf16"}
+
+
+def policy_id(policy_dir: str) -> str:
+    """A cheap identity of a model directory's weights (names, sizes and modification times), so a
+    retrained SL-CAI model is noticed without hashing gigabytes."""
+    from cai.models import resolve
+
+    root = Path(resolve(policy_dir))
+    h = hashlib.sha256()
+    for f in sorted(root.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def run(cfg: PipelineConfig, inputs: list[dict[str, Any]], inputs_fp: str, policy_dir: str,
+        allow_changed: bool = False) -> Stage:
+    settings = plain({"dpo": cfg.rl.dpo, "seed": cfg.seed, "inputs": inputs_fp,
+                      "policy": {"dir": str(policy_dir), "weights": policy_id(policy_dir)}})
+    stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
+    if stage.complete() and (stage.dir / "model" / "config.json").exists():
+        return stage
+    counts = row_counts(inputs, *split_rows(inputs, NAME))
+    stage.write_manifest("running", counts)
+    result = train(inputs, cfg.rl.dpo, policy_dir, stage.dir, seed=cfg.seed, device=cfg.model.device)
+    stage.write_manifest("complete", {**counts, "steps": result["steps"]},
+                         eval=result["eval"], first_loss=result["first_loss"], last_loss=result["last_loss"],
+                         model_dir=str(stage.dir / "model"), policy_dir=str(policy_dir),
+                         resumed_from=result["resumed_from"], bf16=result["bf16"])
+    return stage

@@ -1,0 +1,247 @@
+"""Stage `pm`: the preference model, a scalar head on a small LM trained on soft preference labels.
+
+Input rows are the `preferences` stage's (records.py, "Preference rows"): AI harmlessness labels
+with a soft `p_chosen` and human helpfulness labels with `p_chosen` = 1. The loss is the
+Bradley-Terry cross-entropy against `p_chosen` (`losses.soft_bt_loss`), so a 0.7 label asks for
+sigmoid(margin) = 0.7 instead of an ever larger margin. The score of a (prompt, response) pair is
+the head applied to the hidden state of the sequence's last real token, the response's end-of-turn
+token; it is read there by position, because this tokenizer's pad token is that same end-of-turn
+token and padding-based pooling would miss it.
+
+Rows with split "train" are trained on; rows with split "eval" are scored at the end for accuracy,
+calibration (ECE) and loss, for AI and human labels separately (`<run>/pm/eval.json`). Checkpoints
+go to `<run>/pm/checkpoints` and a stopped run resumes from the newest one with the same data order
+and RNG state. The model is saved as a standard transformers sequence-classification model
+(safetensors and tokenizer) in `<run>/pm/model`; `RewardModel` loads it for the PPO stage.
+
+    cai run configs/quickstart.yaml --from pm
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cai.config import PipelineConfig, PMConfig, fingerprint, plain
+from cai.rundir import Stage, StageError, write_json
+
+NAME = "pm"
+Message = dict[str, str]
+
+
+def last_token_scores(model: Any, input_ids: Any, attention_mask: Any) -> Any:
+    """The scalar head of a sequence-classification model applied to each row's last real token
+    (found from the attention mask, so rows may be padded on either side); float32, shape (B,)."""
+    import torch
+
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = (attention_mask * pos).argmax(-1)
+    picked = hidden[torch.arange(len(last), device=hidden.device), last]
+    return model.score(picked).squeeze(-1).float()
+
+
+class RewardModel:
+    """A trained preference model: one scalar per (prompt, response), higher is preferred."""
+
+    def __init__(self, model: Any, tokenizer: Any):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_dir(cls, path: str, device: str = "auto", dtype: str = "auto") -> RewardModel:
+        """Load a model saved by this stage (or any one-label sequence-classification model)."""
+        from transformers import AutoModelForSequenceClassification
+
+        from cai.models import ModelError, load_model
+
+        model, tok = load_model(path, dtype, device, model_class=AutoModelForSequenceClassification)
+        if model.config.num_labels != 1:
+            raise ModelError(f"{path}: not a preference model (num_labels={model.config.num_labels}, expected 1)")
+        return cls(model, tok)
+
+    def score_ids(self, seqs: Sequence[Sequence[int]], batch_size: int = 8) -> list[float]:
+        """Scores of already tokenised sequences, batched by length to keep padding small."""
+        import torch
+
+        from cai.training import pad_batch
+
+        device = next(self.model.parameters()).device
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        out = [0.0] * len(seqs)
+        with torch.no_grad():
+            for k in range(0, len(order), batch_size):
+                idx = order[k: k + batch_size]
+                batch = pad_batch([seqs[i] for i in idx], self.tokenizer.pad_token_id)
+                scores = last_token_scores(self.model, batch["input_ids"].to(device),
+                                           batch["attention_mask"].to(device))
+                for i, s in zip(idx, scores.tolist()):
+                    out[i] = s
+        return out
+
+    def score(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str], batch_size: int = 8,
+              max_length: int = 512) -> list[float]:
+        """The reward of each response to its prompt (a conversation ending with a user turn)."""
+        from cai.training import encode_pair
+
+        if len(prompts) != len(responses):
+            raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
+        seqs = [encode_pair(self.tokenizer, p, r, max_length)[0] for p, r in zip(prompts, responses)]
+        return self.score_ids(seqs, batch_size)
+
+
+def load_for_training(name: str, device: str = "auto") -> tuple[Any, Any]:
+    """(model, tokenizer): `name` with a fresh one-output head (fp32 weights; bf16 comes from autocast)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from cai.models import ModelError, pick_device, resolve
+
+    path = resolve(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
+                                                                   use_safetensors=True)
+    except OSError as e:
+        raise ModelError(f"{name}: could not load the model: {e}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        raise ModelError(f"{name}: the tokenizer has no chat template; use an instruct/chat model")
+    # Our scores never pool by pad token, but others loading the saved model with transformers do.
+    model.config.pad_token_id = tok.pad_token_id
+    return model.to(pick_device(device)), tok
+
+
+def split_rows(rows: Sequence[dict[str, Any]], stage: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows to train on (split "train") and to evaluate on (split "eval"), leaving out rows
+    whose `status` is not "ok" (abstained or failed AI feedback carries no label). A StageError
+    when nothing is left to train on."""
+    usable = [r for r in rows if r.get("status", "ok") == "ok"]
+    train_rows = [r for r in usable if r.get("split") == "train"]
+    if not train_rows:
+        raise StageError(f"{stage}: none of the {len(rows)} preference rows is usable for training (split 'train', "
+                         "status 'ok'); run the preferences stage first and check preferences.eval_fraction < 1")
+    return train_rows, [r for r in usable if r.get("split") == "eval"]
+
+
+def row_counts(rows: Sequence[dict[str, Any]], train_rows: Sequence[dict[str, Any]],
+               eval_rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Manifest counts of a preference-trained stage."""
+    counts = {"rows": len(rows), "skipped_rows": len(rows) - len(train_rows) - len(eval_rows),
+              "train_rows": len(train_rows), "eval_rows": len(eval_rows)}
+    for src in ("ai", "human"):
+        counts[f"eval_rows_{src}"] = sum(r.get("label_source") == src for r in eval_rows)
+    return counts
+
+
+def train(rows: Sequence[dict[str, Any]], cfg: PMConfig, out_dir: Path, seed: int = 0, device: str = "auto",
+          on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train on the rows with split "train", evaluate on those with split "eval", save the model to
+    `out_dir/model` and the evaluation to `out_dir/eval.json`. `on_step(step, metrics)` is called
+    after each optimiser step (and its checkpoint). Returns steps, per-step log and evaluation."""
+    import torch
+    from tqdm import tqdm
+
+    from cai import training as T
+    from cai.losses import soft_bt_loss
+
+    train_rows, eval_rows = split_rows(rows, NAME)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)  # the new head's initial weights
+    model, tok = load_for_training(cfg.model, device)
+    pairs = T.preference_pairs(tok, train_rows, cfg.max_length)
+    held_out = T.preference_pairs(tok, eval_rows, cfg.max_length)
+
+    acc = T.accelerator(cfg.bf16, device)
+    step_size = cfg.batch_size * cfg.grad_accum
+    steps = T.steps_for(len(pairs), step_size, cfg.epochs, cfg.max_steps, seed)
+    opt, sched = T.optimizer_and_schedule(model.parameters(), cfg.learning_rate, len(steps), cfg.warmup_ratio,
+                                          cfg.weight_decay)
+    model, opt = acc.prepare(model, opt)
+    modules = {"model": model, "optimizer": opt, "scheduler": sched}
+    plan = fingerprint(cfg, seed, [r.get("record_id") for r in train_rows])
+    start, resumed_from = T.resume(out_dir / "checkpoints", modules, plan)
+    log = T.MetricsLog(out_dir / "metrics.jsonl", cfg.report_to, run_name=f"{out_dir.parent.name}-pm", config=plain(cfg))
+    log.truncate_after(start)
+
+    # Dropout stays off (eval mode still gives gradients): scores in training then match the scores
+    # the saved model gives, and the margin's noise does not blur soft targets.
+    model.eval()
+    bar = tqdm(range(start, len(steps)), initial=start, total=len(steps), desc="pm", leave=False)
+    for step in bar:
+        idx = steps[step]
+        opt.zero_grad(set_to_none=True)
+        total, margins, targets = 0.0, [], []
+        for k in range(0, len(idx), cfg.batch_size):
+            micro = [pairs[i] for i in idx[k: k + cfg.batch_size]]
+            batch = T.pad_batch([m["chosen"][0] for m in micro] + [m["rejected"][0] for m in micro],
+                                tok.pad_token_id)
+            p = torch.tensor([m["p"] for m in micro], device=acc.device)
+            with acc.autocast():
+                scores = last_token_scores(model, batch["input_ids"].to(acc.device),
+                                           batch["attention_mask"].to(acc.device))
+            margin = scores[: len(micro)] - scores[len(micro):]
+            # Weighted by the micro-batch's share so the step's gradient is the mean over its rows.
+            loss = soft_bt_loss(margin, p) * (len(micro) / len(idx))
+            acc.backward(loss)
+            total += loss.item()
+            margins.append(margin.detach())
+            targets.append(p)
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        m_all = torch.cat(margins)
+        metrics = {"loss": total, "accuracy": float(((m_all > 0).float() + 0.5 * (m_all == 0).float()).mean()),
+                   "margin": float(m_all.mean()), "target": float(torch.cat(targets).mean()),
+                   "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0]}
+        log.log(step + 1, metrics)
+        bar.set_postfix(loss=f"{total:.4f}")
+        if (step + 1) % cfg.save_steps == 0 and step + 1 < len(steps):
+            T.save_checkpoint(out_dir / "checkpoints", step + 1, modules, {"plan": plan})
+        if on_step is not None:
+            on_step(step + 1, metrics)
+    bar.close()
+    log.close()
+
+    final = acc.unwrap_model(model)
+    report = evaluate(RewardModel(final, tok), held_out, cfg.batch_size)
+    write_json(out_dir / "eval.json", report)
+    T.save_model(final, tok, out_dir / "model")
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the saved model supersedes them
+    losses = [r["loss"] for r in log.rows()]
+    return {"steps": len(steps), "log": log.rows(), "eval": report, "train_rows": len(train_rows),
+            "eval_rows": len(eval_rows), "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "resumed_from": str(resumed_from) if resumed_from else None, "bf16": acc.mixed_precision == "bf16"}
+
+
+def evaluate(rm: RewardModel, pairs: Sequence[dict[str, Any]], batch_size: int = 8) -> dict[str, Any]:
+    """Accuracy, ECE, loss and mean margin on tokenised pairs (`training.preference_pairs`), overall
+    and for AI and human labels; a group without pairs is None."""
+    import torch
+
+    from cai.losses import preference_report
+
+    if not pairs:
+        return {"overall": None, "ai": None, "human": None}
+    scores = rm.score_ids([p["chosen"][0] for p in pairs] + [p["rejected"][0] for p in pairs], batch_size)
+    s = torch.tensor(scores, dtype=torch.float64)
+    margins = s[: len(pairs)] - s[len(pairs):]
+    return preference_report(margins, torch.tensor([p["p"] for p in pairs]), [p["source"] for p in pairs])
+
+
+def run(cfg: PipelineConfig, inputs: list[dict[str, Any]], inputs_fp: str, allow_changed: bool = False) -> Stage:
+    settings = plain({"pm": cfg.pm, "seed": cfg.seed, "inputs": inputs_fp})
+    stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
+    if stage.complete() and (stage.dir / "model" / "config.json").exists():
+        return stage
+    counts = row_counts(inputs, *split_rows(inputs, NAME))
+    stage.write_manifest("running", counts)
+    result = train(inputs, cfg.pm, stage.dir, seed=cfg.seed, device=cfg.model.device)
+    stage.write_manifest("complete", {**counts, "steps": result["steps"]},
+                         eval=result["eval"], first_loss=result["first_loss"], last_loss=result["last_loss"],
+                         model_dir=str(stage.dir / "model"), resumed_from=result["resumed_from"], bf16=result["bf16"])
+    return stage
