@@ -129,6 +129,7 @@ class PairsConfig:
     model: str = "sft"
     kinds: list[str] = field(default_factory=lambda: ["red_team"])
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=1.0, top_p=0.95, max_new_tokens=128))
+    set_aside_truncated: bool = False
     chunk_size: int = 32
 
 
@@ -206,6 +207,8 @@ class PPOConfig:
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
     reward_clip: float = 10.0
+    missing_eos_penalty: float = 0.0
+    max_grad_norm: float = 1.0
     response: Sampling = field(default_factory=lambda: Sampling(temperature=1.0, top_p=1.0, max_new_tokens=64))
     max_length: int = 512
     save_steps: int = 5
@@ -432,6 +435,16 @@ def validate(cfg: PipelineConfig, source: str = "config") -> None:
         (cfg.rl.ppo.kl_coef >= 0, "rl.ppo.kl_coef must be >= 0"),
         (cfg.rl.ppo.kl_target is None or cfg.rl.ppo.kl_target > 0, "rl.ppo.kl_target must be > 0 when set"),
         (0.0 <= cfg.rl.ppo.lam <= 1.0 and 0.0 < cfg.rl.ppo.gamma <= 1.0, "rl.ppo.gamma must be in (0, 1] and lam in [0, 1]"),
+        (cfg.rl.ppo.steps >= 1 and cfg.rl.ppo.ppo_epochs >= 1 and cfg.rl.ppo.save_steps >= 1,
+         "rl.ppo.steps, rl.ppo.ppo_epochs and rl.ppo.save_steps must be >= 1"),
+        (cfg.rl.ppo.learning_rate > 0 and cfg.rl.ppo.reward_clip > 0 and cfg.rl.ppo.max_grad_norm >= 0
+         and cfg.rl.ppo.missing_eos_penalty >= 0 and cfg.rl.ppo.kl_horizon >= 1,
+         "rl.ppo.learning_rate and reward_clip must be > 0, max_grad_norm and missing_eos_penalty >= 0, "
+         "kl_horizon >= 1"),
+        (cfg.rl.ppo.cliprange > 0 and cfg.rl.ppo.cliprange_value > 0 and cfg.rl.ppo.vf_coef >= 0,
+         "rl.ppo.cliprange and cliprange_value must be > 0, vf_coef >= 0"),
+        (cfg.rl.ppo.max_length > cfg.rl.ppo.response.max_new_tokens,
+         "rl.ppo.max_length must exceed rl.ppo.response.max_new_tokens"),
         (cfg.rl.dpo.beta > 0, "rl.dpo.beta must be > 0"),
         (cfg.rl.dpo.batch_size >= 1, "rl.dpo.batch_size must be >= 1"),
         (cfg.pm.grad_accum >= 1 and cfg.pm.save_steps >= 1 and cfg.pm.max_grad_norm > 0 and cfg.pm.epochs > 0,

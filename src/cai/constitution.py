@@ -36,6 +36,19 @@ import yaml
 SCHEMA = "cai.constitution/v1"
 CATEGORIES = ("harm", "honesty", "helpfulness", "meta")
 ROLES = ("system", "user", "assistant")
+# The feedback model's answer is scored as the option letter after ANSWER_PREFIX + "(".
+ANSWER_PREFIX = "The answer is: "
+COT_PREFIX = "Let's think step by step: "
+OPTION_LABELS = ("A", "B")
+_SPEAKER = {"system": "System", "user": "Human", "assistant": "Assistant"}
+_TAGS = ("<conversation>", "</conversation>", "<reply>", "</reply>")
+
+
+def _escape(text: str) -> str:
+    """Neutralise the prompt's delimiter tags inside quoted text (`<reply>` becomes `&lt;reply>`)."""
+    for tag in _TAGS:
+        text = text.replace(tag, "&lt;" + tag[1:])
+    return text
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -223,6 +236,55 @@ class Constitution:
         phrases += [e.critique_request for e in self.critique_examples if e.critique_request]
         phrases += [e.revision_request for e in self.critique_examples if e.revision_request]
         return phrases
+
+
+    # ---- prompts: RL-CAI feedback ---------------------------------------------------------
+
+    def choice_question(self, conversation: Sequence[Message], options: Sequence[str], instruction: str) -> str:
+        """The multiple-choice question: the conversation and the two replies inside delimiters, then
+        the principle's instruction. Delimiter tags inside any text are escaped, so a reply cannot
+        close its block and pose as the question or the answer."""
+        turns = "\n\n".join(f"{_SPEAKER[m['role']]}: {_escape(m['content'])}" for m in conversation)
+        opts = "\n".join(f"({label}) <reply>\n{_escape(text)}\n</reply>" for label, text in zip("AB", options))
+        return (f"Consider this conversation between a human and an AI assistant:\n\n"
+                f"<conversation>\n{turns}\n</conversation>\n\n"
+                f"{instruction}\n\nOptions:\n{opts}\n\n"
+                f"Answer with (A) or (B).")
+
+    def choice_few_shot(self, n: int, instruction: str, chain_of_thought: bool) -> Conversation:
+        """The first `n` worked feedback examples as chat turns. An example without a principle of
+        its own uses the instruction of the comparison being labelled."""
+        examples = self.cot_examples if chain_of_thought else self.preference_examples
+        msgs: Conversation = []
+        for ex in examples[:n]:
+            instr = self.preference_principle(ex.principle).instruction if ex.principle else instruction
+            answer = f"{ANSWER_PREFIX}({ex.answer})"
+            if chain_of_thought:
+                answer = f"{COT_PREFIX}{ex.reasoning}\n{answer}"
+            msgs += [{"role": "user", "content": self.choice_question(ex.conversation, ex.options, instr)},
+                     {"role": "assistant", "content": answer}]
+        return msgs
+
+    def choice_messages(self, conversation: Sequence[Message], options: Sequence[str], principle_id: str,
+                        few_shot: int, chain_of_thought: bool = False, reasoning: str | None = None) -> Conversation:
+        """The feedback prompt for one comparison under one principle, ending in an open assistant turn.
+
+        Without chain of thought it ends in `The answer is: (`, and the options to score are `A` and
+        `B`. With chain of thought and no `reasoning` yet it ends in `Let's think step by step:` for
+        the model to continue; given the model's `reasoning`, it ends in the answer prefix again.
+        """
+        if len(options) != 2:
+            raise ValueError("choice_messages: a comparison has exactly two options")
+        instruction = self.preference_principle(principle_id).instruction
+        head = [*self.choice_few_shot(few_shot, instruction, chain_of_thought),
+                {"role": "user", "content": self.choice_question(conversation, options, instruction)}]
+        if not chain_of_thought:
+            opening = ANSWER_PREFIX + "("
+        elif reasoning is None:
+            opening = COT_PREFIX.rstrip()
+        else:
+            opening = f"{COT_PREFIX}{reasoning.strip()}\n{ANSWER_PREFIX}("
+        return [*head, {"role": "assistant", "content": opening}]
 
 
 # ---- loading and validation ----------------------------------------------------------------

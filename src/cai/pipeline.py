@@ -3,6 +3,8 @@
     cai run configs/quickstart.yaml                     # everything
     cai run configs/quickstart.yaml --from sft          # only the fine-tune, from saved rows
     cai run configs/quickstart.yaml --to sl_export      # stop before training
+    cai run configs/quickstart.yaml --from pairs        # RL-CAI on a finished SL-CAI run
+    cai run configs/quickstart.yaml rl.method=dpo       # DPO instead of preference model + PPO
 
 Each stage reads the previous stage's rows from the run directory and is fingerprinted with their
 content hash, so changing an upstream input is noticed downstream.
@@ -10,6 +12,8 @@ content hash, so changing an upstream input is noticed downstream.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,9 @@ from cai.config import PipelineConfig, to_dict
 from cai.lm.base import LM, load_lm
 from cai.rundir import Stage, atomic_write
 
-STAGES = ("prompts", "sl_generate", "sl_export", "sft")
+STAGES = ("prompts", "sl_generate", "sl_export", "sft", "pairs", "feedback", "preferences", "pm", "ppo", "dpo")
+# Stages that only run under one RL method (`rl.method`); DPO needs no preference model.
+ONLY_FOR = {"pm": "ppo", "ppo": "ppo", "dpo": "dpo"}
 
 
 class PipelineError(RuntimeError):
@@ -37,48 +43,96 @@ def _previous(cfg: PipelineConfig, name: str) -> tuple[list[dict[str, Any]], str
     return st.rows(), st.content_hash()
 
 
-def select(start: str | None, stop: str | None) -> list[str]:
+def _trained(cfg: PipelineConfig, name: str) -> tuple[str, str]:
+    """The model folder and fingerprint of a finished training stage of this run."""
+    st = Stage.view(cfg.run_dir, name)
+    m = st.manifest()
+    model = st.dir / "model"
+    if not m or m.get("status") != "complete" or not (model / "config.json").exists():
+        raise PipelineError(f"stage '{name}' has no finished model in {cfg.run_dir}; run it first (drop --from)")
+    return str(model), m["fingerprint"]
+
+
+def policy_model(cfg: PipelineConfig, name: str) -> tuple[str, str]:
+    """(model name or folder, fingerprint) for a stage's `model` setting: `sft` is this run's
+    SL-CAI model; anything else is a model name used as it is."""
+    return _trained(cfg, "sft") if name == "sft" else (name, name)
+
+
+def select(start: str | None, stop: str | None, method: str = "ppo") -> list[str]:
     for s in (start, stop):
         if s is not None and s not in STAGES:
             raise PipelineError(f"unknown stage '{s}'; stages are: {', '.join(STAGES)}")
+        if s is not None and ONLY_FOR.get(s, method) != method:
+            raise PipelineError(f"stage '{s}' does not run with rl.method={method}")
     i = STAGES.index(start) if start else 0
     j = STAGES.index(stop) if stop else len(STAGES) - 1
     if i > j:
         raise PipelineError(f"--from {start} comes after --to {stop}")
-    return list(STAGES[i : j + 1])
+    return [s for s in STAGES[i : j + 1] if ONLY_FOR.get(s, method) == method]
 
 
 def run(cfg: PipelineConfig, start: str | None = None, stop: str | None = None, allow_changed: bool = False,
         lm_factory: Callable[[], LM] | None = None, on_chunk: Callable[[int], None] | None = None) -> dict[str, Stage]:
-    """Run the selected stages in order; returns each stage's folder."""
-    from cai.stages import prompts, sft, sl_export, sl_generate
-
-    names = select(start, stop)
+    """Run the selected stages in order; returns each stage's folder. `lm_factory`, when given,
+    builds the model for every generating stage (tests use a scripted one)."""
+    names = select(start, stop, cfg.rl.method)
     constitution = constitution_mod.load(cfg.constitution)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     constitution.save(run_dir / "constitution.yaml")
-    lm_cache: list[LM] = []
+    held: dict[str, LM] = {}
 
-    def get_lm() -> LM:
-        if not lm_cache:
-            lm_cache.append(lm_factory() if lm_factory else load_lm(cfg.model))
-        return lm_cache[0]
+    def lm_for(name: str) -> Callable[[], LM]:
+        """A factory for the back-end over model `name`; one model is held at a time."""
+        def make() -> LM:
+            if name not in held:
+                held.clear()
+                held[name] = lm_factory() if lm_factory else load_lm(dataclasses.replace(cfg.model, name=name))
+            return held[name]
+        return make
 
     done: dict[str, Stage] = {}
     for name in names:
+        stage = importlib.import_module(f"cai.stages.{name}")  # late: training stages import torch
         if name == "prompts":
-            done[name] = prompts.run(cfg, allow_changed)
+            done[name] = stage.run(cfg, allow_changed)
         elif name == "sl_generate":
             rows, fp = _previous(cfg, "prompts")
-            done[name] = sl_generate.run(cfg, get_lm, constitution, rows, fp, allow_changed, on_chunk)
+            done[name] = stage.run(cfg, lm_for(cfg.model.name), constitution, rows, fp, allow_changed, on_chunk)
         elif name == "sl_export":
             rows, fp = _previous(cfg, "sl_generate")
-            done[name] = sl_export.run(cfg, rows, fp, allow_changed)
+            done[name] = stage.run(cfg, rows, fp, allow_changed)
         elif name == "sft":
-            lm_cache.clear()  # free the inference model before training
+            held.clear()  # free the inference model before training
             rows, fp = _previous(cfg, "sl_export")
-            done[name] = sft.run(cfg, rows, fp, allow_changed)
+            done[name] = stage.run(cfg, rows, fp, allow_changed)
+        elif name == "pairs":
+            rows, fp = _previous(cfg, "prompts")
+            model, model_fp = policy_model(cfg, cfg.pairs.model)
+            done[name] = stage.run(cfg, lm_for(model), rows, fp, model_fp, allow_changed)
+        elif name == "feedback":
+            rows, fp = _previous(cfg, "pairs")
+            model, _ = policy_model(cfg, cfg.feedback.model)
+            done[name] = stage.run(cfg, lm_for(model), constitution, rows, fp, allow_changed)
+        elif name == "preferences":
+            rows, fp = _previous(cfg, "feedback")
+            done[name] = stage.run(cfg, rows, fp, allow_changed)
+        elif name == "pm":
+            held.clear()
+            rows, fp = _previous(cfg, "preferences")
+            done[name] = stage.run(cfg, rows, fp, allow_changed)
+        elif name == "ppo":
+            held.clear()
+            rows, fp = _previous(cfg, "prompts")
+            policy, policy_fp = policy_model(cfg, "sft")
+            reward, reward_fp = _trained(cfg, "pm")
+            done[name] = stage.run(cfg, rows, f"{fp}:{policy_fp}:{reward_fp}", policy, reward, allow_changed)
+        elif name == "dpo":
+            held.clear()
+            rows, fp = _previous(cfg, "preferences")
+            policy, policy_fp = policy_model(cfg, "sft")
+            done[name] = stage.run(cfg, rows, f"{fp}:{policy_fp}", policy, allow_changed)
         # The resolved config is saved once a stage has accepted it.
         atomic_write(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return done

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from cai.templating import encode_chat
+
 Message = dict[str, str]
 
 
@@ -29,8 +31,7 @@ Message = dict[str, str]
 
 def encode_prompt(tokenizer: Any, prompt: Sequence[Message]) -> list[int]:
     """The prompt conversation templated with the generation prompt (where the answer starts)."""
-    text = tokenizer.apply_chat_template([dict(m) for m in prompt], tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return encode_chat(tokenizer, prompt, add_generation_prompt=True)
 
 
 def encode_response(tokenizer: Any, prompt: Sequence[Message], response: str) -> list[int]:
@@ -40,16 +41,14 @@ def encode_response(tokenizer: Any, prompt: Sequence[Message], response: str) ->
     earlier text (some strip reasoning), fall back to the response plus the EOS token.
     """
     p_ids = encode_prompt(tokenizer, prompt)
-    full_text = tokenizer.apply_chat_template([*map(dict, prompt), {"role": "assistant", "content": response}],
-                                              tokenize=False)
-    full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+    full = encode_chat(tokenizer, [*map(dict, prompt), {"role": "assistant", "content": response}])
     if full[: len(p_ids)] == p_ids:
         tail = full[len(p_ids):]
         # Drop whitespace the template puts after the end-of-turn token: it is not the model's.
         while tail and tokenizer.decode(tail[-1:]).strip() == "" and tail[-1] not in (tokenizer.eos_token_id,):
             tail = tail[:-1]
         return tail
-    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return tokenizer(response, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
 
 
 def encode_pair(tokenizer: Any, prompt: Sequence[Message], response: str, max_length: int) -> tuple[list[int], int]:

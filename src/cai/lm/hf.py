@@ -32,6 +32,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from cai.config import ModelConfig, Sampling
 from cai.lm.base import Completion, Message
 from cai.models import load_model
+from cai.templating import encode_chat
 
 ATTN_NAME = "cai_prefix"
 # The shared prefix's per-layer (key, value), each (1, kv_heads, P, head_dim), while a batch runs.
@@ -188,12 +189,9 @@ class HFModel:
     def encode(self, conversation: Sequence[Message]) -> list[int]:
         """Template a conversation. If it ends with an assistant message, that message is left open
         to be continued (used for option scoring); otherwise a generation prompt is added."""
-        conv = [dict(m) for m in conversation]
-        cont = bool(conv) and conv[-1]["role"] == "assistant"
-        text = self.tokenizer.apply_chat_template(
-            conv, tokenize=False, add_generation_prompt=not cont, continue_final_message=cont
-        )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        cont = bool(conversation) and conversation[-1]["role"] == "assistant"
+        # Message text is tokenised as text: special-token strings inside it cannot forge a turn.
+        return encode_chat(self.tokenizer, conversation, add_generation_prompt=not cont, continue_final_message=cont)
 
     # ---- the shared prefix ----------------------------------------------------------------
 

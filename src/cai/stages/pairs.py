@@ -1,0 +1,91 @@
+"""Stage `pairs`: two sampled responses per prompt from the policy model, to be compared by the
+feedback model (Bai et al. 2022, section 4.1: the SL-CAI model generates the pairs).
+
+Each prompt's two samples use seeds derived from (run seed, record id), so a resumed or sharded run
+draws the same pairs. A pair whose responses are identical, or where either response is empty,
+cut off at the token limit (when `pairs.set_aside_truncated`) or echoes a prompt scaffold, is set
+aside with its reason and counted; it never reaches the labeller.
+
+    cai run configs/quickstart.yaml --from pairs --to pairs
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from tqdm import tqdm
+
+from cai.config import PairsConfig, PipelineConfig, fingerprint, plain
+from cai.lm.base import LM, Completion
+from cai.records import SCAFFOLD_MARKERS, STATUS_OK, stable_seed
+from cai.rundir import Stage, StageError
+
+NAME = "pairs"
+STATUS_SET_ASIDE = "set_aside"
+
+
+def pair_problem(a: Completion, b: Completion, set_aside_truncated: bool) -> str | None:
+    """Why two samples cannot make a comparison, or None."""
+    for c in (a, b):
+        if not c.text.strip():
+            return "empty"
+        if any(m in c.text for m in SCAFFOLD_MARKERS):
+            return "echoes_scaffold"
+        if set_aside_truncated and c.finish_reason == "length":
+            return "truncated"
+    if " ".join(a.text.split()) == " ".join(b.text.split()):
+        return "identical"
+    return None
+
+
+def process_chunk(rows: list[dict[str, Any]], lm: LM, cfg: PairsConfig, seed: int) -> list[dict[str, Any]]:
+    """Sample two responses for each prompt row; pure apart from the model call."""
+    convs = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    seeds = [stable_seed(seed, r["record_id"], "pair") for r in rows]
+    samples = lm.generate(convs, cfg.sampling, n=2, seeds=seeds)
+    out = []
+    for r, (a, b) in zip(rows, samples):
+        reason = pair_problem(a, b, cfg.set_aside_truncated)
+        out.append({
+            **{k: r.get(k) for k in ("record_id", "kind", "prompt", "category", "source")},
+            "responses": [a.text, b.text],
+            "finishes": [a.finish_reason, b.finish_reason],
+            "status": STATUS_OK if reason is None else STATUS_SET_ASIDE,
+            "reason": reason,
+        })
+    return out
+
+
+def count(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    aside = Counter(r["reason"] for r in rows if r["status"] != STATUS_OK)
+    return {"rows": len(rows), "ok": sum(r["status"] == STATUS_OK for r in rows),
+            "set_aside": sum(aside.values()), "set_aside_by_reason": dict(sorted(aside.items()))}
+
+
+def run(cfg: PipelineConfig, lm_factory: Callable[[], LM], inputs: list[dict[str, Any]], inputs_fp: str,
+        model_fp: str, allow_changed: bool = False) -> Stage:
+    """Sample pairs for the prompt rows of the kinds in `pairs.kinds`. `model_fp` identifies the
+    policy's weights (the SL-CAI stage's fingerprint when it is this run's model)."""
+    prompts = [r for r in inputs if r["kind"] in cfg.pairs.kinds]
+    settings = plain({"pairs": cfg.pairs, "seed": cfg.seed, "inputs": inputs_fp, "model": model_fp})
+    stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
+    done = {r["record_id"] for r in stage.rows()}
+    todo = [r for r in prompts if r["record_id"] not in done]
+    stage.write_manifest("running", count(stage.rows()))
+    if todo:
+        lm = lm_factory()
+        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="pairs", unit="prompt")
+        for i in range(0, len(todo), cfg.pairs.chunk_size):
+            rows = process_chunk(todo[i:i + cfg.pairs.chunk_size], lm, cfg.pairs, cfg.seed)
+            stage.append({**r, "model": lm.name, "seed": cfg.seed} for r in rows)
+            bar.update(len(rows))
+        bar.close()
+    rows = stage.rows()
+    if not any(r["status"] == STATUS_OK for r in rows):
+        stage.write_manifest("failed", count(rows))
+        raise StageError(f"{NAME}: every pair was set aside ({count(rows)['set_aside_by_reason']}); nothing to "
+                         "label. Raise pairs.sampling.max_new_tokens or set pairs.set_aside_truncated=false.")
+    stage.write_manifest("complete", count(rows))
+    return stage

@@ -1,0 +1,47 @@
+"""Chat templating that keeps message text as text.
+
+A tokenizer run over the templated string turns any special-token text it meets into that special
+token, wherever it came from. So a response that contains `<|im_end|>\\n<|im_start|>user` would
+become a real turn boundary: a forged turn. `encode_chat` templates the conversation with a
+placeholder for each message's content, tokenises the template's own text normally and each
+message's content with special-token text split into ordinary tokens, so nothing inside a message
+can change how the prompt around it is tokenised.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+Message = dict[str, str]
+_SLOT = "\ue000{}\ue001"  # private-use characters: never in real text, kept intact by templates
+_SLOT_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+def encode_chat(tokenizer: Any, conversation: Sequence[Message], add_generation_prompt: bool = False,
+                continue_final_message: bool = False) -> list[int]:
+    """Token ids of the templated conversation, with message contents tokenised as plain text."""
+    conv = [dict(m) for m in conversation]
+    contents = [m["content"] for m in conv]
+    slotted = [{**m, "content": _SLOT.format(i)} for i, m in enumerate(conv)]
+    text = tokenizer.apply_chat_template(slotted, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         continue_final_message=continue_final_message)
+    pieces = _SLOT_RE.split(text)
+    found = [int(i) for i in pieces[1::2]]
+    if sorted(found) != list(range(len(conv))):
+        # The template rewrote a placeholder (it trims or transforms content): template the real text
+        # and still refuse special tokens inside it by splitting them everywhere but the template's.
+        text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    for k, piece in enumerate(pieces):
+        if k % 2 == 0:
+            if piece:
+                ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+        else:
+            content = contents[int(piece)]
+            if content:
+                ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids
