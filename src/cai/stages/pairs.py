@@ -86,6 +86,7 @@ def run(cfg: PipelineConfig, lm_factory: Callable[[], LM], inputs: list[dict[str
     if not any(r["status"] == STATUS_OK for r in rows):
         stage.write_manifest("failed", count(rows))
         raise StageError(f"{NAME}: every pair was set aside ({count(rows)['set_aside_by_reason']}); nothing to "
-                         "label. Raise pairs.sampling.max_new_tokens or set pairs.set_aside_truncated=false.")
+                         "label. For 'identical', raise pairs.sampling.temperature; for 'truncated', raise "
+                         "pairs.sampling.max_new_tokens or set pairs.set_aside_truncated=false.")
     stage.write_manifest("complete", count(rows))
     return stage
