@@ -24,7 +24,7 @@ def test_from_a_stage_whose_input_is_missing(capsys, tmp_path):
 
 
 def test_unknown_stage(capsys, tmp_path):
-    assert main(["run", f"run_dir={tmp_path}", "--to", "ppo"]) == 2
+    assert main(["run", f"run_dir={tmp_path}", "--to", "rlhf"]) == 2
     assert "sl_generate" in capsys.readouterr().err
 
 
