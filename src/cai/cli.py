@@ -5,6 +5,7 @@
     cai constitution validate|show|diff|convert ...
     cai chat MODEL [-p PROMPT]
     cai model fetch smollm2-135m
+    cai eval labeller FILE [FILE ...] --model smollm2-135m [--limit N]
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from cai.config import ConfigError, load_config
+from cai.config import ConfigError, FeedbackConfig, ModelConfig, load_config
 from cai.constitution import ConstitutionError
 
 
@@ -182,6 +183,34 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- eval ----------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from cai.config import PipelineConfig, validate
+    from cai.constitution import load as load_constitution
+    from cai.evals import labeller
+    from cai.lm.base import load_lm
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be >= 1")
+    fb = FeedbackConfig(model=args.model, principles=args.principles, few_shot=args.few_shot,
+                        chain_of_thought=args.chain_of_thought, min_option_mass=args.min_mass)
+    mc = ModelConfig(name=args.model, batch_size=args.batch_size)
+    validate(PipelineConfig(model=mc, feedback=fb), "cai eval labeller")
+    constitution = load_constitution(args.constitution)
+    labeller.check_principles(constitution, args.principle)
+    # Every file is read (and any error reported) before the model loads.
+    sources = [s for path in args.files for s in labeller.read(path, args.format, args.seed, args.limit)]
+    if not any(s.items for s in sources):
+        raise ValueError(f"no usable items in {', '.join(args.files)}")
+    report = labeller.run(sources, load_lm(mc), constitution, fb, args.seed, args.principle, args.out)
+    print(labeller.table(report))
+    if args.out:
+        print(f"\nwrote {args.out} and {report['items_path']}")
+    return 0
+
+
 # ---- parser --------------------------------------------------------------------------------
 
 
@@ -233,6 +262,30 @@ def build_parser() -> argparse.ArgumentParser:
     f = msub.add_parser("fetch")
     f.add_argument("name", nargs="?", default="smollm2-135m")
     m.set_defaults(func=cmd_model)
+
+    e = sub.add_parser("eval", help="evaluate models")
+    esub = e.add_subparsers(dest="action", required=True)
+    el = esub.add_parser("labeller", help="score a feedback model on multiple-choice comparison files: accuracy, "
+                                          "agreement between the two orders, calibration")
+    el.add_argument("files", nargs="+", metavar="FILE",
+                    help="hh-rlhf pairs (JSONL[.gz]), BIG-bench hhh task.json files or folders, or the "
+                         "paper's prompt/corrects/incorrects JSONL")
+    el.add_argument("--model", default="smollm2-135m", help="feedback model: a name, a directory or a hub id")
+    el.add_argument("--format", default="auto", choices=["auto", "hh", "hhh", "paper"])
+    el.add_argument("--limit", type=int, help="items per file")
+    el.add_argument("--seed", type=int, default=0, help="slot placement and principle draws")
+    el.add_argument("--constitution", default="default")
+    el.add_argument("--principle", action="append", metavar="ID",
+                    help="use this preference principle for every item (repeat for an ensemble); "
+                         "default: drawn per item")
+    el.add_argument("--principles", type=int, default=FeedbackConfig().principles, help="principles drawn per item")
+    el.add_argument("--few-shot", type=int, default=FeedbackConfig().few_shot, help="worked examples before each question")
+    el.add_argument("--chain-of-thought", action="store_true")
+    el.add_argument("--min-mass", type=float, default=FeedbackConfig().min_option_mass,
+                    help="abstain when the options hold less probability than this")
+    el.add_argument("--batch-size", type=int, default=ModelConfig().batch_size)
+    el.add_argument("--out", help="write the report here as JSON, and the per-item rows beside it")
+    e.set_defaults(func=cmd_eval)
     return p
 
 

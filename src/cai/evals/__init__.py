@@ -1,0 +1,4 @@
+"""Evaluations: measurements of the models a pipeline uses or produces, separate from the stages.
+
+- `labeller`: how well a feedback model labels multiple-choice comparisons (`cai eval labeller`).
+"""
