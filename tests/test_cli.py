@@ -60,3 +60,11 @@ def test_nothing_left_to_train_on_is_a_stage_error_not_a_crash(tmp_path, scripte
     cut = scripted(lambda conv, seed: Completion("cut off mid", "length", 128))
     with pytest.raises(StageError, match="truncated"):
         pipeline.run(cfg, stop="sl_export", lm_factory=lambda: cut)
+
+
+def test_overrides_may_follow_the_flags(tmp_path):
+    assert main(["run", f"run_dir={tmp_path / 'r'}", "--to", "prompts", "prompts.red_team.0.limit=2",
+                 "prompts.helpful.0.limit=1"]) == 0
+    from cai.rundir import Stage
+
+    assert Stage.view(tmp_path / "r", "prompts").manifest()["counts"]["red_team"] == 2

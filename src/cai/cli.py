@@ -290,7 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `cai run CONFIG --from pm rl.method=dpo`: overrides may come after the flags too.
+    if extra and args.command == "run" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from cai.models import ModelError
     from cai.pipeline import PipelineError
     from cai.rundir import ResumeError, StageError
