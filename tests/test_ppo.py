@@ -171,25 +171,29 @@ def test_kill_and_resume_repeats_the_uninterrupted_run(policy_dir, tmp_path):
             assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-9), (a["step"], k)
 
 
-def test_run_writes_the_manifest_and_skips_a_finished_stage(policy_dir, tmp_path, monkeypatch):
-    calls = []
+def test_run_writes_the_manifest_and_skips_a_finished_stage(policy_dir, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    def fake_reward(reward_dir, device="auto", max_length=512):
-        calls.append(reward_dir)
-        return short_is_better
+    # An untrained one-output preference model, loaded back by `cai.stages.pm.RewardModel`.
+    pm_dir = tmp_path / "pm"
+    pm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, dtype=torch.float32)
+    pm.config.pad_token_id = pm.config.eos_token_id
+    pm.save_pretrained(pm_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(pm_dir)
 
-    monkeypatch.setattr(ppo, "load_reward", fake_reward)
     cfg = PipelineConfig(run_dir=str(tmp_path / "run"), model=ModelConfig(device="cpu"),
                          rl=RLConfig(ppo=dataclasses.replace(CFG, steps=2, batch_size=4, save_steps=1)))
     rows = [{"record_id": f"p{i}", "kind": "red_team", "prompt": q} for i, q in enumerate(QUESTIONS)]
-    stage = ppo.run(cfg, rows, "fp-1", policy_dir, "pm-dir")
+    stage = ppo.run(cfg, rows, "fp-1", policy_dir, str(pm_dir))
     m = stage.manifest()
     assert m["status"] == "complete" and m["counts"]["steps"] == 2 and m["counts"]["prompts"] == len(rows)
-    assert m["counts"]["first_reward"] <= 0 and m["counts"]["last_kl"] is not None
+    assert m["counts"]["first_reward"] == json.loads((stage.dir / "metrics.jsonl").read_text().splitlines()[0])["reward"]
+    assert math.isfinite(m["counts"]["last_kl"])
     assert (stage.dir / "model" / "config.json").exists() and not (stage.dir / "checkpoints").exists()
-    assert calls == ["pm-dir"]
-    ppo.run(cfg, rows, "fp-1", policy_dir, "pm-dir")
-    assert calls == ["pm-dir"]  # finished: not trained again
+    weights = stage.dir / "model" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    ppo.run(cfg, rows, "fp-1", policy_dir, str(pm_dir))
+    assert weights.stat().st_mtime_ns == before  # finished: not trained again
 
 
 def test_bad_reward_function_is_a_clear_error(policy_dir, tmp_path):
@@ -209,3 +213,13 @@ def test_sampler_keeps_to_the_nucleus():
     counts = torch.bincount(picks, minlength=4).float() / len(picks)
     assert torch.allclose(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04)
     assert ppo.sample_tokens(logits[:1], 0.0, 1.0, gen).tolist() == [0]
+
+
+def test_missing_eos_penalty_lowers_the_return_of_truncated_answers(policy_dir, tmp_path):
+    one = dataclasses.replace(CFG, steps=1)
+    plain = ppo.train(policy_dir, PROMPTS, short_is_better, one, tmp_path / "a", device="cpu")["metrics"][0]
+    fined = ppo.train(policy_dir, PROMPTS, short_is_better, dataclasses.replace(one, missing_eos_penalty=1.0),
+                      tmp_path / "b", device="cpu")["metrics"][0]
+    assert 0 < plain["truncated"] < 1 and fined["truncated"] == plain["truncated"]  # the same rollout
+    assert fined["reward"] == plain["reward"]  # the logged reward is the preference score itself
+    assert fined["return"] < plain["return"]
