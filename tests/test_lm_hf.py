@@ -45,8 +45,10 @@ def test_score_options_matches_a_direct_forward_pass(lm32):
         [*shots, {"role": "user", "content": "Is the sky green? Answer (A) yes or (B) no."},
          {"role": "assistant", "content": "The answer is:"}],
         [{"role": "user", "content": "Say A or B."}],
+        [*shots, {"role": "user", "content": "Which reply is kinder, (A) or (B)?"},
+         {"role": "assistant", "content": "The answer is: ("}],  # one-token options: one pass per context
     ]
-    options = [[" (A)", " (B)"], [" (A) yes", " (B) no, it is blue"], ["A", "B"]]
+    options = [[" (A)", " (B)"], [" (A) yes", " (B) no, it is blue"], ["A", "B"], ["A", "B"]]
     got = lm32.score_options(contexts, options)
     for ctx, opts, scores in zip(contexts, options, got):
         for opt, s in zip(opts, scores):

@@ -432,14 +432,26 @@ class HFModel:
         if len(contexts) != len(options):
             raise ValueError("score_options: need one list of options per context")
         items = []  # (context index, option index, context ids, option ids)
+        scores: list[list[float]] = [[0.0] * len(o) for o in options]
+        single: list[tuple[int, list[int], list[int]]] = []  # contexts whose options are one token each
         for ci, (ctx, opts) in enumerate(zip(contexts, options)):
             cids = self.encode(ctx)
-            for oi, opt in enumerate(opts):
-                oids = self.tokenizer(opt, add_special_tokens=False)["input_ids"]
+            oids_all = [self.tokenizer(opt, add_special_tokens=False)["input_ids"] for opt in opts]
+            for oi, oids in enumerate(oids_all):
                 if not oids:
                     raise ValueError(f"score_options: option {oi} of context {ci} is empty")
-                items.append((ci, oi, cids, oids))
-        scores: list[list[float]] = [[0.0] * len(o) for o in options]
+            if oids_all and all(len(o) == 1 for o in oids_all):
+                # One pass serves every option: they are all read off the context's last logits.
+                single.append((ci, cids, [o[0] for o in oids_all]))
+            else:
+                items.extend((ci, oi, cids, oids) for oi, oids in enumerate(oids_all))
+        order = sorted(range(len(single)), key=lambda k: (len(single[k][1]), k))
+        for batch in self._batches(order):
+            logits, *_ = self._prefill([single[k][1] for k in batch], keep=1)
+            logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
+            for slot, k in enumerate(batch):
+                ci, _, toks = single[k]
+                scores[ci] = [float(logp[slot, t]) for t in toks]
         order = sorted(range(len(items)), key=lambda k: (len(items[k][2]), k))
         for batch in self._batches(order):
             rows = [items[k][2] + items[k][3] for k in batch]
