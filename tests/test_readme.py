@@ -74,14 +74,20 @@ def _quickstart(tmp_path, model_dir, *extra) -> subprocess.CompletedProcess:
 def test_quickstart_script_runs_end_to_end_small(tmp_path, model_dir):
     proc = _quickstart(tmp_path, model_dir, "prompts.red_team.0.limit=3", "sl.helpful_fraction=0.5", "sl.rounds=1",
                        "sl.few_shot=1", "sl.response.max_new_tokens=160", "sl.critique.max_new_tokens=48",
-                       "sl.revision.max_new_tokens=160", "sft.max_steps=2", "sft.batch_size=2")
+                       "sl.revision.max_new_tokens=160", "sft.max_steps=2", "sft.batch_size=2",
+                       "pairs.sampling.max_new_tokens=16", "feedback.few_shot=1", "pm.max_steps=2", "pm.batch_size=2",
+                       "rl.ppo.steps=2", "rl.ppo.batch_size=2", "rl.ppo.mini_batch_size=2",
+                       "rl.ppo.response.max_new_tokens=8")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "qs" / "sft" / "model" / "model.safetensors").exists()
-    assert "== sl_generate: complete" in proc.stdout
+    for stage in ("sft", "pm", "ppo"):
+        assert (tmp_path / "qs" / stage / "model" / "model.safetensors").exists()
+    for stage in ("sl_generate", "pairs", "feedback", "preferences", "pm", "ppo"):
+        assert f"== {stage}: complete" in proc.stdout
 
 
 @pytest.mark.slow
 def test_quickstart_script_whole(tmp_path, model_dir):
     proc = _quickstart(tmp_path, model_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "qs" / "sft" / "model" / "model.safetensors").exists()
+    for stage in ("sft", "pm", "ppo"):
+        assert (tmp_path / "qs" / stage / "model" / "model.safetensors").exists()

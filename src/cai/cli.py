@@ -49,7 +49,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _sample(stage: str, row: dict[str, Any]) -> list[str]:
     lines = []
     if "prompt" in row:
-        lines.append(f"prompt:   {_short(row['prompt'])}")
+        prompt = row["prompt"]
+        if isinstance(prompt, list):  # conversational: show the last human turn
+            prompt = prompt[-1]["content"] if prompt else ""
+        lines.append(f"prompt:   {_short(prompt)}")
     if stage == "sl_generate":
         lines.append(f"initial:  {_short(row.get('init_response', ''))}")
         for rd in row.get("rounds", []):
@@ -58,6 +61,20 @@ def _sample(stage: str, row: dict[str, Any]) -> list[str]:
             lines.append(f"  critique: {_short(rd['critique'])}")
             lines.append(f"  revision: {_short(rd['revision'])}")
         lines.append(f"status:   {row.get('status')}" + (f" ({row['reason']})" if row.get("reason") else ""))
+    elif stage == "pairs":
+        for k, (text, finish) in enumerate(zip(row["responses"], row.get("finishes", ["", ""]))):
+            lines.append(f"sample {k + 1}: {_short(text)}" + ("  [cut off]" if finish == "length" else ""))
+        if row.get("status") != "ok":
+            lines.append(f"set aside: {row.get('reason')}")
+    elif "chosen" in row:
+        p = row.get("p_chosen")
+        label = f"{row.get('label_source', '?')} label, P(chosen better) = {p:.3f}" if p is not None else \
+            f"no label: {row.get('status')} ({row.get('reason')})"
+        if row.get("principle_ids"):
+            label += f", principle {', '.join(row['principle_ids'])}"
+        lines.append(label)
+        lines.append(f"chosen:   {_short(row['chosen'][-1]['content'])}")
+        lines.append(f"rejected: {_short(row['rejected'][-1]['content'])}")
     elif "messages" in row:
         lines.append(f"answer:   {_short(row['messages'][-1]['content'])}")
     return lines
@@ -86,6 +103,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         for k in ("constitution_hash", "model_dir"):
             if k in m:
                 print(f"   {k}: {m[k]}")
+        for kind, ev in (m.get("eval") or {}).items():  # held-out figures of a trained model
+            if ev:
+                print(f"   eval {kind}: " + ", ".join(f"{a} {b:.3f}" if isinstance(b, float) else f"{a} {b}"
+                                                     for a, b in ev.items()))
         rows = st.rows() if st.rows_path.exists() else []
         for row in rows[: args.rows]:
             print(f"   -- {row.get('record_id')} ({row.get('kind', '')})")
