@@ -32,8 +32,13 @@ Preference rows (stages `feedback` and `preferences`), TRL's conversational pref
 from __future__ import annotations
 
 import difflib
+import gzip
 import hashlib
+import json
 import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
 
 from cai.lm.base import Completion
 
@@ -119,3 +124,29 @@ def hh_pair(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str]
     if c[:-1] != r[:-1] or not c[:-1] or c[-2]["role"] != "user":
         return None
     return c[:-1], c[-1]["content"], r[-1]["content"]
+
+
+def open_text(path: str | Path) -> IO[str]:
+    """A text file, gunzipped when it starts with the gzip magic bytes (whatever its name)."""
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rt", encoding="utf-8") if gz else open(path, encoding="utf-8")
+
+
+def iter_jsonl(path: str | Path, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) for every non-blank line of a JSONL file (gzipped or not). A line that is
+    not a JSON object, or a file that cannot be read, raises `error` naming the file and line."""
+    try:
+        with open_text(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise error(f"{path}:{n}: not valid JSON: {e.msg}") from None
+                if not isinstance(row, dict):
+                    raise error(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+                yield n, row
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot read: {e}") from None

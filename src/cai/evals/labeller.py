@@ -37,7 +37,6 @@ all scored orders; 0.5 is none).
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import re
@@ -51,7 +50,7 @@ from typing import Any
 from cai.config import FeedbackConfig, plain
 from cai.constitution import ANSWER_PREFIX, Constitution
 from cai.lm.base import LM, Message
-from cai.records import STATUS_OK, hh_pair, parse_hh, record_id_for, stable_seed
+from cai.records import STATUS_OK, hh_pair, iter_jsonl, open_text, parse_hh, record_id_for, stable_seed
 from cai.rundir import atomic_write, write_json
 from cai.stages.feedback import STATUS_ABSTAIN, STATUS_FAILED, Comparison, label
 
@@ -110,28 +109,8 @@ def correct_slot(seed: int, item_id: str) -> int:
     return stable_seed(seed, "eval-slot", item_id) & 1
 
 
-def _open_text(path: Path) -> Any:
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rt", encoding="utf-8") if gz else open(path, encoding="utf-8")
-
-
 def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) for every non-blank line; a bad line is an error naming it."""
-    try:
-        with _open_text(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EvalInputError(f"{path}:{n}: not valid JSON: {e.msg}") from None
-                if not isinstance(row, dict):
-                    raise EvalInputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-                yield n, row
-    except (UnicodeDecodeError, EOFError, OSError) as e:
-        raise EvalInputError(f"{path}: cannot read: {e}") from None
+    return iter_jsonl(path, EvalInputError)
 
 
 def _unique(ids: Counter[str], base: str) -> str:
@@ -184,7 +163,7 @@ def _task_files(path: Path) -> list[Path]:
 
 def _json(path: Path) -> Any:
     try:
-        with _open_text(path) as f:
+        with open_text(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise EvalInputError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
@@ -255,7 +234,7 @@ def detect_format(path: str | Path) -> str:
         return "hhh"
     first = None
     try:
-        with _open_text(path) as f:
+        with open_text(path) as f:
             for line in f:
                 if line.strip():
                     first = line

@@ -31,7 +31,6 @@ The output (`<run>/preferences/rows.jsonl`) is TRL's conversational preference f
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 from collections import Counter
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.config import PairSource, PipelineConfig, fingerprint, plain
-from cai.records import STATUS_OK, hh_pair, parse_hh, record_id_for, stable_seed
+from cai.records import STATUS_OK, hh_pair, iter_jsonl, parse_hh, record_id_for, stable_seed
 from cai.rundir import Stage, StageError
 
 NAME = "preferences"
@@ -69,21 +68,7 @@ def _builtin(name: str) -> Path:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PreferenceDataError(f"{path}:{n}: not valid JSON: {e.msg}") from None
-                if not isinstance(row, dict):
-                    raise PreferenceDataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-                yield f"{path}:{n}", row
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise PreferenceDataError(f"{path}: cannot read: {e}") from None
+    return ((f"{path}:{n}", row) for n, row in iter_jsonl(path, PreferenceDataError))
 
 
 def _dataset_rows(src: PairSource) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -10,8 +10,6 @@ and the sets shipped with the toolkit (`builtin:red_team`, `builtin:helpful`).
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 from collections.abc import Iterator
 from importlib import resources
@@ -19,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.config import PipelineConfig, PromptSource, fingerprint, plain
-from cai.records import first_human_turn, record_id_for
+from cai.records import first_human_turn, iter_jsonl, record_id_for
 from cai.rundir import Stage
 
 NAME = "prompts"
@@ -38,18 +36,7 @@ def _builtin(name: str) -> Path:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PromptError(f"{path}:{n}: not valid JSON: {e.msg}") from None
-            if not isinstance(row, dict):
-                raise PromptError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            yield f"{path}:{n}", row
+    return ((f"{path}:{n}", row) for n, row in iter_jsonl(path, PromptError))
 
 
 def _dataset_rows(src: PromptSource) -> Iterator[tuple[str, dict[str, Any]]]:
