@@ -196,8 +196,10 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     model_class: Any = None,
+    **model_kwargs: Any,
 ) -> tuple[Any, Any]:
-    """Load (model, tokenizer) with safe defaults: safetensors only, no remote code unless asked."""
+    """Load (model, tokenizer) with safe defaults: safetensors only, no remote code unless asked.
+    `model_kwargs` go to `from_pretrained` (e.g. `num_labels=1` for a scalar head)."""
     import torch  # noqa: F401  (imported late: torch is heavy)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -208,7 +210,7 @@ def load_model(
         tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
         model = cls.from_pretrained(
             path, dtype=pick_dtype(dtype, dev), revision=revision,
-            trust_remote_code=trust_remote_code, use_safetensors=True,
+            trust_remote_code=trust_remote_code, use_safetensors=True, **model_kwargs,
         )
     except OSError as e:
         raise ModelError(f"{name}: could not load the model: {e}") from None

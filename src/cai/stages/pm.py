@@ -94,25 +94,14 @@ class RewardModel:
 
 def load_for_training(name: str, device: str = "auto") -> tuple[Any, Any]:
     """(model, tokenizer): `name` with a fresh one-output head (fp32 weights; bf16 comes from autocast)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    from cai.models import ModelError, pick_device, resolve
+    from cai.models import load_model
 
-    path = resolve(name)
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
-                                                                   use_safetensors=True)
-    except OSError as e:
-        raise ModelError(f"{name}: could not load the model: {e}") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if tok.chat_template is None:
-        raise ModelError(f"{name}: the tokenizer has no chat template; use an instruct/chat model")
+    model, tok = load_model(name, "float32", device, model_class=AutoModelForSequenceClassification, num_labels=1)
     # Our scores never pool by pad token, but others loading the saved model with transformers do.
     model.config.pad_token_id = tok.pad_token_id
-    return model.to(pick_device(device)), tok
+    return model, tok
 
 
 def split_rows(rows: Sequence[dict[str, Any]], stage: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
