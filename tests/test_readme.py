@@ -68,7 +68,7 @@ def test_readme_python_snippet_names_real_columns():
 def _quickstart(tmp_path, model_dir, *extra) -> subprocess.CompletedProcess:
     args = [f"run_dir={tmp_path / 'qs'}", f"model.name={model_dir}", *extra]
     return subprocess.run(["bash", "scripts/quickstart.sh", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=1500)
+                          timeout=3600)
 
 
 def test_quickstart_script_runs_end_to_end_small(tmp_path, model_dir):
