@@ -116,7 +116,9 @@ def label(lm: LM, constitution: Constitution, comparisons: Sequence[Comparison],
     # One job per (comparison, principle, order); order 0 shows response 1 as (A).
     jobs: list[tuple[int, int, int, str]] = []
     pids_of: list[list[str]] = []
+    first: list[int] = []  # index of each comparison's first job; principle pi, order o is at +2*pi+o
     for ci, comp in enumerate(comparisons):
+        first.append(len(jobs))
         pids = list(principle_ids) if principle_ids else constitution.draw(seed, comp.record_id, cfg.principles,
                                                                            kind="preference")
         pids_of.append(pids)
@@ -165,9 +167,9 @@ def label(lm: LM, constitution: Constitution, comparisons: Sequence[Comparison],
     for ci, comp in enumerate(comparisons):
         orders = []
         for pi, pid in enumerate(pids_of[ci]):
-            got = [result[k] for k, job in enumerate(jobs) if job[0] == ci and job[1] == pi]
-            cot = [cots[k].text if cots[k] is not None else None for k, job in enumerate(jobs)
-                   if job[0] == ci and job[1] == pi]
+            ks = (first[ci] + 2 * pi, first[ci] + 2 * pi + 1)
+            got = [result[k] for k in ks]
+            cot = [cots[k].text if cots[k] is not None else None for k in ks]
             entry: dict[str, Any] = {"principle_id": pid, "p_ab": None, "p_ba": None, "mass_ab": None,
                                      "mass_ba": None, "cot_ab": cot[0], "cot_ba": cot[1]}
             bad = [g for g in got if isinstance(g, str)]
