@@ -318,13 +318,19 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from cai.lm.base import BackendError, BudgetExhausted
     from cai.models import ModelError
     from cai.pipeline import PipelineError
     from cai.rundir import ResumeError, StageError
 
     try:
         return args.func(args)
-    except (ConfigError, ConstitutionError, ResumeError, StageError, PipelineError, ModelError, ValueError) as e:
+    except BudgetExhausted as e:
+        print(f"stopped: {e}\nfinished records are kept; run the same command again (with a larger "
+              "model.openai.request_budget) to resume", file=sys.stderr)
+        return 3
+    except (ConfigError, ConstitutionError, ResumeError, StageError, PipelineError, ModelError, BackendError,
+            ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -48,17 +48,89 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class OpenAIConfig:
+    """An OpenAI-compatible server (`model.backend: openai`): vLLM, TGI, llama.cpp, Ollama, `cai serve`.
+
+    `model.name` is the model id the server knows. `api_key_env` names the environment variable
+    that holds the API key; the key itself is never put in a config or written anywhere.
+    `tokenizer` (a model name, folder or hub id; default `model.name`) renders the chat template
+    for option scoring, which goes through `/v1/completions` with prompt log-probabilities:
+    `scoring: echo` asks for `echo` + `logprobs`, `prompt_logprobs` uses the vLLM extension.
+    """
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str | None = None
+    tokenizer: str | None = None
+    scoring: Literal["echo", "prompt_logprobs"] = "echo"
+    max_concurrency: int = 8
+    max_retries: int = 5
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    timeout_s: float = 300.0
+    request_budget: int | None = None
+
+
+@dataclass(frozen=True)
+class VLLMConfig:
+    """vLLM's offline engine (`model.backend: vllm`, the `vllm` extra; needs a GPU)."""
+
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None
+    enforce_eager: bool = False
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """Which model, and how it runs. `name` is `smollm2-135m`, a local directory or a hub id."""
+    """Which model, and how it runs. `name` is `smollm2-135m`, a local directory or a hub id
+    (or, with `backend: openai`, the model id the server serves)."""
 
     name: str = "smollm2-135m"
-    backend: Literal["hf"] = "hf"
+    backend: Literal["hf", "openai", "vllm"] = "hf"
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
     device: str = "auto"
     batch_size: int = 32
     max_length: int = 4096
     revision: str | None = None
     trust_remote_code: bool = False
+    openai: OpenAIConfig = field(default_factory=OpenAIConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+
+# Settings that change how requests are sent, not what comes back: left out of stage fingerprints,
+# so a run stopped by its request budget resumes with a larger one.
+_OPERATIONAL = {"batch_size", "max_concurrency", "max_retries", "backoff_s", "max_backoff_s", "timeout_s",
+                "request_budget", "api_key_env", "base_url", "gpu_memory_utilization", "enforce_eager",
+                "tensor_parallel_size", "data_parallel_size"}
+
+
+def model_identity(cfg: ModelConfig) -> dict[str, Any]:
+    """The parts of a model config that decide its outputs (for stage fingerprints): the
+    back-end's own section only, without operational settings."""
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _OPERATIONAL | {"openai", "vllm"}}
+    if cfg.backend in ("openai", "vllm"):
+        d[cfg.backend] = {k: v for k, v in dataclasses.asdict(getattr(cfg, cfg.backend)).items()
+                          if k not in _OPERATIONAL}
+    return d
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Spread the data stages (sl_generate, pairs, feedback) over a Ray cluster.
+
+    Each of `num_workers` workers builds its own back-end and takes chunks of records; finished
+    chunks stream back to this process, which alone writes the run directory. `address` is a Ray
+    address (`auto`, `ray://host:10001`); None starts a local Ray instance (or joins RAY_ADDRESS).
+    """
+
+    enabled: bool = False
+    address: str | None = None
+    num_workers: int = 2
+    num_cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0
+    max_retries: int = 3
 
 
 @dataclass(frozen=True)
@@ -259,6 +331,7 @@ class PipelineConfig:
     preferences: PreferencesConfig = field(default_factory=PreferencesConfig)
     pm: PMConfig = field(default_factory=PMConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 T = TypeVar("T")
@@ -415,6 +488,21 @@ def validate(cfg: PipelineConfig, source: str = "config") -> None:
         (cfg.sl.chunk_size >= 1, "sl.chunk_size must be >= 1"),
         (0.0 <= cfg.sl.helpful_fraction < 1.0, "sl.helpful_fraction must be in [0, 1)"),
         (cfg.model.batch_size >= 1, "model.batch_size must be >= 1"),
+        (cfg.model.openai.max_concurrency >= 1, "model.openai.max_concurrency must be >= 1"),
+        (cfg.model.openai.max_retries >= 0, "model.openai.max_retries must be >= 0"),
+        (0 < cfg.model.openai.backoff_s <= cfg.model.openai.max_backoff_s,
+         "model.openai.backoff_s must be > 0 and <= model.openai.max_backoff_s"),
+        (cfg.model.openai.timeout_s > 0, "model.openai.timeout_s must be > 0"),
+        (cfg.model.openai.request_budget is None or cfg.model.openai.request_budget >= 1,
+         "model.openai.request_budget must be >= 1 when set"),
+        (cfg.model.openai.base_url.startswith(("http://", "https://")),
+         "model.openai.base_url must start with http:// or https://"),
+        (cfg.model.vllm.tensor_parallel_size >= 1 and cfg.model.vllm.data_parallel_size >= 1,
+         "model.vllm.tensor_parallel_size and data_parallel_size must be >= 1"),
+        (0 < cfg.model.vllm.gpu_memory_utilization <= 1, "model.vllm.gpu_memory_utilization must be in (0, 1]"),
+        (cfg.ray.num_workers >= 1 and cfg.ray.max_retries >= 0, "ray.num_workers must be >= 1, ray.max_retries >= 0"),
+        (cfg.ray.num_cpus_per_worker >= 0 and cfg.ray.num_gpus_per_worker >= 0,
+         "ray.num_cpus_per_worker and ray.num_gpus_per_worker must be >= 0"),
         (cfg.sft.batch_size >= 1, "sft.batch_size must be >= 1"),
         (cfg.sft.learning_rate > 0, "sft.learning_rate must be > 0"),
         (cfg.pairs.chunk_size >= 1, "pairs.chunk_size must be >= 1"),

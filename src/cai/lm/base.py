@@ -100,10 +100,28 @@ def normalize(logprobs: Sequence[float]) -> list[float]:
     return [x - z for x in logprobs]
 
 
+class BackendError(RuntimeError):
+    """A back-end that cannot do what a stage asked (a server without a capability, a request
+    that failed for good); the message names the server or model and the request."""
+
+
+class BudgetExhausted(BackendError):
+    """The configured request budget is spent. Raised before a request is sent, so every record
+    written so far stands and the stage resumes where it stopped when run again."""
+
+
 def load_lm(cfg: ModelConfig) -> LM:
     """Build the back-end named by `cfg.backend`; heavy imports happen here, not at package import."""
     if cfg.backend == "hf":
         from cai.lm.hf import HFModel
 
         return HFModel.from_config(cfg)
+    if cfg.backend == "openai":
+        from cai.lm.openai import OpenAIModel
+
+        return OpenAIModel.from_config(cfg)
+    if cfg.backend == "vllm":
+        from cai.lm.vllm import VLLMModel
+
+        return VLLMModel.from_config(cfg)
     raise ValueError(f"model.backend: unknown back-end '{cfg.backend}'")  # pragma: no cover - config validates

@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cai.config import PipelineConfig, SLConfig, fingerprint, plain
+from cai.config import PipelineConfig, SLConfig, fingerprint, model_identity, plain
 from cai.constitution import Constitution
 from cai.lm.base import LM, Program, run_programs
 from cai.records import STATUS_DROPPED, STATUS_OK, degenerate_reason, stable_seed
@@ -110,7 +110,7 @@ def count(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def run(cfg: PipelineConfig, lm_factory: Callable[[], LM], constitution: Constitution,
         inputs: list[dict[str, Any]], inputs_fp: str, allow_changed: bool = False,
         on_chunk: Callable[[int], None] | None = None) -> Stage:
-    settings = plain({"sl": cfg.sl, "model": cfg.model, "seed": cfg.seed,
+    settings = plain({"sl": cfg.sl, "model": model_identity(cfg.model), "seed": cfg.seed,
                       "constitution_hash": constitution.hash, "inputs": inputs_fp})
     stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
     existing = stage.rows()
