@@ -358,3 +358,31 @@ def test_every_shipped_config_loads(path):
     # and is a faithful reading of the file: every top-level key in it is used
     data = yaml.safe_load(path.read_text()) or {}
     assert set(data) <= set(to_dict(cfg))
+
+
+def test_model_identity_leaves_out_how_requests_are_sent_but_keeps_what_decides_outputs():
+    from cai.config import model_identity
+
+    base = load_config(None, ["model.backend=openai"])
+    budget = load_config(None, ["model.backend=openai", "model.openai.request_budget=10",
+                                "model.openai.max_concurrency=2", "model.openai.base_url=http://10.0.0.2:9000/v1"])
+    assert fingerprint(model_identity(base.model)) == fingerprint(model_identity(budget.model))
+    for change in ("model.name=other", "model.openai.scoring=prompt_logprobs", "model.dtype=float32"):
+        other = load_config(None, ["model.backend=openai", change])
+        assert fingerprint(model_identity(other.model)) != fingerprint(model_identity(base.model)), change
+    # the hf back-end's identity does not depend on the unused openai/vllm sections
+    hf = load_config(None, ["model.openai.scoring=prompt_logprobs", "model.vllm.max_model_len=99"])
+    assert model_identity(hf.model) == model_identity(load_config(None).model)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("model.openai.max_concurrency=0", "model.openai.max_concurrency"),
+    ("model.openai.base_url=localhost:8000", "model.openai.base_url"),
+    ("model.openai.request_budget=0", "model.openai.request_budget"),
+    ("model.vllm.gpu_memory_utilization=1.5", "model.vllm.gpu_memory_utilization"),
+    ("ray.num_workers=0", "ray.num_workers"),
+    ("model.backend=tgi", "model.backend"),
+])
+def test_scale_out_settings_are_validated(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [override])

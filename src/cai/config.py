@@ -147,6 +147,7 @@ class PromptSource:
     format: Literal["auto", "jsonl", "hh", "datasets"] = "auto"
     field: str | None = None
     split: str = "train"
+    data_dir: str | None = None  # a hub dataset's sub-folder, e.g. red-team-attempts of Anthropic/hh-rlhf
     limit: int | None = None
 
 
@@ -228,6 +229,7 @@ class PairSource:
     path: str = "builtin:helpful_pairs"
     format: Literal["auto", "hh", "preference", "datasets"] = "auto"
     split: str = "train"
+    data_dir: str | None = None  # a hub dataset's sub-folder, e.g. helpful-base of Anthropic/hh-rlhf
     limit: int | None = None
 
 

@@ -84,7 +84,7 @@ def _dataset_rows(src: PairSource) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise PreferenceDataError(f"{src.path}: no split '{src.split}' (have {list(ds)})")
             ds = ds[src.split]
     else:
-        ds = datasets.load_dataset(src.path, split=src.split)
+        ds = datasets.load_dataset(src.path, data_dir=src.data_dir, split=src.split)
     for i, row in enumerate(ds):
         yield f"{src.path}[{src.split}][{i}]", row
 
