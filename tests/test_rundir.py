@@ -182,6 +182,9 @@ def test_view_does_not_create_or_check(tmp_path):
     st = Stage(tmp_path / "run", "prompts", "fp", {})
     st.write_manifest("complete", {})
     assert Stage.view(tmp_path / "run", "prompts").manifest()["fingerprint"] == "fp"
+    assert Stage.view(tmp_path / "run", "prompts").complete()  # whatever its fingerprint
+    st.write_manifest("running", {})
+    assert not Stage.view(tmp_path / "run", "prompts").complete()
 
 
 # ---- atomic writes and content hash ---------------------------------------------------------

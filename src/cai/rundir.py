@@ -110,6 +110,8 @@ class Stage:
         """A read-only look at a stage's folder (no fingerprint check, nothing written)."""
         st = cls.__new__(cls)
         st._locate(run_dir, name)
+        st.fingerprint = None  # a view accepts whatever fingerprint the folder has
+        st.settings = {}
         return st
 
     def content_hash(self) -> str:
@@ -165,5 +167,7 @@ class Stage:
         })
 
     def complete(self) -> bool:
+        """Finished, and (unless this is a view) finished under this stage's fingerprint."""
         m = self.manifest()
-        return bool(m and m.get("status") == "complete" and m.get("fingerprint") == self.fingerprint)
+        return bool(m and m.get("status") == "complete"
+                    and (self.fingerprint is None or m.get("fingerprint") == self.fingerprint))
