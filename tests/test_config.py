@@ -381,8 +381,9 @@ def test_model_identity_leaves_out_how_requests_are_sent_but_keeps_what_decides_
     ("model.openai.request_budget=0", "model.openai.request_budget"),
     ("model.vllm.gpu_memory_utilization=1.5", "model.vllm.gpu_memory_utilization"),
     ("ray.num_workers=0", "ray.num_workers"),
+    ("model.backend=vllm model.vllm.data_parallel_size=2", "ray.num_workers=N"),
     ("model.backend=tgi", "model.backend"),
 ])
 def test_scale_out_settings_are_validated(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        load_config(None, [override])
+        load_config(None, override.split())

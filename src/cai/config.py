@@ -502,6 +502,10 @@ def validate(cfg: PipelineConfig, source: str = "config") -> None:
         (cfg.model.vllm.tensor_parallel_size >= 1 and cfg.model.vllm.data_parallel_size >= 1,
          "model.vllm.tensor_parallel_size and data_parallel_size must be >= 1"),
         (0 < cfg.model.vllm.gpu_memory_utilization <= 1, "model.vllm.gpu_memory_utilization must be in (0, 1]"),
+        (cfg.model.backend != "vllm" or cfg.model.vllm.data_parallel_size == 1,
+         "model.vllm.data_parallel_size > 1: vLLM's offline engine holds one replica per process; for data "
+         "parallelism set ray.enabled=true with ray.num_workers=N (one engine per worker), or run "
+         "`vllm serve --data-parallel-size N` and use model.backend=openai"),
         (cfg.ray.num_workers >= 1 and cfg.ray.max_retries >= 0, "ray.num_workers must be >= 1, ray.max_retries >= 0"),
         (cfg.ray.num_cpus_per_worker >= 0 and cfg.ray.num_gpus_per_worker >= 0,
          "ray.num_cpus_per_worker and ray.num_gpus_per_worker must be >= 0"),
