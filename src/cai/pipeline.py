@@ -13,6 +13,7 @@ content hash, so changing an upstream input is noticed downstream.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from collections.abc import Callable
 from pathlib import Path
@@ -75,7 +76,8 @@ def select(start: str | None, stop: str | None, method: str = "ppo") -> list[str
 def run(cfg: PipelineConfig, start: str | None = None, stop: str | None = None, allow_changed: bool = False,
         lm_factory: Callable[[], LM] | None = None, on_chunk: Callable[[int], None] | None = None) -> dict[str, Stage]:
     """Run the selected stages in order; returns each stage's folder. `lm_factory`, when given,
-    builds the model for every generating stage (tests use a scripted one)."""
+    builds the model for every generating stage (tests use a scripted one); with `ray.enabled` it
+    must pickle, since each Ray worker calls it."""
     names = select(start, stop, cfg.rl.method)
     constitution = constitution_mod.load(cfg.constitution)
     run_dir = Path(cfg.run_dir)
@@ -85,6 +87,9 @@ def run(cfg: PipelineConfig, start: str | None = None, stop: str | None = None, 
 
     def lm_for(name: str) -> Callable[[], LM]:
         """A factory for the back-end over model `name`; one model is held at a time."""
+        if cfg.ray.enabled:  # a picklable factory: each Ray worker builds its own; this process loads none
+            return lm_factory or functools.partial(load_lm, dataclasses.replace(cfg.model, name=name))
+
         def make() -> LM:
             if name not in held:
                 held.clear()

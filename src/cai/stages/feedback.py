@@ -18,21 +18,25 @@ prefers the first slot gives exactly 0.5.
 - Scores that are not finite log-probabilities are a counted failure too.
 
 Rows are TRL conversational preference rows (`prompt`/`chosen`/`rejected`) with `p_chosen` and the
-audit columns (records.py). Chunks are appended as they finish, so a killed run resumes.
+audit columns (records.py). Chunks are appended as they finish, so a killed run resumes; with
+`ray.enabled` they are spread over Ray workers (cai/cluster.py).
 
     cai run configs/quickstart.yaml --from feedback --to feedback
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
 from tqdm import tqdm
 
+from cai.cluster import map_chunks, restore_order
 from cai.config import FeedbackConfig, PipelineConfig, Sampling, fingerprint, plain
 from cai.constitution import ANSWER_PREFIX, OPTION_LABELS, Constitution
 from cai.lm.base import LM, Completion, Message
@@ -242,9 +246,17 @@ def count(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def label_chunk(lm: LM, pairs: list[dict[str, Any]], on_call: Callable[[], None] | None, *,
+                constitution: Constitution, cfg: FeedbackConfig, seed: int) -> list[dict[str, Any]]:
+    """One chunk's preference rows with their provenance, as a Ray worker or this process makes them."""
+    extra = {"feedback_model": lm.name, "constitution_hash": constitution.hash, "seed": seed}
+    return [{**r, **extra} for r in process_chunk(pairs, lm, constitution, cfg, seed, on_call)]
+
+
 def run(cfg: PipelineConfig, lm_factory: Callable[[], LM], constitution: Constitution, inputs: list[dict[str, Any]],
         inputs_fp: str, allow_changed: bool = False) -> Stage:
-    """Label the `pairs` stage's usable pairs with the feedback model, chunk by chunk."""
+    """Label the `pairs` stage's usable pairs with the feedback model, chunk by chunk, here or on
+    Ray workers (`ray.enabled`)."""
     pairs = [p for p in inputs if p["status"] == STATUS_OK]
     settings = plain({"feedback": cfg.feedback, "seed": cfg.seed, "constitution_hash": constitution.hash,
                       "inputs": inputs_fp})
@@ -253,15 +265,16 @@ def run(cfg: PipelineConfig, lm_factory: Callable[[], LM], constitution: Constit
     todo = [p for p in pairs if p["record_id"] not in done]
     stage.write_manifest("running", count(stage.rows()), constitution_hash=constitution.hash)
     if todo:
-        lm = lm_factory()
-        extra = {"feedback_model": lm.name, "constitution_hash": constitution.hash, "seed": cfg.seed}
         bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="feedback", unit="pair")
         size = cfg.feedback.chunk_size
-        for i in range(0, len(todo), size):
-            rows = process_chunk(todo[i:i + size], lm, constitution, cfg.feedback, cfg.seed)
-            stage.append({**r, **extra} for r in rows)
-            bar.update(len(rows))
+        work = functools.partial(label_chunk, constitution=constitution, cfg=cfg.feedback, seed=cfg.seed)
+        todo_chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+        with closing(map_chunks(todo_chunks, work, lm_factory, cfg.ray, name=NAME)) as results:
+            for _, rows in results:
+                stage.append(rows)
+                bar.update(len(rows))
         bar.close()
+    restore_order(stage, [p["record_id"] for p in pairs])
     rows = stage.rows()
     stage.write_manifest("complete", count(rows), constitution_hash=constitution.hash)
     return stage

@@ -1,22 +1,26 @@
 """Stage `pairs`: two sampled responses per prompt from the policy model, to be compared by the
 feedback model (Bai et al. 2022, section 4.1: the SL-CAI model generates the pairs).
 
-Each prompt's two samples use seeds derived from (run seed, record id), so a resumed or sharded run
-draws the same pairs. A pair whose responses are identical, or where either response is empty,
-cut off at the token limit (when `pairs.set_aside_truncated`) or echoes a prompt scaffold, is set
-aside with its reason and counted; it never reaches the labeller.
+Each prompt's two samples use seeds derived from (run seed, record id), so a resumed run, or one
+whose chunks are spread over Ray workers (`ray.enabled`, cai/cluster.py), draws the same pairs. A
+pair whose responses are identical, or where either response is empty, cut off at the token limit
+(when `pairs.set_aside_truncated`) or echoes a prompt scaffold, is set aside with its reason and
+counted; it never reaches the labeller.
 
     cai run configs/quickstart.yaml --from pairs --to pairs
 """
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable
+from contextlib import closing
 from typing import Any
 
 from tqdm import tqdm
 
+from cai.cluster import map_chunks, restore_order
 from cai.config import PairsConfig, PipelineConfig, fingerprint, plain
 from cai.lm.base import LM, Completion
 from cai.records import SCAFFOLD_MARKERS, STATUS_OK, stable_seed
@@ -64,10 +68,17 @@ def count(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "set_aside": sum(aside.values()), "set_aside_by_reason": dict(sorted(aside.items()))}
 
 
+def pair_chunk(lm: LM, rows: list[dict[str, Any]], on_call: Callable[[], None] | None, *, cfg: PairsConfig,
+               seed: int) -> list[dict[str, Any]]:
+    """One chunk's pair rows with their provenance, as a Ray worker or this process makes them."""
+    return [{**r, "model": lm.name, "seed": seed} for r in process_chunk(rows, lm, cfg, seed)]
+
+
 def run(cfg: PipelineConfig, lm_factory: Callable[[], LM], inputs: list[dict[str, Any]], inputs_fp: str,
         model_fp: str, allow_changed: bool = False) -> Stage:
-    """Sample pairs for the prompt rows of the kinds in `pairs.kinds`. `model_fp` identifies the
-    policy's weights (the SL-CAI stage's fingerprint when it is this run's model)."""
+    """Sample pairs for the prompt rows of the kinds in `pairs.kinds`, here or on Ray workers
+    (`ray.enabled`). `model_fp` identifies the policy's weights (the SL-CAI stage's fingerprint when
+    it is this run's model)."""
     prompts = [r for r in inputs if r["kind"] in cfg.pairs.kinds]
     settings = plain({"pairs": cfg.pairs, "seed": cfg.seed, "inputs": inputs_fp, "model": model_fp})
     stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
@@ -75,13 +86,16 @@ def run(cfg: PipelineConfig, lm_factory: Callable[[], LM], inputs: list[dict[str
     todo = [r for r in prompts if r["record_id"] not in done]
     stage.write_manifest("running", count(stage.rows()))
     if todo:
-        lm = lm_factory()
         bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="pairs", unit="prompt")
-        for i in range(0, len(todo), cfg.pairs.chunk_size):
-            rows = process_chunk(todo[i:i + cfg.pairs.chunk_size], lm, cfg.pairs, cfg.seed)
-            stage.append({**r, "model": lm.name, "seed": cfg.seed} for r in rows)
-            bar.update(len(rows))
+        size = cfg.pairs.chunk_size
+        work = functools.partial(pair_chunk, cfg=cfg.pairs, seed=cfg.seed)
+        todo_chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+        with closing(map_chunks(todo_chunks, work, lm_factory, cfg.ray, name=NAME)) as results:
+            for _, rows in results:
+                stage.append(rows)
+                bar.update(len(rows))
         bar.close()
+    restore_order(stage, [r["record_id"] for r in prompts])
     rows = stage.rows()
     if not any(r["status"] == STATUS_OK for r in rows):
         stage.write_manifest("failed", count(rows))

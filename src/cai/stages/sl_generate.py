@@ -9,18 +9,22 @@ from the same model (zero rounds).
 
 Records are processed in fixed chunks of `sl.chunk_size`, all steps of a chunk batched together,
 and each finished chunk is appended to the run directory, so a killed run resumes at the next chunk.
+With `ray.enabled` the chunks are spread over Ray workers (cai/cluster.py); the rows are the same.
 
     cai run configs/quickstart.yaml --to sl_generate
 """
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable
+from contextlib import closing
 from typing import Any
 
 from tqdm import tqdm
 
+from cai.cluster import map_chunks, restore_order
 from cai.config import PipelineConfig, SLConfig, fingerprint, model_identity, plain
 from cai.constitution import Constitution
 from cai.lm.base import LM, Program, run_programs
@@ -107,36 +111,46 @@ def count(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def generate_chunk(lm: LM, rows: list[dict[str, Any]], on_call: Callable[[], None] | None, *,
+                   constitution: Constitution, cfg: SLConfig, seed: int) -> list[dict[str, Any]]:
+    """One chunk's finished rows with their provenance, as a Ray worker or this process makes them."""
+    extra = {"constitution_hash": constitution.hash, "model": lm.name, "seed": seed}
+    return [{**row, **extra} for row in process_chunk(rows, lm, constitution, cfg, seed, on_call)]
+
+
 def run(cfg: PipelineConfig, lm_factory: Callable[[], LM], constitution: Constitution,
         inputs: list[dict[str, Any]], inputs_fp: str, allow_changed: bool = False,
         on_chunk: Callable[[int], None] | None = None) -> Stage:
+    """Critique and revise the prompt rows chunk by chunk, here or on Ray workers (`ray.enabled`);
+    `lm_factory` must pickle for Ray. `on_chunk(i)` follows each written chunk (tests use it)."""
     settings = plain({"sl": cfg.sl, "model": model_identity(cfg.model), "seed": cfg.seed,
                       "constitution_hash": constitution.hash, "inputs": inputs_fp})
     stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
     existing = stage.rows()
     done = {r["record_id"] for r in existing}
-    todo_chunks = [c for c in chunks(inputs, cfg.sl.chunk_size) if any(r["record_id"] not in done for r in c)]
+    todo_chunks = [todo for c in chunks(inputs, cfg.sl.chunk_size)
+                   if (todo := [r for r in c if r["record_id"] not in done])]
     stage.write_manifest("running", count(existing), constitution_hash=constitution.hash)
     if todo_chunks:
-        lm = lm_factory()
-        extra = {"constitution_hash": constitution.hash, "model": lm.name, "seed": cfg.seed}
         bar = tqdm(total=len(inputs), initial=len(done & {r["record_id"] for r in inputs}),
                    desc="sl_generate", unit="prompt")
-        for i, chunk in enumerate(todo_chunks):
-            todo = [r for r in chunk if r["record_id"] not in done]
-            calls = [0, calls_per_chunk(todo, cfg.sl.rounds)]
+        total = [calls_per_chunk(todo, cfg.sl.rounds) for todo in todo_chunks]
+        made = [0] * len(todo_chunks)
 
-            def tick(i: int = i, calls: list[int] = calls) -> None:
-                calls[0] += 1
-                if calls[0] % 8 == 0 or calls[0] == calls[1]:
-                    bar.set_postfix_str(f"chunk {i + 1}/{len(todo_chunks)}: {calls[0]}/{calls[1]} model calls")
+        def tick(i: int) -> None:  # model calls within a chunk (only in this process)
+            made[i] += 1
+            if made[i] % 8 == 0 or made[i] == total[i]:
+                bar.set_postfix_str(f"chunk {i + 1}/{len(todo_chunks)}: {made[i]}/{total[i]} model calls")
 
-            done_rows = process_chunk(todo, lm, constitution, cfg.sl, cfg.seed, on_call=tick)
-            stage.append({**row, **extra} for row in done_rows)
-            bar.update(len(todo))
-            if on_chunk is not None:
-                on_chunk(i)
+        work = functools.partial(generate_chunk, constitution=constitution, cfg=cfg.sl, seed=cfg.seed)
+        with closing(map_chunks(todo_chunks, work, lm_factory, cfg.ray, tick, NAME)) as results:
+            for i, done_rows in results:
+                stage.append(done_rows)
+                bar.update(len(done_rows))
+                if on_chunk is not None:
+                    on_chunk(i)
         bar.close()
+    restore_order(stage, [r["record_id"] for r in inputs])
     rows = stage.rows()
     stage.write_manifest("complete", count(rows), constitution_hash=constitution.hash)
     return stage
