@@ -4,6 +4,7 @@
     cai show runs/quickstart
     cai constitution validate|show|diff|convert ...
     cai chat MODEL [-p PROMPT]
+    cai serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key-env NAME]
     cai model fetch smollm2-135m
     cai eval labeller FILE [FILE ...] --model smollm2-135m [--limit N]
 """
@@ -194,6 +195,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print(reply if prompts is not None else f"model> {reply}", flush=True)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cai.serve import serve
+
+    def ready(server) -> None:
+        print(f"serving {args.model} at {server.url} (Ctrl-C to stop)", flush=True)
+
+    serve(args.model, args.host, args.port, args.dtype, args.device, args.batch_size, args.api_key_env, ready=ready)
+    print("stopped", file=sys.stderr)
+    return 0
+
+
 def cmd_model(args: argparse.Namespace) -> int:
     from cai.models import EMBEDDED, ensure_embedded
 
@@ -277,6 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--seed", type=int, default=0)
     ch.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
     ch.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (a preference model: /pooling)")
+    sv.add_argument("model", help="a name, a directory (a run's sft/model or pm/model) or a hub id")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    sv.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    sv.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
+    sv.add_argument("--device", default="auto")
+    sv.add_argument("--batch-size", type=int, default=ModelConfig().batch_size, help="rows decoded together")
+    sv.add_argument("--api-key-env", metavar="NAME", help="require 'Authorization: Bearer $NAME' on every route "
+                                                          "but /health")
+    sv.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("model", help="fetch and cache the embedded model")
     msub = m.add_subparsers(dest="action", required=True)

@@ -7,7 +7,8 @@ once per layer for the whole batch (a "cascade" split of attention into a shared
 per-row part, merged exactly through their log-sum-exps). Rows are left-padded after the prefix;
 finished rows leave the batch and waiting requests take their slots (continuous batching).
 Sampling runs here, one generator per request, so a request's tokens depend on its seed, not on
-its neighbours.
+its neighbours. Token-level entry points (`generate_ids`, `run_requests` with requests joining a
+running batch, `prompt_logprobs`) serve `cai serve`.
 
     python -c "from cai.lm.hf import HFModel; from cai.config import ModelConfig, Sampling; \
       lm = HFModel.from_config(ModelConfig()); \
@@ -20,8 +21,9 @@ import contextlib
 import contextvars
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,8 @@ from cai.models import load_model
 from cai.templating import encode_chat
 
 ATTN_NAME = "cai_prefix"
+# Most logits (rows x positions x vocabulary) one prompt-scoring pass may hold at once.
+_LOGIT_BUDGET = 1 << 26
 # The shared prefix's per-layer (key, value), each (1, kv_heads, P, head_dim), while a batch runs.
 _PREFIX: contextvars.ContextVar[list[tuple[torch.Tensor, torch.Tensor]] | None] = contextvars.ContextVar(
     "cai_prefix", default=None
@@ -119,10 +123,47 @@ class _Prefix:
     kv: list[tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass(frozen=True)
+class TokenCompletion:
+    """One sampled continuation as token ids (the end-of-sequence token left out) and why it ended."""
+
+    tokens: list[int]
+    finish_reason: Literal["stop", "length"]
+
+
+@dataclass
+class TokenRequest:
+    """`n` continuations of a tokenised prompt; sample j draws from a generator seeded by (seed, j),
+    so its tokens do not depend on the other rows of its batch. `results` is filled in sample order."""
+
+    prompt: list[int]
+    sampling: Sampling
+    n: int = 1
+    seed: int = 0
+    results: list[TokenCompletion] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Log-probabilities of a token sequence, each token given the ones before it.
+
+    `logprobs[i]`, `ranks[i]` (1 = the most likely token) and `top[i]` (the most likely
+    (token id, log-prob) pairs, best first) describe position i; position 0 has None, None, [].
+    `next_token` is the greedy choice after the whole sequence, `next_logprob` its log-probability
+    and `next_top` the most likely tokens there (at least one)."""
+
+    logprobs: list[float | None]
+    ranks: list[int | None]
+    top: list[list[tuple[int, float]]]
+    next_token: int
+    next_logprob: float
+    next_top: list[tuple[int, float]]
+
+
 @dataclass
 class _Request:
-    index: int  # which conversation (or program)
-    sample: int  # which of its n samples
+    owner: TokenRequest
+    sample: int  # which of the owner's n samples
     prompt: list[int]
     gen: torch.Generator
     sampling: Sampling
@@ -167,6 +208,7 @@ class HFModel:
         self.device = next(model.parameters()).device
         self._prefixes: OrderedDict[tuple[int, ...], _Prefix] = OrderedDict()
         self._prefix_cache_size = prefix_cache_size
+        self._prefix_scores: OrderedDict[tuple, tuple] = OrderedDict()  # see _prefix_logprobs
         model.set_attn_implementation(ATTN_NAME)
         eos = {tokenizer.eos_token_id}
         gen_eos = model.generation_config.eos_token_id
@@ -283,20 +325,24 @@ class HFModel:
 
     # ---- generate -------------------------------------------------------------------------
 
-    def _check_length(self, ids: list[int], sampling: Sampling, what: str) -> None:
+    def check_length(self, ids: Sequence[int], sampling: Sampling, what: str) -> None:
+        """A ValueError naming `what` when the prompt and its longest continuation exceed max_length."""
         if len(ids) + sampling.max_new_tokens > self.max_length:
             raise ValueError(
                 f"generate: {what} has {len(ids)} prompt tokens; with max_new_tokens="
                 f"{sampling.max_new_tokens} it exceeds model.max_length={self.max_length}"
             )
 
-    def _completion(self, r: _Request) -> Completion:
-        text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
-        cut = [text.find(s) for s in r.sampling.stop if s in text]
-        if cut:
-            text = text[: min(cut)]
-        self.stats["generated_tokens"] += len(r.tokens)
-        return Completion(text=text.strip(), finish_reason=r.finish or "length", num_tokens=len(r.tokens))  # type: ignore[arg-type]
+    def decode_text(self, tokens: Sequence[int], stop: Sequence[str] = ()) -> str:
+        """The text of sampled tokens, cut before the first stop string it contains."""
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = [text.find(s) for s in stop if s in text]
+        return text[: min(cut)] if cut else text
+
+    def completion(self, tc: TokenCompletion, sampling: Sampling) -> Completion:
+        """A token-level completion as `generate` returns it (stop strings cut, whitespace trimmed)."""
+        return Completion(text=self.decode_text(tc.tokens, sampling.stop).strip(), finish_reason=tc.finish_reason,
+                          num_tokens=len(tc.tokens))
 
     @staticmethod
     def _generator(seed: int, sample: int) -> torch.Generator:
@@ -308,22 +354,68 @@ class HFModel:
         """`n` completions per conversation. `seeds[i]` fixes conversation i's samples."""
         if seeds is not None and len(seeds) != len(conversations):
             raise ValueError("generate: need one seed per conversation")
-        if not conversations:
-            return []
         sampling = sampling.at_round(0)
         encoded = [self.encode(c) for c in conversations]
         for i, e in enumerate(encoded):
-            self._check_length(e, sampling, f"conversation {i}")
-        # Shorter prompts first, so rows that start together have similar padding; the order is
-        # fixed by the input, so results are repeatable.
-        order = sorted(((i, j) for i in range(len(encoded)) for j in range(n)), key=lambda r: (len(encoded[r[0]]), r))
-        reqs = [_Request(i, j, encoded[i], self._generator(seeds[i] if seeds is not None else i, j), sampling)
-                for i, j in order]
-        self._run(reqs)
-        out: list[list[Completion]] = [[] for _ in conversations]
-        for r in sorted(reqs, key=lambda r: (r.index, r.sample)):
-            out[r.index].append(self._completion(r))
-        return out
+            self.check_length(e, sampling, f"conversation {i}")
+        done = self.generate_ids(encoded, sampling, n, seeds)
+        return [[self.completion(tc, sampling) for tc in row] for row in done]
+
+    @torch.no_grad()
+    def generate_ids(self, prompts: Sequence[Sequence[int]], sampling: Sampling, n: int = 1,
+                     seeds: Sequence[int] | None = None) -> list[list[TokenCompletion]]:
+        """`generate` on token ids: `n` continuations of each prompt. `seeds[i]` (default i) fixes
+        prompt i's samples."""
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError("generate_ids: need one seed per prompt")
+        sampling = sampling.at_round(0)
+        for i, p in enumerate(prompts):
+            self.check_length(p, sampling, f"prompt {i}")
+        requests = [TokenRequest(list(p), sampling, n, seeds[i] if seeds is not None else i)
+                    for i, p in enumerate(prompts)]
+        self.run_requests(requests)
+        return [r.results for r in requests]
+
+    @torch.no_grad()
+    def run_requests(self, requests: Sequence[TokenRequest],
+                     admit: Callable[[Sequence[int]], Sequence[TokenRequest]] | None = None,
+                     on_done: Callable[[TokenRequest], None] | None = None) -> None:
+        """Decode token requests together with continuous batching, filling each one's `results`.
+
+        `admit(prefix)`, when given, is asked for more work whenever the running batch has free
+        slots: it returns further requests (each prompt starting with `prefix`, the tokens the
+        running rows share, and longer than it), which join the batch at once; the call returns
+        when nothing is running or waiting and `admit` has nothing more. `on_done(request)` is
+        called as soon as all of a request's samples have finished. Prompt lengths are the
+        caller's to check (`check_length`)."""
+        if not requests:
+            return
+
+        def expand(reqs: Sequence[TokenRequest]) -> list[_Request]:
+            # Shorter prompts first, so rows that start together have similar padding; the order
+            # is fixed by the input, so results are repeatable.
+            rows = [_Request(r, j, r.prompt, self._generator(r.seed, j), r.sampling.at_round(0))
+                    for r in reqs for j in range(r.n)]
+            for r in reqs:
+                r.results = []
+            return sorted(rows, key=lambda q: len(q.prompt))
+
+        finished: dict[int, dict[int, TokenCompletion]] = {}
+
+        def finish(q: _Request) -> None:
+            self.stats["generated_tokens"] += len(q.tokens)
+            got = finished.setdefault(id(q.owner), {})
+            got[q.sample] = TokenCompletion(q.tokens, q.finish or "length")  # type: ignore[arg-type]
+            if len(got) == q.owner.n:
+                q.owner.results = [got[j] for j in range(q.owner.n)]
+                del finished[id(q.owner)]
+                if on_done is not None:
+                    on_done(q.owner)
+
+        more = None
+        if admit is not None:
+            more = lambda prefix: expand(admit(prefix))  # noqa: E731
+        self._run(expand(requests), more, finish)
 
     def _accept(self, r: _Request, token: int) -> bool:
         """Add a sampled token to a request; True when the request is finished."""
@@ -337,16 +429,25 @@ class HFModel:
             r.finish = "length"
         return r.finish is not None
 
-    def _run(self, requests: list[_Request]) -> None:
-        """Decode requests with continuous batching: when half the slots are free, waiting requests
-        are prefilled and join the running batch. All rows share the prefix common to all requests."""
+    def _run(self, requests: list[_Request], admit: Callable[[Sequence[int]], list[_Request]] | None = None,
+             on_finish: Callable[[_Request], None] | None = None) -> None:
+        """Decode requests with continuous batching: when half the slots are free (any free slot when
+        `admit` brings requests from outside), waiting requests are prefilled and join the running
+        batch. All rows share the prefix common to the first requests."""
         pending = deque(requests)
         active: list[_Request] = []
         cache = valid = next_pos = logits = None
         prefix: list[tuple[torch.Tensor, torch.Tensor]] = []
-        lcp = self._shared_prefix([r.prompt for r in requests], keep=1)
+        prompts = [r.prompt for r in requests]
+        if admit is not None:  # n samples of one prompt would share all of it and keep everyone else out
+            prompts = list({tuple(p): p for p in prompts}.values())
+        lcp = self._shared_prefix(prompts, keep=1)
+        shared = requests[0].prompt[:lcp]
         while True:
-            if pending and len(active) <= self.batch_size // 2:
+            if admit is not None and len(active) + len(pending) < self.batch_size:
+                pending.extend(admit(shared))
+            room = self.batch_size // 2 if admit is None else self.batch_size - 1
+            if pending and len(active) <= room:
                 t0 = time.perf_counter()
                 new = [pending.popleft() for _ in range(min(len(pending), self.batch_size - len(active)))]
                 # Prefill in small groups of similar length (requests are sorted by length), so short
@@ -365,7 +466,12 @@ class HFModel:
             if not active:
                 return
             toks = self._sample(logits, [r.sampling for r in active], [r.gen for r in active])
-            keep = [s for s, r in enumerate(active) if not self._accept(r, int(toks[s]))]
+            keep = []
+            for s, r in enumerate(active):
+                if not self._accept(r, int(toks[s])):
+                    keep.append(s)
+                elif on_finish is not None:
+                    on_finish(r)
             if len(keep) < len(active):
                 active = [active[s] for s in keep]
                 if not active:
@@ -467,3 +573,86 @@ class HFModel:
                 tgt = torch.tensor(oids, device=lp.device)
                 scores[ci][oi] = float(lp.gather(-1, tgt[:, None]).sum())
         return scores
+
+    # ---- token-level scoring --------------------------------------------------------------
+
+    def prompt_logprobs(self, token_id_lists: Sequence[Sequence[int]]) -> list[list[float | None]]:
+        """Log-probability of each token given the tokens before it (None for the first), batched."""
+        return [p.logprobs for p in self.prompt_logprobs_detail(token_id_lists)]
+
+    @torch.no_grad()
+    def prompt_logprobs_detail(self, token_id_lists: Sequence[Sequence[int]], top: int = 0) -> list[PromptLogprobs]:
+        """`prompt_logprobs` with each token's rank, the `top` most likely tokens at each position
+        and the distribution after the last token (see PromptLogprobs).
+
+        Rows are batched by length and share their common prefix as generation does; the prefix's
+        own positions are scored once per distinct prefix. Logits are kept for every position of a
+        row's tail, so a batch is split to keep rows x positions x vocabulary within a budget."""
+        rows = [list(r) for r in token_id_lists]
+        for i, r in enumerate(rows):
+            if not r:
+                raise ValueError(f"prompt_logprobs: sequence {i} is empty")
+        out: list[PromptLogprobs | None] = [None] * len(rows)
+        order = sorted(range(len(rows)), key=lambda k: (len(rows[k]), k))
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        for batch in self._batches(order):
+            lcp = self._shared_prefix([rows[k] for k in batch], keep=1)
+            head = self._prefix_logprobs(tuple(rows[batch[0]][:lcp]), top) if lcp else None
+            start = 0
+            while start < len(batch):
+                # Rows are sorted by length, so the widest row of a sub-batch is its last.
+                stop = start + 1
+                while (stop < len(batch) and
+                       (stop + 1 - start) * (len(rows[batch[stop]]) - lcp) * vocab <= _LOGIT_BUDGET):
+                    stop += 1
+                sub = batch[start:stop]
+                width = len(rows[sub[-1]]) - lcp
+                logits, *_ = self._prefill([rows[k] for k in sub], keep=width, lcp=lcp)
+                for slot, k in enumerate(sub):
+                    out[k] = self._row_logprobs(rows[k], lcp, logits[slot], head, top)
+                start = stop
+        return out  # type: ignore[return-value]
+
+    def _prefix_logprobs(self, tokens: tuple[int, ...], top: int):
+        """(PromptLogprobs of the prefix itself, log-softmax after its last token), cached."""
+        key = (tokens, top)
+        if key not in self._prefix_scores:
+            logits, *_ = self._prefill([list(tokens)], keep=len(tokens), lcp=0)
+            lp = logits[0].float().log_softmax(-1)
+            self._prefix_scores[key] = (self._position_stats(list(tokens), lp[:-1], top), lp[-1])
+            while len(self._prefix_scores) > 4:
+                self._prefix_scores.popitem(last=False)
+        self._prefix_scores.move_to_end(key)
+        return self._prefix_scores[key]
+
+    def _row_logprobs(self, row: list[int], lcp: int, logits: torch.Tensor, head, top: int) -> PromptLogprobs:
+        """One row's PromptLogprobs from its tail logits (left-padded, last position last) and the
+        shared prefix's scores."""
+        tail = len(row) - lcp
+        lp = logits[logits.shape[0] - tail:].float().log_softmax(-1)  # position lcp + j predicts token lcp + j + 1
+        if head is None:
+            first = PromptLogprobs([None], [None], [[]], 0, 0.0, [])
+            body = self._position_stats(row, lp[:-1], top)
+        else:
+            first, before = head  # `before` predicts token lcp
+            body = self._position_stats(row[lcp - 1:], torch.cat([before[None], lp[:-1]]), top)
+        last = lp[-1]
+        nxt = int(logits[-1].float().argmax())
+        k = max(top, 1)
+        vals, ids = last.topk(k)
+        return PromptLogprobs(first.logprobs + body.logprobs[1:], first.ranks + body.ranks[1:], first.top + body.top[1:],
+                              nxt, float(last[nxt]), list(zip(ids.tolist(), vals.tolist())))
+
+    @staticmethod
+    def _position_stats(tokens: list[int], lp: torch.Tensor, top: int) -> PromptLogprobs:
+        """PromptLogprobs of `tokens` where lp[j] (a log-softmax row) predicts tokens[j + 1]."""
+        if len(tokens) < 2:
+            return PromptLogprobs([None], [None], [[]], 0, 0.0, [])
+        tgt = torch.tensor(tokens[1:], device=lp.device)
+        got = lp.gather(-1, tgt[:, None]).squeeze(-1)
+        ranks = (lp > got[:, None]).sum(-1) + 1
+        tops: list[list[tuple[int, float]]] = [[] for _ in tokens[1:]]
+        if top:
+            vals, ids = lp.topk(top, dim=-1)
+            tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+        return PromptLogprobs([None, *got.tolist()], [None, *ranks.tolist()], [[], *tops], 0, 0.0, [])
