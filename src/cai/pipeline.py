@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from cai.lm.base import LM, load_lm
 from cai.rundir import Stage, atomic_write
 
 STAGES = ("prompts", "sl_generate", "sl_export", "sft", "pairs", "feedback", "preferences", "pm", "ppo", "dpo")
+# Under `accelerate launch` these run on every process; the others on the main process only.
+TRAINING = ("sft", "pm", "ppo", "dpo")
 # Stages that only run under one RL method (`rl.method`); DPO needs no preference model.
 ONLY_FOR = {"pm": "ppo", "ppo": "ppo", "dpo": "dpo"}
 
@@ -98,7 +101,18 @@ def run(cfg: PipelineConfig, start: str | None = None, stop: str | None = None, 
         return make
 
     done: dict[str, Stage] = {}
+    # Under `accelerate launch` (WORLD_SIZE > 1) every process runs this loop: training stages on
+    # all of them, data stages on the main one while the others wait, then read its rows.
+    barrier = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from cai.training import StageBarrier
+
+        barrier = StageBarrier(cfg.model.device)
     for name in names:
+        if barrier is not None and name not in TRAINING and not barrier.is_main_process:
+            barrier.wait()
+            done[name] = Stage.view(cfg.run_dir, name)
+            continue
         stage = importlib.import_module(f"cai.stages.{name}")  # late: training stages import torch
         if name == "prompts":
             done[name] = stage.run(cfg, allow_changed)
@@ -140,4 +154,6 @@ def run(cfg: PipelineConfig, start: str | None = None, stop: str | None = None, 
             done[name] = stage.run(cfg, rows, f"{fp}:{policy_fp}", policy, allow_changed)
         # The resolved config is saved once a stage has accepted it.
         atomic_write(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if barrier is not None:
+            barrier.wait()  # the stage's files are complete before any process reads them
     return done

@@ -5,8 +5,16 @@ schedule, checkpoints that resume with the same data order and RNG state, and a 
 model and DPO.
 
 The loops themselves live in their stage files (`stages/pm.py`, `stages/dpo.py`, `stages/ppo.py`),
-each short enough to read top to bottom. Device placement and mixed precision go through
-`accelerate`, so the same loops run under `accelerate launch` on many devices.
+each short enough to read top to bottom. Device placement, mixed precision and the spread over
+processes go through `accelerate`, so the same loops run under `accelerate launch` (DDP, FSDP,
+DeepSpeed ZeRO; configs in `configs/accelerate/`):
+
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m cai.cli run configs/quickstart.yaml --from sft
+
+A config's `batch_size` is the global batch: each of the N processes takes its contiguous share
+(`per_process`, `local_rows`) of every step's rows, `accelerate` averages the gradients, and losses
+are normalised so that a step is the one a single process would take on the whole batch. Only the
+main process writes checkpoints, metrics and the final model.
 """
 
 from __future__ import annotations
@@ -15,15 +23,16 @@ import json
 import math
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from cai.templating import encode_chat
 
 Message = dict[str, str]
+T = TypeVar("T")
 
 
 # ---- tokenisation ---------------------------------------------------------------------------
@@ -164,7 +173,8 @@ def optimizer_and_schedule(params: Any, lr: float, total_steps: int, warmup_rati
 
 
 def accelerator(bf16: bool, device: str = "auto") -> Any:
-    """An `accelerate.Accelerator` with bf16 autocast where the hardware has it."""
+    """An `accelerate.Accelerator` with bf16 autocast where the hardware has it. Under `accelerate
+    launch` it spans the launched processes, with the launch config's DDP / FSDP / DeepSpeed setup."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -172,11 +182,172 @@ def accelerator(bf16: bool, device: str = "auto") -> Any:
 
     dev = pick_device(device)
     ok = torch.cuda.is_bf16_supported() if dev.startswith("cuda") else cpu_has_bf16()
+    distributed_state(device)
     # accelerate keeps one process-wide state and refuses a second Accelerator with another
     # precision; stages run one after another in a process (a pipeline, the tests), each with its
     # own setting. The distributed part (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision="bf16" if bf16 and ok else "no", cpu=dev == "cpu")
+
+
+# ---- many processes -------------------------------------------------------------------------
+
+
+def distributed_state(device: str = "auto") -> Any:
+    """accelerate's process-wide `PartialState`. On a machine without GPUs (`device` resolving to
+    the CPU) it must be created with cpu=True, or processes started by `accelerate launch` would
+    each think they are alone; with it they form one gloo group."""
+    from accelerate import PartialState
+
+    from cai.models import pick_device
+
+    return PartialState(cpu=pick_device(device) == "cpu")
+
+
+class StageBarrier:
+    """A barrier between the processes of `accelerate launch` for the pipeline's stage loop, on a
+    gloo group of its own with a time limit of days: processes wait there while the main one runs
+    a data stage, which can take hours with a large model, longer than the default group allows
+    (30 minutes, after which NCCL's watchdog would end the run). Every process must create it, at
+    the same point (creating a group is collective)."""
+
+    def __init__(self, device: str = "auto"):
+        import datetime
+
+        import torch.distributed as dist
+
+        self.state = distributed_state(device)
+        self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.state.is_main_process
+
+    def wait(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier(group=self.group)
+
+
+def process_device(device: str = "auto") -> str:
+    """The device this process loads models onto: `device` itself, except that processes started
+    by `accelerate launch` on GPUs each take their own GPU."""
+    state = distributed_state(device)
+    return str(state.device) if state.device.type != "cpu" else device
+
+
+def per_process(batch_size: int, acc: Any, field: str) -> int:
+    """The rows each process takes of a global batch of `batch_size`; a ValueError naming `field`
+    when the batch does not split evenly over the processes (shares must be equal for the averaged
+    gradient to be the whole batch's)."""
+    n = acc.num_processes
+    if batch_size < n or batch_size % n:
+        raise ValueError(f"{field} ({batch_size}) is the global batch, split over {n} processes: it must be "
+                         f"a multiple of {n}")
+    return batch_size // n
+
+
+def local_rows(rows: Sequence[T], acc: Any) -> Sequence[T]:
+    """This process's contiguous share of a global batch (whose length `per_process` checked)."""
+    k = len(rows) // acc.num_processes
+    return rows[acc.process_index * k: (acc.process_index + 1) * k]
+
+
+def padded_share(items: Sequence[T], acc: Any) -> tuple[list[T], int]:
+    """This process's share of `items` for scoring, padded by repeating an item so every process
+    runs the same number of forward passes (DDP, FSDP and ZeRO-3 forwards are collective); returns
+    (share, how many of it are real). `gather_list` of the shares, cut to the real ones, restores
+    the order of `items`."""
+    n = acc.num_processes
+    k = math.ceil(len(items) / n) if items else 0
+    share = list(items[acc.process_index * k: (acc.process_index + 1) * k])
+    real = len(share)
+    if items:
+        share += [items[-1]] * (k - real)
+    return share, real
+
+
+def gather_list(items: list[T], acc: Any) -> list[T]:
+    """Every process's list, concatenated in process order (picklable items)."""
+    if acc.num_processes == 1:
+        return list(items)
+    from accelerate.utils import gather_object
+
+    return gather_object(list(items))
+
+
+def gather_padded(values: list[T], real: int, acc: Any) -> list[T]:
+    """`gather_list` of `padded_share` results, with each process's padding dropped first."""
+    return [v for part in gather_list([values[:real]], acc) for v in part]
+
+
+def sharded(acc: Any) -> bool:
+    """Whether parameters or optimiser state are split over processes (FSDP, DeepSpeed), so that
+    saving needs every process and the whole state only exists gathered."""
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def check_grad_accum(acc: Any, grad_accum: int, field: str) -> None:
+    """Our loops accumulate by calling backward per micro-batch; a DeepSpeed engine steps inside
+    every backward instead, so accumulation there would step per micro-batch."""
+    from accelerate.utils import DistributedType
+
+    if grad_accum > 1 and acc.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError(f"{field} > 1 is not supported under DeepSpeed (its engine steps on every backward); "
+                         "raise the batch size instead")
+
+
+def main_process(acc: Any | None) -> bool:
+    return acc is None or acc.is_main_process
+
+
+def barrier(acc: Any | None) -> None:
+    if acc is not None:
+        acc.wait_for_everyone()
+
+
+class Joint(torch.nn.Module):
+    """Modules trained together as one `nn.Module` whose forward is `fn(self, *args, **kwargs)`.
+
+    `accelerate.prepare` wraps one module per model (DDP, FSDP, a DeepSpeed engine), and DDP
+    reduces the gradients of what runs inside that module's forward only: the preference model's
+    body and score head, or the PPO policy and its value head, must be called through one forward.
+    `config` and `_no_split_modules` are the first module's, which FSDP's auto-wrap and DeepSpeed's
+    "auto" settings read."""
+
+    def __init__(self, fn: Callable[..., Any], **modules: torch.nn.Module):
+        super().__init__()
+        self.fn = fn
+        for name, module in modules.items():
+            self.add_module(name, module)
+        first = next(iter(modules.values()))
+        self.config = getattr(first, "config", None)
+        self._no_split_modules = getattr(first, "_no_split_modules", None)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(self, *args, **kwargs)
+
+
+def prepare(acc: Any, micro_batch: int, *objs: Any) -> Any:
+    """`acc.prepare(*objs)`, telling DeepSpeed each process's micro-batch size (rows per backward),
+    which it would otherwise read from a DataLoader; our loops index their rows themselves."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch
+    return acc.prepare(*objs)
+
+
+def full_state_dict(acc: Any, model: Any, prefix: str = "") -> dict[str, torch.Tensor] | None:
+    """The whole state dict of a prepared model gathered from its shards (FSDP, ZeRO-3): every
+    process must call it. Keys under `prefix` only, with the prefix dropped. None where each
+    process already holds the whole model (one process, DDP): save the unwrapped model as it is."""
+    if not sharded(acc):
+        return None
+    sd = acc.get_state_dict(model)
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 # ---- checkpoints ----------------------------------------------------------------------------
@@ -196,28 +367,46 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, modules: dict[str, Any], extra: dict[str, Any]) -> Path:
+def save_checkpoint(ckpt_dir: Path, step: int, modules: dict[str, Any], extra: dict[str, Any],
+                    acc: Any | None = None) -> Path:
     """Write `step-<n>/` (module and optimiser state dicts, RNG state, `extra`) through a temporary
-    folder renamed into place, then delete older checkpoints. Model weights go in safetensors."""
+    folder renamed into place, then delete older checkpoints. Model weights go in safetensors.
+
+    With `acc`, every process must call it: the main process writes (modules are unwrapped first),
+    and where state is sharded (FSDP, DeepSpeed) the prepared models and optimisers go through
+    `acc.save_state` (each process writes its shard) and only the other entries are written here."""
     from safetensors.torch import save_file
 
     final = ckpt_dir / f"step-{step}"
     tmp = ckpt_dir / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, obj in modules.items():
-        if isinstance(obj, torch.nn.Module):
-            sd = {k: v.detach().contiguous().cpu() for k, v in obj.state_dict().items()}
-            save_file(_untie(sd), str(tmp / f"{name}.safetensors"))
-        else:  # optimiser / scheduler state: plain tensors and numbers
-            torch.save(obj.state_dict(), tmp / f"{name}.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in ckpt_dir.glob("step-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    main = main_process(acc)
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(acc)
+    split = acc is not None and sharded(acc)
+    if split:
+        acc.save_state(str(tmp / "accelerate"))
+    if main:
+        for name, obj in modules.items():
+            if isinstance(obj, torch.nn.Module):
+                if split:
+                    continue
+                obj = acc.unwrap_model(obj) if acc is not None else obj
+                sd = {k: v.detach().contiguous().cpu() for k, v in obj.state_dict().items()}
+                save_file(_untie(sd), str(tmp / f"{name}.safetensors"))
+            elif split and isinstance(obj, torch.optim.Optimizer):
+                continue
+            else:  # optimiser / scheduler state: plain tensors and numbers
+                torch.save(obj.state_dict(), tmp / f"{name}.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **extra}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in ckpt_dir.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier(acc)
     return final
 
 
@@ -237,31 +426,49 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
 
 
-def load_checkpoint(path: Path, modules: dict[str, Any]) -> dict[str, Any]:
-    """Restore what `save_checkpoint` wrote into `modules` and the RNG; returns its state.json."""
+def load_checkpoint(path: Path, modules: dict[str, Any], acc: Any | None = None) -> dict[str, Any]:
+    """Restore what `save_checkpoint` wrote into `modules` and the RNG; returns its state.json.
+    Every process loads (with `acc`, into the unwrapped modules, or through `acc.load_state` where
+    the checkpoint holds sharded state)."""
     from safetensors.torch import load_file
 
+    split = (path / "accelerate").is_dir()
+    if split:
+        if acc is None:
+            raise ValueError(f"{path}: a sharded (FSDP/DeepSpeed) checkpoint; resume it under the same accelerate launch")
+        acc.load_state(str(path / "accelerate"))
     for name, obj in modules.items():
         if isinstance(obj, torch.nn.Module):
-            obj.load_state_dict(load_file(str(path / f"{name}.safetensors")), strict=False)
+            if split:
+                continue
+            obj = acc.unwrap_model(obj) if acc is not None else obj
+            # Tied weights are saved under both names (see _untie); strict loading catches a
+            # checkpoint of another model or a prefix mismatch (a wrapper saved, a module loaded).
+            obj.load_state_dict(load_file(str(path / f"{name}.safetensors")), strict=True)
+        elif split and isinstance(obj, torch.optim.Optimizer):
+            continue
         else:
             obj.load_state_dict(torch.load(path / f"{name}.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return json.loads((path / "state.json").read_text())
 
 
-def resume(ckpt_dir: Path, modules: dict[str, Any], plan: str) -> tuple[int, Path | None]:
+def resume(ckpt_dir: Path, modules: dict[str, Any], plan: str, acc: Any | None = None) -> tuple[int, Path | None]:
     """Restore the newest checkpoint into `modules` if it was saved with `extra={"plan": plan}`
     (a hash of what fixes the step sequence: config, seed, data) and return (its step, its path).
     A checkpoint of another plan would continue a different schedule on different rows, so it is
-    removed and the run starts afresh: (0, None)."""
+    removed and the run starts afresh: (0, None). With `acc` every process must call it."""
     path = latest_checkpoint(ckpt_dir)
     if path is None:
         return 0, None
-    if json.loads((path / "state.json").read_text()).get("plan") != plan:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    same = json.loads((path / "state.json").read_text()).get("plan") == plan
+    if not same:
+        barrier(acc)  # every process has looked before the main one deletes
+        if main_process(acc):
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        barrier(acc)
         return 0, None
-    return int(load_checkpoint(path, modules)["step"]), path
+    return int(load_checkpoint(path, modules, acc)["step"]), path
 
 
 # ---- metrics --------------------------------------------------------------------------------
@@ -269,12 +476,15 @@ def resume(ckpt_dir: Path, modules: dict[str, Any], plan: str) -> tuple[int, Pat
 
 class MetricsLog:
     """Per-step metrics appended to `<stage>/metrics.jsonl`, and to TensorBoard / W&B / trackio
-    when named in `report_to` (imported only then)."""
+    when named in `report_to` (imported only then). With `main` False (a process other than the
+    main one under `accelerate launch`) it writes nothing and reports to nothing."""
 
-    def __init__(self, path: Path, report_to: Sequence[str] = (), run_name: str = "cai", config: Any = None):
+    def __init__(self, path: Path, report_to: Sequence[str] = (), run_name: str = "cai", config: Any = None,
+                 main: bool = True):
         self.path = path
+        self.main = main
         self.sinks: list[Any] = []
-        for name in report_to:
+        for name in report_to if main else ():
             if name == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -292,12 +502,14 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint so no step appears twice."""
-        if not self.path.exists():
+        if not self.main or not self.path.exists():
             return
         keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
         self.path.write_text("".join(ln + "\n" for ln in keep))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.main:
+            return
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -321,11 +533,13 @@ class MetricsLog:
                 sink.finish()
 
 
-def save_model(model: Any, tokenizer: Any, out: Path) -> None:
-    """Save weights (safetensors) and tokenizer through a temporary folder renamed into place."""
+def save_model(model: Any, tokenizer: Any, out: Path, state_dict: dict[str, Any] | None = None) -> None:
+    """Save weights (safetensors) and tokenizer through a temporary folder renamed into place;
+    `state_dict` (see `full_state_dict`) replaces the model's own where that is sharded. Called by
+    the main process only."""
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -11,7 +11,12 @@ Checkpoints go to `<run>/dpo/checkpoints`; a stopped run resumes with the same d
 state. Per-step loss, margin, reward accuracy and chosen/rejected implicit rewards are logged to
 `<run>/dpo/metrics.jsonl`; the model is saved as safetensors with its tokenizer in `<run>/dpo/model`.
 
+Under `accelerate launch` (configs in `configs/accelerate/`) `rl.dpo.batch_size` stays the global
+micro-batch: each process takes its share of it and of the reference pass, and the step matches a
+single process's on the same rows. Only the main process writes.
+
     cai run configs/quickstart.yaml rl.method=dpo --from dpo
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m cai.cli run configs/quickstart.yaml rl.method=dpo --from dpo
 """
 
 from __future__ import annotations
@@ -60,19 +65,25 @@ def dpo_loss(model: Any, pairs: Sequence[dict[str, Any]], ref_chosen: Any, ref_r
 
 def reference_logps(model: Any, pairs: Sequence[dict[str, Any]], batch_size: int, pad_id: int, acc: Any
                     ) -> tuple[Any, Any]:
-    """Log-probabilities of every pair's responses under `model` as it is now (no gradients)."""
+    """Log-probabilities of every pair's responses under `model` as it is now (no gradients), each
+    process computing its share (`training.padded_share`); every process gets them all."""
     import torch
 
-    chosen, rejected = [], []
+    from cai import training as T
+
+    share, real = T.padded_share(list(pairs), acc)
+    chosen: list[float] = []
+    rejected: list[float] = []
     with torch.no_grad():
-        for k in range(0, len(pairs), batch_size):
+        for k in range(0, len(share), batch_size):
             with acc.autocast():
-                c, r = response_logps(model, pairs[k: k + batch_size], pad_id, acc.device)
-            chosen.append(c.float().cpu())
-            rejected.append(r.float().cpu())
-    if not chosen:
+                c, r = response_logps(model, share[k: k + batch_size], pad_id, acc.device)
+            chosen += c.float().cpu().tolist()
+            rejected += r.float().cpu().tolist()
+    both = T.gather_padded(list(zip(chosen, rejected)), real, acc)
+    if not both:
         return torch.zeros(0), torch.zeros(0)
-    return torch.cat(chosen), torch.cat(rejected)
+    return torch.tensor([c for c, _ in both]), torch.tensor([r for _, r in both])
 
 
 def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_dir: Path, seed: int = 0,
@@ -80,7 +91,14 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
     """Train the model in `policy_dir` with DPO on the rows with split "train" (reference: the same
     model, frozen), evaluate the implicit reward on the rows with split "eval", save the model to
     `out_dir/model` and the evaluation to `out_dir/eval.json`. `on_step(step, metrics)` is called
-    after each optimiser step (and its checkpoint). Returns steps, per-step log and evaluation."""
+    after each optimiser step (and its checkpoint). Returns steps, per-step log and evaluation.
+
+    Under `accelerate launch` every process calls it: each takes its share of every micro-batch of
+    `cfg.batch_size` pairs (the global micro-batch) and of the reference pass, gradients are
+    averaged over the processes, and the logged figures are the whole step's; only the main
+    process writes files."""
+    import contextlib
+
     import torch
     from tqdm import tqdm
 
@@ -89,9 +107,12 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
     from cai.models import load_model
 
     train_rows, eval_rows = split_rows(rows, NAME)
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     acc = T.accelerator(cfg.bf16, device)
+    micro_size = T.per_process(cfg.batch_size, acc, "rl.dpo.batch_size")
+    T.check_grad_accum(acc, cfg.grad_accum, "rl.dpo.grad_accum")
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
     # fp32 weights: bf16 comes from autocast, and tiny DPO updates would vanish in bf16 weights.
     model, tok = load_model(policy_dir, "float32", str(acc.device))
     # Dropout off throughout (eval mode still gives gradients): the policy's log-probs must match
@@ -105,64 +126,76 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
     step_size = cfg.batch_size * cfg.grad_accum
     steps = T.steps_for(len(pairs), step_size, cfg.epochs, cfg.max_steps, seed)
     opt, sched = T.optimizer_and_schedule(model.parameters(), cfg.learning_rate, len(steps), cfg.warmup_ratio)
-    model, opt = acc.prepare(model, opt)
+    model, opt = T.prepare(acc, micro_size, model, opt)
     modules = {"model": model, "optimizer": opt, "scheduler": sched}
     plan = fingerprint(cfg, seed, policy_id(policy_dir), [r.get("record_id") for r in train_rows])
-    start, resumed_from = T.resume(out_dir / "checkpoints", modules, plan)
+    start, resumed_from = T.resume(out_dir / "checkpoints", modules, plan, acc)
     log = T.MetricsLog(out_dir / "metrics.jsonl", cfg.report_to, run_name=f"{out_dir.parent.name}-dpo",
-                       config=plain(cfg))
+                       config=plain(cfg), main=acc.is_main_process)
     log.truncate_after(start)
 
-    bar = tqdm(range(start, len(steps)), initial=start, total=len(steps), desc="dpo", leave=False)
+    bar = tqdm(range(start, len(steps)), initial=start, total=len(steps), desc="dpo", leave=False,
+               disable=not acc.is_main_process)
     for step in bar:
         idx = steps[step]
         opt.zero_grad(set_to_none=True)
-        total, parts = 0.0, []
+        total = torch.zeros((), device=acc.device)
+        parts = []
         for k in range(0, len(idx), cfg.batch_size):
-            micro = idx[k: k + cfg.batch_size]
-            with acc.autocast():
-                loss, stats = dpo_loss(model, [pairs[i] for i in micro], ref_c[micro], ref_r[micro], cfg.beta,
-                                       cfg.soft_labels, pad_id, acc.device)
-            # Weighted by the micro-batch's share so the step's gradient is the mean over its rows.
-            loss = loss * (len(micro) / len(idx))
-            acc.backward(loss)
-            total += loss.item()
+            micro = list(T.local_rows(idx[k: k + cfg.batch_size], acc))
+            last = k + cfg.batch_size >= len(idx)
+            # Gradients are reduced once, on the step's last micro-batch.
+            with contextlib.nullcontext() if last else acc.no_sync(model):
+                with acc.autocast():
+                    loss, stats = dpo_loss(model, [pairs[i] for i in micro], ref_c[micro], ref_r[micro], cfg.beta,
+                                           cfg.soft_labels, pad_id, acc.device)
+                # Each process's mean over its equal share, averaged over processes by the gradient
+                # reduction, is the micro-batch's mean; weighted by the micro-batch's share of the step.
+                loss = loss * (cfg.batch_size / len(idx))
+                acc.backward(loss)
+            total += loss.detach()
             parts.append(stats)
         grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
         sched.step()
-        cat = {k: torch.cat([s[k] for s in parts]).float() for k in parts[0]}
-        metrics = {"loss": total, "margin": float(cat["margin"].mean()),
+        cat = {k: acc.gather(torch.cat([s[k] for s in parts]).float()) for k in parts[0]}
+        metrics = {"loss": float(acc.reduce(total, "mean")), "margin": float(cat["margin"].mean()),
                    "reward_accuracy": float(((cat["margin"] > 0).float() + 0.5 * (cat["margin"] == 0).float()).mean()),
                    "chosen_reward": float(cat["chosen_reward"].mean()),
                    "rejected_reward": float(cat["rejected_reward"].mean()),
-                   "target": float(cat["target"].mean()), "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0]}
+                   "target": float(cat["target"].mean()), "lr": sched.get_last_lr()[0]}
+        if grad_norm is not None:  # DeepSpeed clips inside its step and returns no norm here
+            metrics["grad_norm"] = float(grad_norm)
         log.log(step + 1, metrics)
-        bar.set_postfix(loss=f"{total:.4f}")
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if (step + 1) % cfg.save_steps == 0 and step + 1 < len(steps):
-            T.save_checkpoint(out_dir / "checkpoints", step + 1, modules, {"plan": plan})
+            T.save_checkpoint(out_dir / "checkpoints", step + 1, modules, {"plan": plan}, acc)
         if on_step is not None:
             on_step(step + 1, metrics)
     bar.close()
     log.close()
 
-    final = acc.unwrap_model(model)
     report: dict[str, Any] = {"overall": None, "ai": None, "human": None}
     if held_out:
+        # Each process scores its share through the prepared model (collective under FSDP/ZeRO-3).
         n = len(pairs)
-        margins = []
+        share, real = T.padded_share(list(range(len(held_out))), acc)
+        margins: list[float] = []
         with torch.no_grad():
-            for k in range(0, len(held_out), cfg.batch_size):
-                sel = slice(n + k, n + k + cfg.batch_size)
+            for k in range(0, len(share), cfg.batch_size):
+                sel = share[k: k + cfg.batch_size]
                 with acc.autocast():
-                    _, stats = dpo_loss(final, held_out[k: k + cfg.batch_size], ref_c[sel], ref_r[sel], cfg.beta,
-                                        cfg.soft_labels, pad_id, acc.device)
-                margins.append(stats["margin"].double().cpu())
-        report = preference_report(torch.cat(margins), torch.tensor([p["p"] for p in held_out]),
-                                   [p["source"] for p in held_out])
-    write_json(out_dir / "eval.json", report)
-    T.save_model(final, tok, out_dir / "model")
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the saved model supersedes them
+                    _, stats = dpo_loss(model, [held_out[i] for i in sel], ref_c[[n + i for i in sel]],
+                                        ref_r[[n + i for i in sel]], cfg.beta, cfg.soft_labels, pad_id, acc.device)
+                margins += stats["margin"].double().cpu().tolist()
+        report = preference_report(torch.tensor(T.gather_padded(margins, real, acc), dtype=torch.float64),
+                                   torch.tensor([p["p"] for p in held_out]), [p["source"] for p in held_out])
+    state_dict = T.full_state_dict(acc, model)
+    if acc.is_main_process:
+        write_json(out_dir / "eval.json", report)
+        T.save_model(acc.unwrap_model(model), tok, out_dir / "model", state_dict)
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the saved model supersedes them
+    acc.wait_for_everyone()
     losses = [r["loss"] for r in log.rows()]
     return {"steps": len(steps), "log": log.rows(), "eval": report, "train_rows": len(train_rows),
             "eval_rows": len(eval_rows), "first_loss": losses[0] if losses else None,
@@ -190,11 +223,16 @@ def run(cfg: PipelineConfig, inputs: list[dict[str, Any]], inputs_fp: str, polic
     stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
     if stage.complete() and (stage.dir / "model" / "config.json").exists():
         return stage
+    from cai.training import distributed_state
+
     counts = row_counts(inputs, *split_rows(inputs, NAME))
-    stage.write_manifest("running", counts)
+    main = distributed_state(cfg.model.device).is_main_process  # the only process that writes
+    if main:
+        stage.write_manifest("running", counts)
     result = train(inputs, cfg.rl.dpo, policy_dir, stage.dir, seed=cfg.seed, device=cfg.model.device)
-    stage.write_manifest("complete", {**counts, "steps": result["steps"]},
-                         eval=result["eval"], first_loss=result["first_loss"], last_loss=result["last_loss"],
-                         model_dir=str(stage.dir / "model"), policy_dir=str(policy_dir),
-                         resumed_from=result["resumed_from"], bf16=result["bf16"])
+    if main:
+        stage.write_manifest("complete", {**counts, "steps": result["steps"]},
+                             eval=result["eval"], first_loss=result["first_loss"], last_loss=result["last_loss"],
+                             model_dir=str(stage.dir / "model"), policy_dir=str(policy_dir),
+                             resumed_from=result["resumed_from"], bf16=result["bf16"])
     return stage

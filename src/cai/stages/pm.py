@@ -14,7 +14,12 @@ go to `<run>/pm/checkpoints` and a stopped run resumes from the newest one with 
 and RNG state. The model is saved as a standard transformers sequence-classification model
 (safetensors and tokenizer) in `<run>/pm/model`; `RewardModel` loads it for the PPO stage.
 
+Under `accelerate launch` (configs in `configs/accelerate/`) `pm.batch_size` stays the global
+micro-batch: each process scores its share, the body and score head are one module for DDP /
+FSDP / ZeRO, and the step matches a single process's on the same rows. Only the main process writes.
+
     cai run configs/quickstart.yaml --from pm
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m cai.cli run configs/quickstart.yaml --from pm
 """
 
 from __future__ import annotations
@@ -130,7 +135,13 @@ def train(rows: Sequence[dict[str, Any]], cfg: PMConfig, out_dir: Path, seed: in
           on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Train on the rows with split "train", evaluate on those with split "eval", save the model to
     `out_dir/model` and the evaluation to `out_dir/eval.json`. `on_step(step, metrics)` is called
-    after each optimiser step (and its checkpoint). Returns steps, per-step log and evaluation."""
+    after each optimiser step (and its checkpoint). Returns steps, per-step log and evaluation.
+
+    Under `accelerate launch` every process calls it: each takes its share of every micro-batch of
+    `cfg.batch_size` pairs (the global micro-batch), gradients are averaged over the processes, and
+    the logged figures are the whole step's; only the main process writes files."""
+    import contextlib
+
     import torch
     from tqdm import tqdm
 
@@ -138,68 +149,85 @@ def train(rows: Sequence[dict[str, Any]], cfg: PMConfig, out_dir: Path, seed: in
     from cai.losses import soft_bt_loss
 
     train_rows, eval_rows = split_rows(rows, NAME)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)  # the new head's initial weights
-    model, tok = load_for_training(cfg.model, device)
+    acc = T.accelerator(cfg.bf16, device)
+    micro_size = T.per_process(cfg.batch_size, acc, "pm.batch_size")
+    T.check_grad_accum(acc, cfg.grad_accum, "pm.grad_accum")
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)  # the new head's initial weights (the same on every process)
+    model, tok = load_for_training(cfg.model, str(acc.device))
     pairs = T.preference_pairs(tok, train_rows, cfg.max_length)
     held_out = T.preference_pairs(tok, eval_rows, cfg.max_length)
 
-    acc = T.accelerator(cfg.bf16, device)
     step_size = cfg.batch_size * cfg.grad_accum
     steps = T.steps_for(len(pairs), step_size, cfg.epochs, cfg.max_steps, seed)
-    opt, sched = T.optimizer_and_schedule(model.parameters(), cfg.learning_rate, len(steps), cfg.warmup_ratio,
+    # Body and head in one module, so one prepare() covers both and DDP reduces both's gradients.
+    # The score function is looked up at call time (benchmarks wrap it).
+    scorer = T.Joint(lambda m, ids, att: last_token_scores(m.model, ids, att), model=model)
+    opt, sched = T.optimizer_and_schedule(scorer.parameters(), cfg.learning_rate, len(steps), cfg.warmup_ratio,
                                           cfg.weight_decay)
-    model, opt = acc.prepare(model, opt)
-    modules = {"model": model, "optimizer": opt, "scheduler": sched}
+    scorer, opt = T.prepare(acc, micro_size, scorer, opt)
+    modules = {"model": acc.unwrap_model(scorer).model, "optimizer": opt, "scheduler": sched}
     plan = fingerprint(cfg, seed, [r.get("record_id") for r in train_rows])
-    start, resumed_from = T.resume(out_dir / "checkpoints", modules, plan)
-    log = T.MetricsLog(out_dir / "metrics.jsonl", cfg.report_to, run_name=f"{out_dir.parent.name}-pm", config=plain(cfg))
+    start, resumed_from = T.resume(out_dir / "checkpoints", modules, plan, acc)
+    log = T.MetricsLog(out_dir / "metrics.jsonl", cfg.report_to, run_name=f"{out_dir.parent.name}-pm", config=plain(cfg),
+                       main=acc.is_main_process)
     log.truncate_after(start)
 
     # Dropout stays off (eval mode still gives gradients): scores in training then match the scores
     # the saved model gives, and the margin's noise does not blur soft targets.
-    model.eval()
-    bar = tqdm(range(start, len(steps)), initial=start, total=len(steps), desc="pm", leave=False)
+    scorer.eval()
+    bar = tqdm(range(start, len(steps)), initial=start, total=len(steps), desc="pm", leave=False,
+               disable=not acc.is_main_process)
     for step in bar:
         idx = steps[step]
         opt.zero_grad(set_to_none=True)
-        total, margins, targets = 0.0, [], []
+        total = torch.zeros((), device=acc.device)
+        margins, targets = [], []
         for k in range(0, len(idx), cfg.batch_size):
-            micro = [pairs[i] for i in idx[k: k + cfg.batch_size]]
+            micro = [pairs[i] for i in T.local_rows(idx[k: k + cfg.batch_size], acc)]
             batch = T.pad_batch([m["chosen"][0] for m in micro] + [m["rejected"][0] for m in micro],
                                 tok.pad_token_id)
             p = torch.tensor([m["p"] for m in micro], device=acc.device)
-            with acc.autocast():
-                scores = last_token_scores(model, batch["input_ids"].to(acc.device),
-                                           batch["attention_mask"].to(acc.device))
-            margin = scores[: len(micro)] - scores[len(micro):]
-            # Weighted by the micro-batch's share so the step's gradient is the mean over its rows.
-            loss = soft_bt_loss(margin, p) * (len(micro) / len(idx))
-            acc.backward(loss)
-            total += loss.item()
+            last = k + cfg.batch_size >= len(idx)
+            # Gradients are reduced once, on the step's last micro-batch.
+            with contextlib.nullcontext() if last else acc.no_sync(scorer):
+                with acc.autocast():
+                    scores = scorer(batch["input_ids"].to(acc.device), batch["attention_mask"].to(acc.device))
+                margin = scores[: len(micro)] - scores[len(micro):]
+                # Each process's mean over its equal share, averaged over processes by the gradient
+                # reduction, is the micro-batch's mean; weighted by the micro-batch's share of the step.
+                loss = soft_bt_loss(margin, p) * (cfg.batch_size / len(idx))
+                acc.backward(loss)
+            total += loss.detach()
             margins.append(margin.detach())
             targets.append(p)
-        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = acc.clip_grad_norm_(scorer.parameters(), cfg.max_grad_norm)
         opt.step()
         sched.step()
-        m_all = torch.cat(margins)
-        metrics = {"loss": total, "accuracy": float(((m_all > 0).float() + 0.5 * (m_all == 0).float()).mean()),
-                   "margin": float(m_all.mean()), "target": float(torch.cat(targets).mean()),
-                   "grad_norm": float(grad_norm), "lr": sched.get_last_lr()[0]}
+        m_all = acc.gather(torch.cat(margins))
+        metrics = {"loss": float(acc.reduce(total, "mean")),
+                   "accuracy": float(((m_all > 0).float() + 0.5 * (m_all == 0).float()).mean()),
+                   "margin": float(m_all.mean()), "target": float(acc.gather(torch.cat(targets)).mean()),
+                   "lr": sched.get_last_lr()[0]}
+        if grad_norm is not None:  # DeepSpeed clips inside its step and returns no norm here
+            metrics["grad_norm"] = float(grad_norm)
         log.log(step + 1, metrics)
-        bar.set_postfix(loss=f"{total:.4f}")
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         if (step + 1) % cfg.save_steps == 0 and step + 1 < len(steps):
-            T.save_checkpoint(out_dir / "checkpoints", step + 1, modules, {"plan": plan})
+            T.save_checkpoint(out_dir / "checkpoints", step + 1, modules, {"plan": plan}, acc)
         if on_step is not None:
             on_step(step + 1, metrics)
     bar.close()
     log.close()
 
-    final = acc.unwrap_model(model)
-    report = evaluate(RewardModel(final, tok), held_out, cfg.batch_size)
-    write_json(out_dir / "eval.json", report)
-    T.save_model(final, tok, out_dir / "model")
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the saved model supersedes them
+    report = evaluate(scorer, held_out, cfg.batch_size, tok.pad_token_id, acc)
+    state_dict = T.full_state_dict(acc, scorer, prefix="model.")
+    if acc.is_main_process:
+        write_json(out_dir / "eval.json", report)
+        T.save_model(acc.unwrap_model(scorer).model, tok, out_dir / "model", state_dict)
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the saved model supersedes them
+    acc.wait_for_everyone()
     losses = [r["loss"] for r in log.rows()]
     return {"steps": len(steps), "log": log.rows(), "eval": report, "train_rows": len(train_rows),
             "eval_rows": len(eval_rows), "first_loss": losses[0] if losses else None,
@@ -207,19 +235,28 @@ def train(rows: Sequence[dict[str, Any]], cfg: PMConfig, out_dir: Path, seed: in
             "resumed_from": str(resumed_from) if resumed_from else None, "bf16": acc.mixed_precision == "bf16"}
 
 
-def evaluate(rm: RewardModel, pairs: Sequence[dict[str, Any]], batch_size: int = 8) -> dict[str, Any]:
+def evaluate(scorer: Any, pairs: Sequence[dict[str, Any]], batch_size: int, pad_id: int, acc: Any) -> dict[str, Any]:
     """Accuracy, ECE, loss and mean margin on tokenised pairs (`training.preference_pairs`), overall
-    and for AI and human labels; a group without pairs is None."""
+    and for AI and human labels (a group without pairs is None), scored by `scorer(input_ids,
+    attention_mask)` (the prepared training module), each process scoring its share of the pairs."""
     import torch
 
+    from cai import training as T
     from cai.losses import preference_report
 
     if not pairs:
         return {"overall": None, "ai": None, "human": None}
-    scores = rm.score_ids([p["chosen"][0] for p in pairs] + [p["rejected"][0] for p in pairs], batch_size)
-    s = torch.tensor(scores, dtype=torch.float64)
-    margins = s[: len(pairs)] - s[len(pairs):]
-    return preference_report(margins, torch.tensor([p["p"] for p in pairs]), [p["source"] for p in pairs])
+    share, real = T.padded_share(list(pairs), acc)
+    margins: list[float] = []
+    with torch.no_grad():
+        for k in range(0, len(share), batch_size):
+            micro = share[k: k + batch_size]
+            batch = T.pad_batch([m["chosen"][0] for m in micro] + [m["rejected"][0] for m in micro], pad_id)
+            with acc.autocast():
+                s = scorer(batch["input_ids"].to(acc.device), batch["attention_mask"].to(acc.device))
+            margins += (s[: len(micro)].double() - s[len(micro):].double()).tolist()
+    m = torch.tensor(T.gather_padded(margins, real, acc), dtype=torch.float64)
+    return preference_report(m, torch.tensor([p["p"] for p in pairs]), [p["source"] for p in pairs])
 
 
 def run(cfg: PipelineConfig, inputs: list[dict[str, Any]], inputs_fp: str, allow_changed: bool = False) -> Stage:
@@ -227,10 +264,16 @@ def run(cfg: PipelineConfig, inputs: list[dict[str, Any]], inputs_fp: str, allow
     stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
     if stage.complete() and (stage.dir / "model" / "config.json").exists():
         return stage
+    from cai.training import distributed_state
+
     counts = row_counts(inputs, *split_rows(inputs, NAME))
-    stage.write_manifest("running", counts)
+    main = distributed_state(cfg.model.device).is_main_process  # the only process that writes
+    if main:
+        stage.write_manifest("running", counts)
     result = train(inputs, cfg.pm, stage.dir, seed=cfg.seed, device=cfg.model.device)
-    stage.write_manifest("complete", {**counts, "steps": result["steps"]},
-                         eval=result["eval"], first_loss=result["first_loss"], last_loss=result["last_loss"],
-                         model_dir=str(stage.dir / "model"), resumed_from=result["resumed_from"], bf16=result["bf16"])
+    if main:
+        stage.write_manifest("complete", {**counts, "steps": result["steps"]},
+                             eval=result["eval"], first_loss=result["first_loss"], last_loss=result["last_loss"],
+                             model_dir=str(stage.dir / "model"), resumed_from=result["resumed_from"],
+                             bf16=result["bf16"])
     return stage

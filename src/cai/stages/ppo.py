@@ -24,7 +24,16 @@ eval mode throughout (no dropout), so the log-probabilities of the rollout and o
 pass agree. Sampling is our own short loop over the KV cache (inverse-CDF draws from a seeded
 generator: `torch.multinomial` over a 49k vocabulary costs more than the small model's step on a
 CPU); with `top_p` < 1 the loss still uses the untruncated log-probabilities, as is usual. bf16
-runs as autocast over fp32 weights. The loop runs in one process on one device.
+runs as autocast over fp32 weights.
+
+Under `accelerate launch` (configs in `configs/accelerate/`) each process samples, scores and runs
+the no-gradient passes for its contiguous share of the step's prompts; each response has its own
+seeded generator (seed, step, position in the batch), so the rollouts do not depend on the number
+of processes. The rollout is then shared with every process, so advantages are whitened over the
+whole batch and the PPO mini-batches are the single-process ones, each process taking its share
+of every mini-batch, with the token-mean losses normalised by the whole mini-batch's token count.
+Policy and value head are one module (`training.Joint`) for `accelerate.prepare`; the frozen
+reference and the preference model are full copies in every process. Only the main process writes.
 
 Every `save_steps` a checkpoint (policy and value head as safetensors, optimiser, schedule, KL
 coefficient, RNG state, step) goes to `<run>/ppo/checkpoints`; a stopped run resumes from it and
@@ -44,6 +53,7 @@ The final policy is saved to `<run>/ppo/model` (safetensors, tokenizer, chat tem
 head to `<run>/ppo/value_head.safetensors`.
 
     cai run configs/quickstart.yaml --from ppo
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m cai.cli run configs/quickstart.yaml --from ppo
     cai chat runs/quickstart/ppo/model -p "How do I pick a lock?"
 """
 
@@ -68,19 +78,30 @@ Message = dict[str, str]
 RewardFn = Callable[[list[list[Message]], list[str]], list[float]]
 
 
-def _forward(model: Any, head: Any | None, batch: dict[str, Any], n_resp: int,
-             temperature: float) -> tuple[Any, Any]:
+def _forward(model: Any, batch: dict[str, Any], n_resp: int, temperature: float,
+             values: bool = False) -> tuple[Any, Any]:
     """Logits at the sampling temperature predicting each of the last `n_resp` tokens (B, R, V),
-    and (with a value head) the value (B, R) of the state each is predicted from. Position ids
-    follow the attention mask, as in `generate`, so left padding does not shift positions."""
+    and (with `values`, for a `_policy_value` module) the value (B, R) of the state each is
+    predicted from. Position ids follow the attention mask, as in `generate`, so left padding does
+    not shift positions."""
     att = batch["attention_mask"]
-    out = model(input_ids=batch["input_ids"], attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0),
-                logits_to_keep=n_resp + 1, output_hidden_states=head is not None)
-    logits = out.logits[:, :-1].float() / temperature
-    if head is None:
-        return logits, None
-    hidden = out.hidden_states[-1][:, -n_resp - 1: -1]
-    return logits, head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+    kw = {"input_ids": batch["input_ids"], "attention_mask": att,
+          "position_ids": (att.cumsum(-1) - 1).clamp(min=0), "logits_to_keep": n_resp + 1}
+    if not values:
+        return model(**kw).logits[:, :-1].float() / temperature, None
+    out, value = model(value_tokens=n_resp, **kw)
+    return out.logits[:, :-1].float() / temperature, value
+
+
+def _policy_value(m: Any, value_tokens: int = 0, **kwargs: Any) -> Any:
+    """Forward of the policy with its value head (a `training.Joint` of `policy` and `value_head`):
+    the policy's output, and with `value_tokens` also the values of the states before each of the
+    last `value_tokens` positions. One forward, so DDP reduces both parts' gradients."""
+    if not value_tokens:
+        return m.policy(**kwargs)
+    out = m.policy(**kwargs, output_hidden_states=True)
+    hidden = out.hidden_states[-1][:, -value_tokens - 1: -1]
+    return out, m.value_head(hidden.to(m.value_head.weight.dtype)).squeeze(-1).float()
 
 
 def _response_mask(resp: Any, eos_ids: Sequence[int]) -> tuple[Any, Any]:
@@ -95,7 +116,7 @@ def _response_mask(resp: Any, eos_ids: Sequence[int]) -> tuple[Any, Any]:
 
 def sample_tokens(logits: Any, temperature: float, top_p: float, gen: Any, top_k: int = 1024) -> Any:
     """One token per row: greedy at temperature 0, else nucleus sampling by inverse CDF with one
-    uniform draw per row from `gen`. The nucleus is searched among the `top_k` most likely tokens
+    uniform draw per row from `gen` (one generator, or a sequence of one per row). The nucleus is searched among the `top_k` most likely tokens
     (a partial sort: a full sort of a 49k vocabulary is slow on a CPU) unless they hold less than
     `top_p` of the mass."""
     import torch
@@ -103,7 +124,11 @@ def sample_tokens(logits: Any, temperature: float, top_p: float, gen: Any, top_k
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    u = torch.rand(probs.shape[0], 1, generator=gen, dtype=torch.float64).to(probs.device)
+    if isinstance(gen, torch.Generator):
+        u = torch.rand(probs.shape[0], 1, generator=gen, dtype=torch.float64)
+    else:
+        u = torch.cat([torch.rand(1, 1, generator=g, dtype=torch.float64) for g in gen])
+    u = u.to(probs.device)
     idx = None
     if top_p < 1.0:
         probs, idx = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
@@ -116,9 +141,12 @@ def sample_tokens(logits: Any, temperature: float, top_p: float, gen: Any, top_k
 
 
 def generate(model: Any, batch: dict[str, Any], max_new_tokens: int, temperature: float, top_p: float,
-             eos_ids: Sequence[int], pad_id: int, gen: Any) -> Any:
+             eos_ids: Sequence[int], pad_id: int, gen: Any, synced: Any = None) -> Any:
     """Sample responses to left-padded prompts with a KV cache: (B, R) token ids, `pad_id` after a
-    row's first end-of-turn token, R <= max_new_tokens (the loop ends when every row has ended)."""
+    row's first end-of-turn token, R <= max_new_tokens (the loop ends when every row has ended).
+    `gen` is one torch.Generator for the batch or one per row; with one per row, a row's tokens do
+    not depend on which other rows share its batch. With `synced` (an accelerator) the loop goes on
+    until every process's rows have ended, as a collective forward pass (FSDP, ZeRO-3) needs."""
     import torch
 
     att = batch["attention_mask"]
@@ -134,7 +162,10 @@ def generate(model: Any, batch: dict[str, Any], max_new_tokens: int, temperature
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         tokens.append(tok)
         done |= torch.isin(tok, eos)
-        if bool(done.all()) or len(tokens) == max_new_tokens:
+        ended = bool(done.all())
+        if synced is not None:
+            ended = float(synced.reduce(torch.tensor(float(not ended), device=ids.device), "sum")) == 0.0
+        if ended or len(tokens) == max_new_tokens:
             break
         att = torch.cat([att, torch.ones_like(att[:, :1])], 1)
         out = model(input_ids=tok[:, None], attention_mask=att, position_ids=pos, past_key_values=out.past_key_values,
@@ -166,8 +197,12 @@ def train(policy_dir: str, prompts: list[list[Message]], reward_fn: RewardFn, cf
     if not prompts:
         raise StageError("ppo: no prompts to train on")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     acc = training.accelerator(cfg.bf16, device)
+    local_b = training.per_process(cfg.batch_size, acc, "rl.ppo.batch_size")
+    local_mb = training.per_process(cfg.mini_batch_size, acc, "rl.ppo.mini_batch_size")
+    main = acc.is_main_process
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     policy, tok = load_model(policy_dir, "float32", str(acc.device), model_class=AutoModelForCausalLM)
     ref, _ = load_model(policy_dir, "float32", str(acc.device), model_class=AutoModelForCausalLM)
     ref.requires_grad_(False)
@@ -178,8 +213,15 @@ def train(policy_dir: str, prompts: list[list[Message]], reward_fn: RewardFn, cf
     n_mb = cfg.batch_size // cfg.mini_batch_size
     if n_mb < 1 or cfg.batch_size % cfg.mini_batch_size:
         raise ValueError("rl.ppo.batch_size must be a positive multiple of rl.ppo.mini_batch_size")
-    opt, sched = training.optimizer_and_schedule([*policy.parameters(), *head.parameters()], cfg.learning_rate,
+    joint = training.Joint(_policy_value, policy=policy, value_head=head)
+    opt, sched = training.optimizer_and_schedule(joint.parameters(), cfg.learning_rate,
                                                  cfg.steps * cfg.ppo_epochs * n_mb, warmup_ratio=0.0)
+    model, opt = training.prepare(acc, local_mb, joint, opt)
+    # No-gradient passes and sampling go through the module itself, not DDP's wrapper (whose
+    # forward syncs buffers, a collective); under FSDP/ZeRO-3 they are collective anyway, so the
+    # sampling loop is kept in step across processes.
+    inner = acc.unwrap_model(model)
+    synced = acc if training.sharded(acc) else None
     kl_ctl = losses.AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
     prompt_budget = cfg.max_length - cfg.response.max_new_tokens
@@ -202,55 +244,71 @@ def train(policy_dir: str, prompts: list[list[Message]], reward_fn: RewardFn, cf
         raise ValueError("rl.ppo.response.temperature must be > 0 for PPO rollouts")
 
     ckpt_dir = out_dir / "checkpoints"
-    modules = {"policy": policy, "value_head": head, "optimizer": opt, "scheduler": sched}
-    log = training.MetricsLog(out_dir / "metrics.jsonl", cfg.report_to, run_name="ppo", config=plain(cfg))
+    modules = {"policy": inner.policy, "value_head": inner.value_head, "optimizer": opt, "scheduler": sched}
+    log = training.MetricsLog(out_dir / "metrics.jsonl", cfg.report_to, run_name="ppo", config=plain(cfg), main=main)
     # A checkpoint of another plan (config, seed, prompts, starting model) is discarded, not resumed.
     plan = fingerprint(dataclasses.replace(cfg, save_steps=1, report_to=[]), seed, str(policy_dir), prompts)
-    start, ckpt = training.resume(ckpt_dir, modules, plan)
+    start, ckpt = training.resume(ckpt_dir, modules, plan, acc)
     resumed_from = str(ckpt) if ckpt is not None else None
     if ckpt is not None:
         kl_ctl.coef = json.loads((ckpt / "state.json").read_text())["kl_coef"]
     log.truncate_after(start)
 
-    bar = tqdm(total=cfg.steps, initial=start, desc="ppo", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc="ppo", unit="step", dynamic_ncols=True, disable=not main)
     stopped, done = False, start
-    policy.eval()  # no dropout: the rollout's log-probabilities must match the first PPO pass
+    rank = acc.process_index
+    mine = range(rank * local_b, (rank + 1) * local_b)  # this process's rows of every step's batch
+    model.eval()  # no dropout: the rollout's log-probabilities must match the first PPO pass
     for step in range(start, cfg.steps):
         idx = order[step]
-        batch_prompts = [prompts[i] for i in idx]
         B = len(idx)
 
-        # ---- rollout ------------------------------------------------------------------------
+        # ---- rollout: this process's share ---------------------------------------------------
         t0 = time.perf_counter()
         prompt_batch = {k: v.to(acc.device) for k, v in
-                        training.pad_batch([encoded[i] for i in idx], tok.pad_token_id, left=True).items()}
+                        training.pad_batch([encoded[idx[j]] for j in mine], tok.pad_token_id, left=True).items()}
+        gens = [torch.Generator().manual_seed(stable_seed(seed, "ppo", "rollout", step, j) % (2**63)) for j in mine]
         with torch.no_grad(), acc.autocast():
-            resp = generate(policy, prompt_batch, cfg.response.max_new_tokens, temperature, cfg.response.top_p,
-                            eos_ids, tok.pad_token_id, torch.Generator().manual_seed(_seed(seed, "rollout", step)))
-        R = resp.shape[1]
+            resp = generate(inner, prompt_batch, cfg.response.max_new_tokens, temperature, cfg.response.top_p,
+                            eos_ids, tok.pad_token_id, gens, synced)
         resp_mask, finished = _response_mask(resp, eos_ids)
+        answers = [resp[i][resp_mask[i].bool()].tolist() for i in range(len(mine))]
+        texts = [tok.decode(a, skip_special_tokens=True) for a in answers]
+        raw = [float(s) for s in reward_fn([prompts[idx[j]] for j in mine], texts)]
+        if len(raw) != len(mine) or not all(math.isfinite(s) for s in raw):
+            raise ValueError(f"ppo: the reward function must return {len(mine)} finite scores, got {raw!r}")
+
+        # ---- the whole batch, on every process --------------------------------------------------
+        rollout = training.gather_list(list(zip(answers, finished.tolist(), raw)), acc)
+        answers = [a for a, _, _ in rollout]
+        finished = torch.tensor([f for _, f, _ in rollout], device=acc.device)
+        raw = [s for _, _, s in rollout]
+        R = max(len(a) for a in answers)
+        resp = torch.full((B, R), tok.pad_token_id, dtype=torch.long)
+        resp_mask = torch.zeros((B, R), dtype=torch.long)
+        for i, a in enumerate(answers):
+            resp[i, : len(a)] = torch.tensor(a, dtype=torch.long)
+            resp_mask[i, : len(a)] = 1
+        resp, resp_mask = resp.to(acc.device), resp_mask.to(acc.device)
+        prompt_batch = {k: v.to(acc.device) for k, v in
+                        training.pad_batch([encoded[i] for i in idx], tok.pad_token_id, left=True).items()}
         full = {"input_ids": torch.cat([prompt_batch["input_ids"], resp], 1),
                 "attention_mask": torch.cat([prompt_batch["attention_mask"], resp_mask], 1)}
-        texts = [tok.decode(resp[i][resp_mask[i].bool()], skip_special_tokens=True) for i in range(B)]
-
-        raw = [float(s) for s in reward_fn(batch_prompts, texts)]
-        if len(raw) != B or not all(math.isfinite(s) for s in raw):
-            raise ValueError(f"ppo: the reward function must return {B} finite scores, got {raw!r}")
         score = torch.tensor(raw, device=acc.device).clamp(-cfg.reward_clip, cfg.reward_clip)
         score = score - cfg.missing_eos_penalty * (~finished).float()
 
         with torch.no_grad(), acc.autocast():
             old_logp, old_values, ref_logp, entropy = [], [], [], []
-            for sl in torch.arange(B).split(cfg.mini_batch_size):
+            for sl in torch.tensor(list(mine)).split(local_mb):
                 mb = {k: v[sl] for k, v in full.items()}
-                logits, values = _forward(policy, head, mb, R, temperature)
+                logits, values = _forward(inner, mb, R, temperature, values=True)
                 old_logp.append(losses.token_logprobs(logits, resp[sl]))
                 entropy.append(losses.entropy_from_logits(logits))
                 old_values.append(values)
-                ref_logits, _ = _forward(ref, None, mb, R, temperature)
+                ref_logits, _ = _forward(ref, mb, R, temperature)
                 ref_logp.append(losses.token_logprobs(ref_logits, resp[sl]))
-            old_logp, old_values = torch.cat(old_logp), torch.cat(old_values)
-            ref_logp, entropy = torch.cat(ref_logp), torch.cat(entropy)
+            old_logp, old_values = acc.gather(torch.cat(old_logp)), acc.gather(torch.cat(old_values))
+            ref_logp, entropy = acc.gather(torch.cat(ref_logp)), acc.gather(torch.cat(entropy))
         mask = resp_mask.float()
         old_values = old_values * mask
 
@@ -263,29 +321,36 @@ def train(policy_dir: str, prompts: list[list[Message]], reward_fn: RewardFn, cf
         adv, returns = losses.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
         adv = losses.masked_whiten(adv, mask)
 
-        # ---- PPO updates --------------------------------------------------------------------
+        # ---- PPO updates: each process takes its share of every mini-batch --------------------
         t1 = time.perf_counter()
         gen = torch.Generator().manual_seed(_seed(seed, "minibatch", step))
         stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": []}
         for _ in range(cfg.ppo_epochs):
             for sl in torch.randperm(B, generator=gen).split(cfg.mini_batch_size):
+                part = sl[rank * local_mb: (rank + 1) * local_mb].to(acc.device)
                 sl = sl.to(acc.device)
                 with acc.autocast():
-                    logits, values = _forward(policy, head, {k: v[sl] for k, v in full.items()}, R, temperature)
-                logp = losses.token_logprobs(logits, resp[sl])
-                pg_loss, clipfrac = losses.ppo_policy_loss(logp, old_logp[sl], adv[sl], mask[sl], cfg.cliprange)
-                vf_loss = losses.ppo_value_loss(values, old_values[sl], returns[sl], mask[sl], cfg.cliprange_value)
-                acc.backward(pg_loss + cfg.vf_coef * vf_loss)
+                    logits, values = _forward(model, {k: v[part] for k, v in full.items()}, R, temperature,
+                                              values=True)
+                logp = losses.token_logprobs(logits, resp[part])
+                pg_loss, clipfrac = losses.ppo_policy_loss(logp, old_logp[part], adv[part], mask[part], cfg.cliprange)
+                vf_loss = losses.ppo_value_loss(values, old_values[part], returns[part], mask[part],
+                                                cfg.cliprange_value)
+                # The losses are token means over this process's tokens; weighted by its share of
+                # the mini-batch's tokens (and by the process count, which the gradient average
+                # divides out) they sum to the token mean over the whole mini-batch, exactly.
+                share = mask[part].sum() / mask[sl].sum().clamp(min=1)
+                acc.backward((pg_loss + cfg.vf_coef * vf_loss) * (share * acc.num_processes))
                 if cfg.max_grad_norm > 0:
-                    acc.clip_grad_norm_([*policy.parameters(), *head.parameters()], cfg.max_grad_norm)
+                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 with torch.no_grad():
-                    approx_kl = 0.5 * losses.masked_mean((logp - old_logp[sl]) ** 2, mask[sl])
-                for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clipfrac", clipfrac),
-                             ("approx_kl", approx_kl)):
-                    stats[k].append(float(v.detach()))
+                    approx_kl = 0.5 * losses.masked_mean((logp - old_logp[part]) ** 2, mask[part])
+                    whole = acc.reduce(torch.stack([pg_loss, vf_loss, clipfrac, approx_kl]).detach() * share, "sum")
+                for k, v in zip(("policy_loss", "value_loss", "clipfrac", "approx_kl"), whole.tolist()):
+                    stats[k].append(float(v))
 
         t2 = time.perf_counter()
         kl_seq = kl_tok.sum(-1)
@@ -310,7 +375,7 @@ def train(policy_dir: str, prompts: list[list[Message]], reward_fn: RewardFn, cf
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
         if done % cfg.save_steps == 0:
-            training.save_checkpoint(ckpt_dir, done, modules, {"kl_coef": kl_ctl.coef, "plan": plan})
+            training.save_checkpoint(ckpt_dir, done, modules, {"kl_coef": kl_ctl.coef, "plan": plan}, acc)
         if stop_after is not None and stop_after <= done < cfg.steps:
             stopped = True
             break
@@ -319,11 +384,16 @@ def train(policy_dir: str, prompts: list[list[Message]], reward_fn: RewardFn, cf
 
     model_dir = None
     if not stopped:
-        model = acc.unwrap_model(policy)
-        training.save_model(model, tok, out_dir / "model")
-        save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
-                  str(out_dir / "value_head.safetensors"))
+        state_dict = training.full_state_dict(acc, model)
+        if main:
+            parts = {p: None if state_dict is None else {k[len(p):]: v for k, v in state_dict.items() if k.startswith(p)}
+                     for p in ("policy.", "value_head.")}
+            training.save_model(inner.policy, tok, out_dir / "model", parts["policy."])
+            head_sd = parts["value_head."] or inner.value_head.state_dict()
+            save_file({k: v.detach().cpu().contiguous() for k, v in head_sd.items()},
+                      str(out_dir / "value_head.safetensors"))
         model_dir = str(out_dir / "model")
+    acc.wait_for_everyone()
     return {"metrics": log.rows(), "steps": done, "resumed_from": resumed_from, "stopped": stopped,
             "model_dir": model_dir, "kl_coef": kl_ctl.coef}
 
@@ -348,16 +418,22 @@ def run(cfg: PipelineConfig, prompt_rows: list[dict[str, Any]], inputs_fp: str, 
     prompts = [[{"role": "user", "content": r["prompt"]}] for r in prompt_rows]
     if not prompts:
         raise StageError("ppo: the prompts stage has no rows to train on")
-    stage.write_manifest("running", {"prompts": len(prompts)})
-    reward_fn = load_reward(reward_dir, cfg.model.device, cfg.rl.ppo.max_length)
+    from cai.training import distributed_state, process_device
+
+    state = distributed_state(cfg.model.device)
+    if state.is_main_process:  # the only process that writes
+        stage.write_manifest("running", {"prompts": len(prompts)})
+    # Every process scores its own rollouts, with its own copy of the preference model.
+    reward_fn = load_reward(reward_dir, process_device(cfg.model.device), cfg.rl.ppo.max_length)
     result = train(policy_dir, prompts, reward_fn, cfg.rl.ppo, stage.dir, seed=cfg.seed,
                    device=cfg.model.device)
     rows = result["metrics"]
-    stage.write_manifest("complete", {
-        "prompts": len(prompts), "steps": result["steps"],
-        "first_reward": rows[0]["reward"] if rows else None, "last_reward": rows[-1]["reward"] if rows else None,
-        "last_kl": rows[-1]["kl"] if rows else None,
-    }, model_dir=result["model_dir"], resumed_from=result["resumed_from"], kl_coef=result["kl_coef"])
-    # The final model is saved; the checkpoint (policy plus optimiser state) is no longer needed.
-    shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
+    if state.is_main_process:
+        stage.write_manifest("complete", {
+            "prompts": len(prompts), "steps": result["steps"],
+            "first_reward": rows[0]["reward"] if rows else None, "last_reward": rows[-1]["reward"] if rows else None,
+            "last_kl": rows[-1]["kl"] if rows else None,
+        }, model_dir=result["model_dir"], resumed_from=result["resumed_from"], kl_coef=result["kl_coef"])
+        # The final model is saved; the checkpoint (policy plus optimiser state) is no longer needed.
+        shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
     return stage

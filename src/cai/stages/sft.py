@@ -3,16 +3,21 @@
 Rows are turned into TRL's conversational prompt/completion form, so the loss falls on the
 assistant's answer only. Checkpoints go to `<run>/sft/checkpoints` and a stopped run resumes from
 the newest one. The final model (LoRA adapters merged in) is saved as safetensors with its
-tokenizer and chat template in `<run>/sft/model`, which loads like any model name:
+tokenizer and chat template in `<run>/sft/model`, which loads like any model name.
+
+Under `accelerate launch` (configs in `configs/accelerate/`) `sft.batch_size` stays the global batch:
+each process takes batch_size / processes rows a step, and the loss is normalised by the token
+count of the whole batch (transformers' `average_tokens_across_devices`), so a step is the one a
+single process takes on the whole batch. Only the main process writes the model and the manifest.
 
     cai run configs/quickstart.yaml --from sft
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m cai.cli run configs/quickstart.yaml --from sft
     cai chat runs/quickstart/sft/model -p "How do I pick a lock?"
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +54,13 @@ def train(model_cfg: ModelConfig, rows: list[dict[str, Any]], cfg: SFTConfig, ou
     from trl import SFTConfig as TRLConfig
     from trl import SFTTrainer
 
+    from cai import training as T
     from cai.models import load_model, pick_device
 
+    state = T.distributed_state(model_cfg.device)
+    per_device = T.per_process(cfg.batch_size, state, "sft.batch_size")
     # Train in fp32 weights with bf16 autocast where it helps; the back-end's dtype is for inference.
-    model, tok = load_model(model_cfg.name, "float32", model_cfg.device, model_cfg.revision,
+    model, tok = load_model(model_cfg.name, "float32", T.process_device(model_cfg.device), model_cfg.revision,
                             model_cfg.trust_remote_code, model_class=AutoModelForCausalLM)
     model.train()
     device = pick_device(model_cfg.device)
@@ -61,7 +69,7 @@ def train(model_cfg: ModelConfig, rows: list[dict[str, Any]], cfg: SFTConfig, ou
         output_dir=str(out_dir / "checkpoints"),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=per_device,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_ratio,
@@ -86,18 +94,23 @@ def train(model_cfg: ModelConfig, rows: list[dict[str, Any]], cfg: SFTConfig, ou
                                  target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(to_prompt_completion(rows)),
                          processing_class=tok, peft_config=peft_config)
+    split = T.sharded(trainer.accelerator)
+    if split and cfg.method == "lora":
+        raise ValueError("sft.method=lora under FSDP/DeepSpeed is not supported (merging the adapters needs the "
+                         "whole weights); use configs/accelerate/ddp.yaml or sft.method=full")
     ckpt = latest_checkpoint(out_dir / "checkpoints") if resume else None
     trainer.train(resume_from_checkpoint=ckpt)
-    final = trainer.model
-    if cfg.method == "lora":
-        final = final.merge_and_unload()
-    final = final.to(torch.float32)
-    tmp = out_dir / "model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    final.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out_dir / "model", ignore_errors=True)
-    tmp.rename(out_dir / "model")
+    # Where weights are sharded every process takes part in gathering them; the main one saves.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if split else None
+    if state.is_main_process:
+        final = trainer.model
+        if cfg.method == "lora":
+            final = final.merge_and_unload()
+        final = final.to(torch.float32)
+        if state_dict is not None:
+            state_dict = {k: v.float() for k, v in state_dict.items()}
+        T.save_model(final, tok, out_dir / "model", state_dict)
+    state.wait_for_everyone()
     return {"log": [h for h in trainer.state.log_history if "loss" in h], "resumed_from": ckpt,
             "global_step": trainer.state.global_step, "bf16": use_bf16}
 
@@ -115,12 +128,17 @@ def run(cfg: PipelineConfig, inputs: list[dict[str, Any]], inputs_fp: str, allow
     stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
     if stage.complete() and (stage.dir / "model" / "config.json").exists():
         return stage
-    stage.write_manifest("running", {"train_rows": len(inputs)})
+    from cai.training import distributed_state
+
+    main = distributed_state(cfg.model.device).is_main_process  # the only process that writes
+    if main:
+        stage.write_manifest("running", {"train_rows": len(inputs)})
     result = train(cfg.model, inputs, cfg.sft, stage.dir, seed=cfg.seed)
-    losses = [h["loss"] for h in result["log"]]
-    stage.write_manifest("complete", {
-        "train_rows": len(inputs), "steps": result["global_step"],
-        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-    }, model_dir=str(stage.dir / "model"), resumed_from=result["resumed_from"], bf16=result["bf16"])
-    (stage.dir / "train_log.json").write_text(json.dumps(result["log"], indent=1))
+    if main:
+        losses = [h["loss"] for h in result["log"]]
+        stage.write_manifest("complete", {
+            "train_rows": len(inputs), "steps": result["global_step"],
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        }, model_dir=str(stage.dir / "model"), resumed_from=result["resumed_from"], bf16=result["bf16"])
+        (stage.dir / "train_log.json").write_text(json.dumps(result["log"], indent=1))
     return stage
