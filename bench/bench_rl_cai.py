@@ -303,12 +303,15 @@ def bench_pm(cfg: Any, model_cfg: ModelConfig, comps: list[feedback.Comparison],
 
 
 def naive_generate(model: Any, batch: dict[str, Any], max_new_tokens: int, temperature: float, top_p: float,
-                   eos_ids: Sequence[int], pad_id: int, gen: Any) -> Any:
+                   eos_ids: Sequence[int], pad_id: int, gen: Any, synced: Any = None) -> Any:
     """`ppo.generate`'s contract, one prompt at a time through `model.generate` (same sampling
-    distribution: temperature and top-p over the full vocabulary)."""
-    torch.manual_seed(gen.initial_seed())
+    distribution: temperature and top-p over the full vocabulary). The stage passes its policy and
+    value head as one module and one generator per row; one process only, so `synced` is unused."""
+    model = getattr(model, "policy", model)
+    gens = gen if isinstance(gen, (list, tuple)) else [gen] * len(batch["input_ids"])
     rows = []
-    for ids, att in zip(batch["input_ids"], batch["attention_mask"]):
+    for ids, att, g in zip(batch["input_ids"], batch["attention_mask"], gens):
+        torch.manual_seed(g.initial_seed())
         prompt = ids[att.bool()][None]
         out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
                              temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
