@@ -51,6 +51,18 @@ def test_every_cai_command_in_the_readme_parses():
             pytest.fail(f"README command does not parse: {line} ({e})")
 
 
+def test_every_accelerate_launch_in_the_readme_names_a_shipped_config_and_a_valid_cai_command():
+    launches = [ln for ln in _commands() if ln.startswith("accelerate launch")]
+    assert launches
+    parser = build_parser()
+    for line in launches:
+        args = shlex.split(line)
+        assert (ROOT / args[args.index("--config_file") + 1]).is_file(), line
+        rest = args[args.index("cai.cli") + 1:]
+        parser.parse_args(rest)
+        assert (ROOT / rest[1]).is_file(), line
+
+
 def test_readme_constitution_commands_run(capsys):
     assert main(["constitution", "validate", "default"]) == 0
     assert main(["constitution", "show", "default"]) == 0
