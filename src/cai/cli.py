@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -38,6 +39,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.config = None
     cfg = load_config(args.config, args.overrides)
     done = pipeline.run(cfg, start=args.start, stop=args.stop, allow_changed=args.allow_config_change)
+    if os.environ.get("RANK", "0") != "0":  # under `accelerate launch` the main process reports
+        return 0
     print(f"\nrun directory: {cfg.run_dir}")
     for name, st in done.items():
         m = st.manifest() or {}
