@@ -8,8 +8,8 @@ and generated tokens/s for both, their ratio, and the HTTP path's own cost per r
 (a one-token request over HTTP against the same request in process). Generated tokens are counted
 from the records' texts on both sides, so the figures are comparable.
 
-    python bench/bench_serve.py                         # 16 red-team prompts, 1 round, 64 new tokens
-    python bench/bench_serve.py --prompts 32 --rounds 2 --max-new-tokens 96 --concurrency 32
+    python bench/bench_serve.py                         # 32 red-team prompts, 2 rounds, 64 new tokens
+    python bench/bench_serve.py --prompts 64 --rounds 2 --max-new-tokens 96 --concurrency 64
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def timed(lm, rows, constitution, sl) -> tuple[float, list[dict]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/quickstart.yaml")
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=64, help="cap on every step's max_new_tokens")
     ap.add_argument("--concurrency", type=int, help="requests in flight (default: one per prompt)")
     ap.add_argument("--batch-size", type=int, default=32)

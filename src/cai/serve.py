@@ -49,6 +49,7 @@ import json
 import math
 import os
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -99,6 +100,11 @@ def bad(param: str, message: str) -> APIError:
 
 
 @dataclass
+class _Arrival:
+    settled: bool = False
+
+
+@dataclass
 class _Work:
     kind: str  # "generate" | "score" | "reward"
     payload: Any  # list[TokenRequest] | (rows, top) | rows
@@ -128,11 +134,11 @@ class Engine:
     Work is taken in arrival order; while anything waits that cannot join the running batch, the
     batch takes no newcomers, so it drains and nothing waits for long."""
 
-    def __init__(self, lm: Any = None, reward: Any = None, batch_size: int = 8, linger_s: float = 0.005,
-                 max_linger_s: float = 0.05):
+    def __init__(self, lm: Any = None, reward: Any = None, batch_size: int = 8, max_linger_s: float = 0.05):
         self.lm, self.reward = lm, reward
         self.batch_size = batch_size  # rows per batch for preference-model scoring (the LM has its own)
-        self.linger_s, self.max_linger_s = linger_s, max_linger_s
+        self.max_linger_s = max_linger_s
+        self._arriving = 0  # requests being read and tokenised that will submit work
         self.runs: deque[dict[str, Any]] = deque(maxlen=10_000)  # per model call: kind, requests, rows
         self._waiting: deque[_Work] = deque()
         self._cv = threading.Condition()
@@ -172,7 +178,22 @@ class Engine:
         with self._cv:
             return len(self._waiting)
 
-    def submit(self, kind: str, payload: Any) -> Future:
+    def announce(self) -> _Arrival:
+        """Say that a request is being prepared: the model thread waits briefly for its work
+        (up to `max_linger_s`), so requests sent together are batched together."""
+        with self._cv:
+            self._arriving += 1
+        return _Arrival()
+
+    def settle(self, arrival: _Arrival) -> None:
+        """The announced request will submit nothing more (it failed, or it has submitted)."""
+        with self._cv:
+            if not arrival.settled:
+                arrival.settled = True
+                self._arriving -= 1
+                self._cv.notify_all()
+
+    def submit(self, kind: str, payload: Any, arrival: _Arrival | None = None) -> Future:
         w = _Work(kind, payload)
         if kind == "generate":
             w.pending = len(payload)
@@ -180,6 +201,9 @@ class Engine:
             if self._closed:
                 raise APIError(503, "the server is shutting down")
             self._waiting.append(w)
+            if arrival is not None and not arrival.settled:
+                arrival.settled = True
+                self._arriving -= 1
             self._cv.notify_all()
         return w.future
 
@@ -191,14 +215,14 @@ class Engine:
                 self._cv.wait()
             if self._closed:
                 return None
-            # Let requests sent together arrive together: wait while new work keeps coming.
+            # Requests that are being prepared now were most likely sent together with this one:
+            # wait a little for them, so they share a batch (a lone request does not wait).
             deadline = time.monotonic() + self.max_linger_s
-            seen = len(self._waiting)
-            while time.monotonic() < deadline:
-                self._cv.wait(self.linger_s)
-                if len(self._waiting) == seen or self._held:
+            while self._arriving and not self._held and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     break
-                seen = len(self._waiting)
+                self._cv.wait(left)
             while self._held and not self._closed:
                 self._cv.wait()
             return self._waiting[0] if self._waiting and not self._closed else None
@@ -424,11 +448,13 @@ class App:
         self._api_key = api_key
         self.max_length = max_length
         self._tok_lock = threading.Lock()
+        self._local = threading.local()  # the handler thread's announced request
         backend = engine.lm if engine.lm is not None else engine.reward
         self.tokenizer = backend.tokenizer
         self.vocab = backend.model.get_input_embeddings().num_embeddings
 
     def handle(self, method: str, path: str, headers: Any, raw: bytes) -> tuple[int, dict[str, Any]]:
+        self._local.arrival = self.engine.announce() if method == "POST" else None
         try:
             return 200, self._route(method, path.split("?", 1)[0].rstrip("/") or "/", headers, raw)
         except APIError as e:
@@ -437,6 +463,9 @@ class App:
             traceback.print_exc(file=sys.stderr)
             return 500, {"error": {"message": f"internal error: {type(e).__name__}: {e}", "type": "server_error",
                                    "param": None, "code": 500}}
+        finally:
+            if self._local.arrival is not None:
+                self.engine.settle(self._local.arrival)
 
     def _route(self, method: str, path: str, headers: Any, raw: bytes) -> dict[str, Any]:
         routes: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -481,7 +510,7 @@ class App:
                                 "saved by stage pm")
 
     def _wait(self, kind: str, payload: Any) -> Any:
-        return self.engine.submit(kind, payload).result()
+        return self.engine.submit(kind, payload, self._local.arrival).result()
 
     def _max_tokens(self, body: dict[str, Any], default: int | None, lo: int) -> int | None:
         name = "max_completion_tokens" if body.get("max_tokens") is None and "max_completion_tokens" in body \
@@ -690,6 +719,8 @@ class App:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections
     server_version = "cai-serve"
+    # Small replies must not wait for the client's delayed ACK (Nagle): that costs ~40 ms a request.
+    disable_nagle_algorithm = True
 
     def _serve(self, method: str) -> None:
         app: App = self.server.app  # type: ignore[attr-defined]
@@ -725,9 +756,35 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
+    # Handler threads are joined on close: a thread still running when the interpreter exits can
+    # drop the last reference to the model there and abort the process while freeing it.
+    daemon_threads = False
+    block_on_close = True
     allow_reuse_address = True
     request_queue_size = 128
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conns_lock:
+            self._conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conns_lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """End every open connection, so handler threads waiting on idle keep-alive clients finish."""
+        with self._conns_lock:
+            conns = list(self._conns)
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
 
 
 class _HTTPServer6(_HTTPServer):
@@ -778,10 +835,13 @@ class Server:
         self.httpd.serve_forever()
 
     def close(self) -> None:
+        """Stop accepting, answer or refuse what is queued, end open connections, join every thread."""
         if self._thread is not None:
             self.httpd.shutdown()
-        self.httpd.server_close()
+            self._thread.join()
         self.engine.close()
+        self.httpd.close_connections()
+        self.httpd.server_close()
 
     def __enter__(self) -> Server:
         return self.start()
@@ -836,10 +896,14 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "a
     server = Server(lm, model, host, port, api_key, reward=reward, max_length=max_length, batch_size=batch_size)
     if ready is not None:
         ready(server)
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # `kill` (SIGTERM) stops it as Ctrl-C does
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
-        server.engine.close()
-        server.httpd.server_close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        server.close()

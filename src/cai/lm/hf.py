@@ -431,9 +431,10 @@ class HFModel:
 
     def _run(self, requests: list[_Request], admit: Callable[[Sequence[int]], list[_Request]] | None = None,
              on_finish: Callable[[_Request], None] | None = None) -> None:
-        """Decode requests with continuous batching: when half the slots are free (any free slot when
-        `admit` brings requests from outside), waiting requests are prefilled and join the running
-        batch. All rows share the prefix common to the first requests."""
+        """Decode requests with continuous batching: when half the slots are free, waiting requests
+        (and those `admit` brings from outside) are prefilled and join the running batch; joining in
+        groups keeps prefill efficient and the batch's caches are merged less often. All rows share
+        the prefix common to the first requests."""
         pending = deque(requests)
         active: list[_Request] = []
         cache = valid = next_pos = logits = None
@@ -446,8 +447,7 @@ class HFModel:
         while True:
             if admit is not None and len(active) + len(pending) < self.batch_size:
                 pending.extend(admit(shared))
-            room = self.batch_size // 2 if admit is None else self.batch_size - 1
-            if pending and len(active) <= room:
+            if pending and len(active) <= self.batch_size // 2:
                 t0 = time.perf_counter()
                 new = [pending.popleft() for _ in range(min(len(pending), self.batch_size - len(active)))]
                 # Prefill in small groups of similar length (requests are sorted by length), so short
