@@ -27,9 +27,9 @@ field, 401 a missing or wrong key, 404 an unknown route or model. Streaming, cha
 tools and penalties are refused with a 400 rather than ignored.
 
 Requests are batched: handler threads tokenise and validate, then queue token-level work for one
-model thread. Generation requests join a running batch whenever they share its prompt prefix (so
-the few-shot block of SL-CAI prompts is computed once) and each is answered as soon as its own
-samples finish; scoring requests waiting together go through one batched pass. Sampling is seeded
+model thread. Generation requests that share the running batch's prompt prefix join it as slots
+free up (so the few-shot block of SL-CAI prompts is computed once), and each is answered as soon
+as its own samples finish; scoring requests waiting together go through one batched pass. Sampling is seeded
 per request, so concurrency changes speed, not results (beyond floating-point noise of batch shapes).
 
 The server binds to 127.0.0.1 unless told otherwise; `--api-key-env NAME` requires
