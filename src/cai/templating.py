@@ -45,3 +45,10 @@ def encode_chat(tokenizer: Any, conversation: Sequence[Message], add_generation_
             if content:
                 ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     return ids
+
+
+def encode_prompt(tokenizer: Any, conversation: Sequence[Message]) -> list[int]:
+    """Token ids every back-end sends for a conversation: a final assistant message is left open
+    to be continued (option scoring), otherwise a generation prompt is added."""
+    cont = bool(conversation) and conversation[-1]["role"] == "assistant"
+    return encode_chat(tokenizer, conversation, add_generation_prompt=not cont, continue_final_message=cont)

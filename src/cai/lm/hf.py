@@ -34,7 +34,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from cai.config import ModelConfig, Sampling
 from cai.lm.base import Completion, Message
 from cai.models import load_model
-from cai.templating import encode_chat
+from cai.templating import encode_prompt
 
 ATTN_NAME = "cai_prefix"
 # Most logits (rows x positions x vocabulary) one prompt-scoring pass may hold at once.
@@ -231,9 +231,8 @@ class HFModel:
     def encode(self, conversation: Sequence[Message]) -> list[int]:
         """Template a conversation. If it ends with an assistant message, that message is left open
         to be continued (used for option scoring); otherwise a generation prompt is added."""
-        cont = bool(conversation) and conversation[-1]["role"] == "assistant"
         # Message text is tokenised as text: special-token strings inside it cannot forge a turn.
-        return encode_chat(self.tokenizer, conversation, add_generation_prompt=not cont, continue_final_message=cont)
+        return encode_prompt(self.tokenizer, conversation)
 
     # ---- the shared prefix ----------------------------------------------------------------
 

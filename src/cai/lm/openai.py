@@ -2,7 +2,7 @@
 
 `generate` sends one chat-completions request per conversation (with `n`, `seed`, `temperature`,
 `top_p`, `max_tokens`, `stop`). `score_options` templates each context here, exactly as the
-transformers back-end does (`cai.templating.encode_chat`, continuing a final assistant message),
+transformers back-end does (`cai.templating.encode_prompt`, continuing a final assistant message),
 and asks `/completions` for the log-probabilities of token-id prompts, either through `echo` +
 `logprobs` or vLLM's `prompt_logprobs` extension (`model.openai.scoring`). `run_programs` runs
 multi-step record programs (SL-CAI's answer -> critique -> revision chain) interleaved: a program's
@@ -196,10 +196,9 @@ class OpenAIModel:
     def encode(self, conversation: Sequence[Message]) -> list[int]:
         """Template a conversation as `HFModel.encode` does: a final assistant message is left open
         to be continued, otherwise a generation prompt is added."""
-        from cai.templating import encode_chat
+        from cai.templating import encode_prompt
 
-        cont = bool(conversation) and conversation[-1]["role"] == "assistant"
-        return encode_chat(self.tokenizer, conversation, add_generation_prompt=not cont, continue_final_message=cont)
+        return encode_prompt(self.tokenizer, conversation)
 
     # ---- HTTP -----------------------------------------------------------------------------
 

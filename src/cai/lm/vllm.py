@@ -1,6 +1,6 @@
 """The vLLM back-end: vLLM's offline engine (`vllm.LLM`) behind the two verbs of the LM seam.
 
-Prompts go in as token ids rendered here with `cai.templating.encode_chat` and the model's own
+Prompts go in as token ids rendered here with `cai.templating.encode_prompt` and the model's own
 transformers tokenizer, exactly as the transformers back-end renders them, so every back-end sees
 the same prompt tokens. `generate` sends one request per conversation with its own seed (vLLM
 seeds sample j of a request with seed + j; the seed is spread out first so neighbouring records
@@ -45,7 +45,7 @@ from typing import Any
 from cai.config import ModelConfig, Sampling
 from cai.lm.base import BackendError, Completion, Message
 from cai.models import ModelError, resolve
-from cai.templating import encode_chat
+from cai.templating import encode_prompt
 
 # Odd multiplier: records with seeds s and s+1 get engine seeds far apart, so the per-sample seeds
 # vLLM derives (seed + j) never coincide between records. The same mixing as the transformers
@@ -185,8 +185,7 @@ class VLLMModel:
     def encode(self, conversation: Sequence[Message]) -> list[int]:
         """Template a conversation as the transformers back-end does: a final assistant message is
         left open to be continued (option scoring), otherwise a generation prompt is added."""
-        cont = bool(conversation) and conversation[-1]["role"] == "assistant"
-        return encode_chat(self.tokenizer, conversation, add_generation_prompt=not cont, continue_final_message=cont)
+        return encode_prompt(self.tokenizer, conversation)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
