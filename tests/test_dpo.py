@@ -1,6 +1,7 @@
 """DPO against the frozen SL-CAI model: a few steps move the policy-to-reference margin toward the
 chosen answers, a soft 0.7 label pulls less hard than a hard one, the reference stays as it was,
-the model is saved as safetensors, and a stopped run resumes to the same weights."""
+the model is saved as safetensors, and a stopped run resumes to the same weights. With LoRA only the
+adapters train, the reference is the model with them off, and the saved model is a merged plain one."""
 
 from __future__ import annotations
 
@@ -135,3 +136,104 @@ def test_a_stopped_dpo_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path)
     a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _lora_cfg(**kw) -> DPOConfig:
+    return cfg(method="lora", learning_rate=1e-2, lora_r=4, lora_alpha=8, **kw)
+
+
+def test_lora_dpo_trains_only_the_adapters_and_saves_a_merged_model(tiny_model_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from cai.models import load_model
+
+    seen = {}
+    wrap = dpo.with_lora
+
+    def keep(model, c):
+        seen["model"] = wrapped = wrap(model, c)
+        seen["base"] = {n: p.detach().clone() for n, p in wrapped.named_parameters() if "lora_" not in n}
+        return wrapped
+
+    def check(step, metrics):
+        named = dict(seen["model"].named_parameters())
+        assert all(named[n].grad is None and torch.equal(named[n], v) for n, v in seen["base"].items())
+        adapters = [p for n, p in named.items() if "lora_" in n]
+        assert adapters and all(p.requires_grad and p.grad is not None for p in adapters)
+
+    monkeypatch.setattr(dpo, "with_lora", keep)
+    rows = rows_for()
+    out = dpo.train(rows, _lora_cfg(), tiny_model_dir, tmp_path / "dpo", on_step=check)
+    log = out["log"]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    # Fresh adapters are zero: the first step starts from the reference itself.
+    assert abs(log[0]["chosen_reward"]) < 1e-6 and abs(log[0]["rejected_reward"]) < 1e-6
+    assert log[-1]["margin"] > 0 and log[-1]["loss"] < log[0]["loss"]
+    assert out["eval"]["overall"]["margin"] > 0
+
+    model_dir = tmp_path / "dpo" / "model"
+    weights = load_file(str(model_dir / "model.safetensors"))
+    assert not any("lora" in k or "base_layer" in k or k.startswith("base_model") for k in weights)
+    assert not (model_dir / "adapter_config.json").exists()
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert _log_ratio_margin(str(model_dir), tiny_model_dir, train_rows) > 0
+    trained, tok = load_model(str(model_dir), "float32", "cpu")
+    base, _ = load_model(tiny_model_dir, "float32", "cpu")
+    assert type(trained) is type(base)
+    ids = torch.tensor([tok("Question number 1: how are you?")["input_ids"]])
+    with torch.no_grad():
+        assert not torch.allclose(trained(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-5)
+
+
+def test_the_lora_reference_is_the_model_with_its_adapters_off(tiny_model_dir):
+    from cai import training as T
+    from cai.models import load_model
+
+    base, tok = load_model(tiny_model_dir, "float32", "cpu")
+    pairs = preference_pairs(tok, rows_for(6), 256)
+    with torch.no_grad():
+        want_c, want_r = dpo.response_logps(base.eval(), pairs, tok.pad_token_id, "cpu")
+    model = dpo.with_lora(load_model(tiny_model_dir, "float32", "cpu")[0], _lora_cfg()).eval()
+    torch.manual_seed(0)
+    for n, p in model.named_parameters():  # adapters that change the output when on
+        if "lora_B" in n:
+            p.data.normal_(0, 0.5)
+    acc = T.accelerator(False, "cpu")
+    with model.disable_adapter():
+        ref_c, ref_r = dpo.reference_logps(model, pairs, 4, tok.pad_token_id, acc)
+    assert torch.allclose(ref_c, want_c, atol=1e-6, rtol=0) and torch.allclose(ref_r, want_r, atol=1e-6, rtol=0)
+    on_c, _ = dpo.reference_logps(model, pairs, 4, tok.pad_token_id, acc)
+    assert (on_c - want_c).abs().max() > 1e-3
+
+
+def test_a_stopped_lora_dpo_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    rows = rows_for(8, eval_every=8)
+    c = _lora_cfg(batch_size=2, save_steps=1, max_steps=3)
+    full = dpo.train(rows, c, tiny_model_dir, tmp_path / "full", seed=1)
+
+    def stop_at_1(step, metrics):
+        if step == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        dpo.train(rows, c, tiny_model_dir, tmp_path / "cut", seed=1, on_step=stop_at_1)
+    ckpt = load_file(str(tmp_path / "cut" / "checkpoints" / "step-1" / "model.safetensors"))
+    assert ckpt and all("lora_" in k for k in ckpt)  # the adapters only, not the frozen base
+    resumed = dpo.train(rows, c, tiny_model_dir, tmp_path / "cut", seed=1)
+    assert resumed["resumed_from"].endswith("step-1")
+    assert [r["loss"] for r in resumed["log"]] == [r["loss"] for r in full["log"]]
+    a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_rank_is_checked_when_lora_is_on(tmp_path):
+    from cai.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("rl: {method: dpo, dpo: {method: lora, lora_r: 0}}\n")
+    with pytest.raises(ConfigError, match="rl.dpo.lora_r"):
+        load_config(path)
+    assert load_config(path, ["rl.dpo.method=full"]).rl.dpo.lora_r == 0  # unused without LoRA

@@ -293,8 +293,10 @@ class PPOConfig:
 @dataclass(frozen=True)
 class DPOConfig:
     """DPO against the frozen SL-CAI model; with `soft_labels` each pair pulls in proportion to its
-    AI label (0.7 pulls less hard than 1.0)."""
+    AI label (0.7 pulls less hard than 1.0). `method: lora` trains adapters only and takes the
+    reference from the same weights with the adapters off, so one model's memory is enough."""
 
+    method: Literal["full", "lora"] = "full"
     beta: float = 0.1
     soft_labels: bool = True
     epochs: float = 1.0
@@ -307,6 +309,9 @@ class DPOConfig:
     max_grad_norm: float = 1.0
     save_steps: int = 50
     bf16: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
     report_to: list[str] = field(default_factory=list)
 
 
@@ -541,6 +546,8 @@ def validate(cfg: PipelineConfig, source: str = "config") -> None:
          "rl.ppo.max_length must exceed rl.ppo.response.max_new_tokens"),
         (cfg.rl.dpo.beta > 0, "rl.dpo.beta must be > 0"),
         (cfg.rl.dpo.batch_size >= 1, "rl.dpo.batch_size must be >= 1"),
+        (cfg.rl.dpo.method != "lora" or (cfg.rl.dpo.lora_r >= 1 and 0.0 <= cfg.rl.dpo.lora_dropout < 1.0),
+         "rl.dpo.lora_r must be >= 1 and rl.dpo.lora_dropout in [0, 1) with rl.dpo.method lora"),
         (cfg.pm.grad_accum >= 1 and cfg.pm.save_steps >= 1 and cfg.pm.max_grad_norm > 0 and cfg.pm.epochs > 0,
          "pm.grad_accum and pm.save_steps must be >= 1, pm.max_grad_norm and pm.epochs > 0"),
         (cfg.rl.dpo.grad_accum >= 1 and cfg.rl.dpo.save_steps >= 1 and cfg.rl.dpo.max_grad_norm > 0

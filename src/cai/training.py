@@ -393,7 +393,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, modules: dict[str, Any], extra: d
                 if split:
                     continue
                 obj = acc.unwrap_model(obj) if acc is not None else obj
-                sd = {k: v.detach().contiguous().cpu() for k, v in obj.state_dict().items()}
+                sd = {k: v.detach().contiguous().cpu() for k, v in _trained_state(obj).items()}
                 save_file(_untie(sd), str(tmp / f"{name}.safetensors"))
             elif split and isinstance(obj, torch.optim.Optimizer):
                 continue
@@ -408,6 +408,14 @@ def save_checkpoint(ckpt_dir: Path, step: int, modules: dict[str, Any], extra: d
                 shutil.rmtree(old, ignore_errors=True)
     barrier(acc)
     return final
+
+
+def _trained_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps of a module: its whole state, or for a peft model (LoRA) only the
+    trainable adapter weights: its base weights are frozen and are reloaded from the model directory."""
+    if hasattr(module, "peft_config"):
+        return {k: p for k, p in module.named_parameters() if p.requires_grad}
+    return module.state_dict()
 
 
 def _untie(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -444,7 +452,15 @@ def load_checkpoint(path: Path, modules: dict[str, Any], acc: Any | None = None)
             obj = acc.unwrap_model(obj) if acc is not None else obj
             # Tied weights are saved under both names (see _untie); strict loading catches a
             # checkpoint of another model or a prefix mismatch (a wrapper saved, a module loaded).
-            obj.load_state_dict(load_file(str(path / f"{name}.safetensors")), strict=True)
+            sd = load_file(str(path / f"{name}.safetensors"))
+            if hasattr(obj, "peft_config"):  # adapters only (see _trained_state), all of them
+                expected = set(_trained_state(obj))
+                if set(sd) != expected:
+                    raise ValueError(f"{path / f'{name}.safetensors'}: its adapter weights do not match the model's "
+                                     f"({len(set(sd) ^ expected)} names differ)")
+                obj.load_state_dict(sd, strict=False)
+            else:
+                obj.load_state_dict(sd, strict=True)
         elif split and isinstance(obj, torch.optim.Optimizer):
             continue
         else:

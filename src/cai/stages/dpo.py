@@ -7,8 +7,11 @@ loss is `soft_bt_loss(dpo_margin(...), target)` with target `p_chosen` when `rl.
 is on (an AI label of 0.7 pulls less hard than 1.0 and is satisfied by a finite margin) and 1
 otherwise. Rows with split "train" are trained on; rows with split "eval" are scored at the end with
 the implicit reward (accuracy, ECE, loss) for AI and human labels separately (`<run>/dpo/eval.json`).
-Checkpoints go to `<run>/dpo/checkpoints`; a stopped run resumes with the same data order and RNG
-state. Per-step loss, margin, reward accuracy and chosen/rejected implicit rewards are logged to
+With `rl.dpo.method: lora` only LoRA adapters on every linear layer are trained and the reference
+is the same model with its adapters switched off, so one model's weights are held and only the
+adapters have gradients and optimiser state (a 7B policy on one GPU); the adapters are merged into
+the saved model. Checkpoints go to `<run>/dpo/checkpoints` (the adapters only, with LoRA); a stopped
+run resumes with the same data order and RNG state. Per-step loss, margin, reward accuracy and chosen/rejected implicit rewards are logged to
 `<run>/dpo/metrics.jsonl`; the model is saved as safetensors with its tokenizer in `<run>/dpo/model`.
 
 Under `accelerate launch` (configs in `configs/accelerate/`) `rl.dpo.batch_size` stays the global
@@ -114,14 +117,22 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
     # fp32 weights: bf16 comes from autocast, and tiny DPO updates would vanish in bf16 weights.
+    if cfg.method == "lora" and T.sharded(acc):
+        raise ValueError("rl.dpo.method=lora under FSDP/DeepSpeed is not supported (merging the adapters needs the "
+                         "whole weights); use configs/accelerate/ddp.yaml or rl.dpo.method=full")
     model, tok = load_model(policy_dir, "float32", str(acc.device))
-    # Dropout off throughout (eval mode still gives gradients): the policy's log-probs must match
-    # the reference's exactly at the start, or the margin starts from noise.
+    if cfg.method == "lora":
+        model = with_lora(model, cfg)
+    # Dropout off (eval mode still gives gradients): the policy's log-probs must match the
+    # reference's exactly at the start, or the margin starts from noise. LoRA's own dropout is
+    # switched on for training passes only; the adapters start at zero, so the start is exact too.
     model.eval()
     pad_id = tok.pad_token_id
     pairs = T.preference_pairs(tok, train_rows, cfg.max_length)
     held_out = T.preference_pairs(tok, eval_rows, cfg.max_length)
-    ref_c, ref_r = reference_logps(model, pairs + held_out, cfg.batch_size, pad_id, acc)
+    with model.disable_adapter() if cfg.method == "lora" else contextlib.nullcontext():
+        ref_c, ref_r = reference_logps(model, pairs + held_out, cfg.batch_size, pad_id, acc)
+    lora_dropout(model, True)
 
     step_size = cfg.batch_size * cfg.grad_accum
     steps = T.steps_for(len(pairs), step_size, cfg.epochs, cfg.max_steps, seed)
@@ -175,6 +186,7 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
     bar.close()
     log.close()
 
+    lora_dropout(model, False)
     report: dict[str, Any] = {"overall": None, "ai": None, "human": None}
     if held_out:
         # Each process scores its share through the prepared model (collective under FSDP/ZeRO-3).
@@ -193,7 +205,10 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
     state_dict = T.full_state_dict(acc, model)
     if acc.is_main_process:
         write_json(out_dir / "eval.json", report)
-        T.save_model(acc.unwrap_model(model), tok, out_dir / "model", state_dict)
+        final = acc.unwrap_model(model)
+        if cfg.method == "lora":
+            final = final.merge_and_unload()  # a plain model: what load_model, vLLM and `cai chat` read
+        T.save_model(final, tok, out_dir / "model", state_dict)
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the saved model supersedes them
     acc.wait_for_everyone()
     losses = [r["loss"] for r in log.rows()]
@@ -201,6 +216,25 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
             "eval_rows": len(eval_rows), "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None,
             "resumed_from": str(resumed_from) if resumed_from else None, "bf16": acc.mixed_precision == "bf16"}
+
+
+def with_lora(model: Any, cfg: DPOConfig) -> Any:
+    """The model wrapped with fresh LoRA adapters on every linear layer (the only trainable weights);
+    `disable_adapter()` on the result gives back the model as loaded, the DPO reference."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                            target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def lora_dropout(model: Any, on: bool) -> None:
+    """Switch the LoRA adapters' dropout on (training passes) or off (scoring), leaving the rest of
+    the model in eval mode; a model without adapters is left as it is."""
+    import torch
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and ".lora_dropout." in f".{name}.":
+            module.train(on)
 
 
 def policy_id(policy_dir: str) -> str:
