@@ -117,25 +117,36 @@ class Stop(Exception):
     pass
 
 
-def test_a_stopped_dpo_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
-    from safetensors.torch import load_file
+def _full_and_stopped_then_resumed(rows, c, model_dir, tmp_path, stop_at, while_stopped=lambda: None):
+    """An uninterrupted run in tmp_path/full, and one stopped at step `stop_at` then resumed in
+    tmp_path/cut (`while_stopped` is called in between); their results."""
+    full = dpo.train(rows, c, model_dir, tmp_path / "full", seed=1)
 
-    rows = rows_for(8, eval_every=8)
-    c = cfg(batch_size=2, bf16=True, warmup_ratio=0.25)
-    full = dpo.train(rows, c, tiny_model_dir, tmp_path / "full", seed=1)
-
-    def stop_at_3(step, metrics):
-        if step == 3:
+    def stop(step, metrics):
+        if step == stop_at:
             raise Stop
 
     with pytest.raises(Stop):
-        dpo.train(rows, c, tiny_model_dir, tmp_path / "cut", seed=1, on_step=stop_at_3)
-    resumed = dpo.train(rows, c, tiny_model_dir, tmp_path / "cut", seed=1)
-    assert resumed["resumed_from"].endswith("step-2")
+        dpo.train(rows, c, model_dir, tmp_path / "cut", seed=1, on_step=stop)
+    while_stopped()
+    return full, dpo.train(rows, c, model_dir, tmp_path / "cut", seed=1)
+
+
+def _assert_same_run(full, resumed, tmp_path):
+    from safetensors.torch import load_file
+
     assert [r["loss"] for r in resumed["log"]] == [r["loss"] for r in full["log"]]
     a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stopped_dpo_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
+    rows = rows_for(8, eval_every=8)
+    c = cfg(batch_size=2, bf16=True, warmup_ratio=0.25)
+    full, resumed = _full_and_stopped_then_resumed(rows, c, tiny_model_dir, tmp_path, stop_at=3)
+    assert resumed["resumed_from"].endswith("step-2")
+    _assert_same_run(full, resumed, tmp_path)
 
 
 def _lora_cfg(**kw) -> DPOConfig:
@@ -211,22 +222,15 @@ def test_a_stopped_lora_dpo_run_resumes_to_the_same_weights(tiny_model_dir, tmp_
 
     rows = rows_for(8, eval_every=8)
     c = _lora_cfg(batch_size=2, save_steps=1, max_steps=3)
-    full = dpo.train(rows, c, tiny_model_dir, tmp_path / "full", seed=1)
 
-    def stop_at_1(step, metrics):
-        if step == 1:
-            raise Stop
+    def adapters_only():
+        ckpt = load_file(str(tmp_path / "cut" / "checkpoints" / "step-1" / "model.safetensors"))
+        assert ckpt and all("lora_" in k for k in ckpt)  # the adapters only, not the frozen base
 
-    with pytest.raises(Stop):
-        dpo.train(rows, c, tiny_model_dir, tmp_path / "cut", seed=1, on_step=stop_at_1)
-    ckpt = load_file(str(tmp_path / "cut" / "checkpoints" / "step-1" / "model.safetensors"))
-    assert ckpt and all("lora_" in k for k in ckpt)  # the adapters only, not the frozen base
-    resumed = dpo.train(rows, c, tiny_model_dir, tmp_path / "cut", seed=1)
+    full, resumed = _full_and_stopped_then_resumed(rows, c, tiny_model_dir, tmp_path, stop_at=1,
+                                                   while_stopped=adapters_only)
     assert resumed["resumed_from"].endswith("step-1")
-    assert [r["loss"] for r in resumed["log"]] == [r["loss"] for r in full["log"]]
-    a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
-    b = load_file(str(tmp_path / "cut" / "model" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_run(full, resumed, tmp_path)
 
 
 def test_lora_rank_is_checked_when_lora_is_on(tmp_path):

@@ -194,34 +194,32 @@ def test_completions_generate_from_raw_prompts(client, tiny_lm):
     assert cut["finish_reason"] == "stop" and cut["text"] == text[: text.find(stop)]
 
 
+def _queued_together(engine, client, path, bodies):
+    """POST the bodies while the model thread is held until all of them wait in its queue; the
+    model runs that followed, and the responses."""
+    before = len(engine.runs)
+    with engine.held():
+        threads, out = _post_all(client, path, bodies)
+        deadline = time.monotonic() + 60
+        while engine.waiting() < len(bodies) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for t in threads:
+        t.join()
+    return list(engine.runs)[before:], out
+
+
 def test_concurrent_requests_are_batched(server, client, tiny_lm):
     engine = server.engine
     bodies = [{"messages": [{"role": "user", "content": f"Question {i}?"}], "max_tokens": 5, "temperature": 0.7,
                "seed": i} for i in range(4)]
-    before = len(engine.runs)
-    with engine.held():
-        threads, out = _post_all(client, "/chat/completions", bodies)
-        deadline = time.monotonic() + 60
-        while engine.waiting() < 4 and time.monotonic() < deadline:
-            time.sleep(0.01)
-    for t in threads:
-        t.join()
-    runs = list(engine.runs)[before:]
+    runs, out = _queued_together(engine, client, "/chat/completions", bodies)
     assert [r["requests"] for r in runs if r["kind"] == "generate"] == [4]
     assert all(r.status_code == 200 and len(r.json()["choices"]) == 1 for r in out)
 
     _, _, prompts, _ = _scoring_items(tiny_lm)
     score = [{"prompt": prompts[k:k + 2], "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 0}
              for k in (0, 2, 4)]
-    before = len(engine.runs)
-    with engine.held():
-        threads, out = _post_all(client, "/completions", score)
-        deadline = time.monotonic() + 60
-        while engine.waiting() < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-    for t in threads:
-        t.join()
-    runs = list(engine.runs)[before:]
+    runs, out = _queued_together(engine, client, "/completions", score)
     assert runs == [{"kind": "score", "requests": 3, "rows": 6}]
     assert all(len(r.json()["choices"]) == 2 for r in out)
 

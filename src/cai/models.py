@@ -201,21 +201,33 @@ def load_model(
     """Load (model, tokenizer) with safe defaults: safetensors only, no remote code unless asked.
     `model_kwargs` go to `from_pretrained` (e.g. `num_labels=1` for a scalar head)."""
     import torch  # noqa: F401  (imported late: torch is heavy)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve(name)
     dev = pick_device(device)
     cls = model_class or AutoModelForCausalLM
+    tok = load_tokenizer(name, revision, trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
         model = cls.from_pretrained(
             path, dtype=pick_dtype(dtype, dev), revision=revision,
             trust_remote_code=trust_remote_code, use_safetensors=True, **model_kwargs,
         )
     except OSError as e:
         raise ModelError(f"{name}: could not load the model: {e}") from None
+    return model.to(dev).eval(), tok
+
+
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """The chat tokenizer of a model name (resolved as `load_model` resolves it), with a pad token;
+    every back-end renders prompts with it, so one without a chat template is refused."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve(name), revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelError(f"{name}: could not load the model: {e}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:
         raise ModelError(f"{name}: the tokenizer has no chat template; use an instruct/chat model")
-    return model.to(dev).eval(), tok
+    return tok

@@ -174,24 +174,17 @@ class OpenAIModel:
             return self._tokenizer
 
     def _load_tokenizer(self) -> Any:
-        from transformers import AutoTokenizer
-
-        from cai.models import ModelError, resolve
+        from cai.models import ModelError, load_tokenizer
 
         name = self._tokenizer_name or self.name
         # The model's revision applies when the tokenizer is the model's own.
         revision = self._revision if self._tokenizer_name is None else None
         try:
-            tok = AutoTokenizer.from_pretrained(resolve(name), revision=revision,
-                                                trust_remote_code=self._trust_remote_code)
-        except (OSError, ValueError, ModelError) as e:
+            return load_tokenizer(name, revision, self._trust_remote_code)
+        except (ValueError, ModelError) as e:
             raise BackendError(f"{self.name}: could not load the tokenizer {name!r} that option scoring needs to "
                                f"render the chat template ({e}); set model.openai.tokenizer to the served "
-                               "model's hub id or a local folder") from None
-        if tok.chat_template is None:
-            raise BackendError(f"{self.name}: the tokenizer {name!r} has no chat template; set "
-                               "model.openai.tokenizer to the served chat model's tokenizer")
-        return tok
+                               "chat model's hub id or a local folder") from None
 
     def encode(self, conversation: Sequence[Message]) -> list[int]:
         """Template a conversation as `HFModel.encode` does: a final assistant message is left open

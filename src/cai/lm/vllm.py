@@ -44,7 +44,7 @@ from typing import Any
 
 from cai.config import ModelConfig, Sampling
 from cai.lm.base import BackendError, Completion, Message
-from cai.models import ModelError, resolve
+from cai.models import load_tokenizer, resolve
 from cai.templating import encode_prompt
 
 # Odd multiplier: records with seeds s and s+1 get engine seeds far apart, so the per-sample seeds
@@ -168,11 +168,9 @@ class VLLMModel:
         path = resolve(cfg.name)
         kwargs = engine_kwargs(cfg, path)  # refuses unsupported settings before anything heavy loads
         vllm = _import_vllm()
-        from transformers import AutoTokenizer, GenerationConfig
+        from transformers import GenerationConfig
 
-        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-        if tok.chat_template is None:
-            raise ModelError(f"{cfg.name}: the tokenizer has no chat template; use an instruct/chat model")
+        tok = load_tokenizer(cfg.name, cfg.revision, cfg.trust_remote_code)
         eos: set[int] = set()
         with contextlib.suppress(OSError):  # a model without generation_config.json stops on the tokenizer's EOS
             gen = GenerationConfig.from_pretrained(path, revision=cfg.revision).eos_token_id
