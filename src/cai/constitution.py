@@ -33,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from cai.lm.base import Conversation, Message
+
 SCHEMA = "cai.constitution/v1"
 CATEGORIES = ("harm", "honesty", "helpfulness", "meta")
 ROLES = ("system", "user", "assistant")
@@ -50,8 +52,6 @@ def _escape(text: str) -> str:
         text = text.replace(tag, "&lt;" + tag[1:])
     return text
 
-Message = dict[str, str]
-Conversation = list[Message]
 
 
 class ConstitutionError(ValueError):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.constitution import Constitution, ConstitutionError, from_dict
+from cai.lm.base import Message
 
 PAPER_FILES = (
     "CritiqueRevisionInstructions.json",
@@ -33,8 +34,6 @@ PAPER_FILES = (
     "RLMadisonPrecogFewShotPrompts.json",
 )
 FORMATS = ("paper", "llm-swarm")
-
-Message = dict[str, str]
 
 # A turn marker at the start of a line (or of the text): "Human:", "Assistant:", "H:", "A:".
 _PAPER_TURN = re.compile(r"(?:^|\n)[ \t]*(Human|Assistant):", re.MULTILINE)

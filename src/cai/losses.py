@@ -126,6 +126,13 @@ def expected_calibration_error(probs: torch.Tensor, outcomes: torch.Tensor, bins
     return float(ece)
 
 
+def pairwise_accuracy(margins: torch.Tensor) -> torch.Tensor:
+    """The share of pairs a scorer ranks right from its margins (chosen minus rejected): a positive
+    margin counts 1, a tie counts half, a negative margin 0."""
+    margins = margins.detach()
+    return ((margins > 0).double() + 0.5 * (margins == 0).double()).mean()
+
+
 def preference_metrics(margins: torch.Tensor, p: torch.Tensor, bins: int = 10) -> dict[str, float]:
     """Held-out metrics of a preference scorer from its margins (score of chosen minus score of
     rejected) and labels `p` = P(chosen is better): `accuracy` (a tie counts half), mean
@@ -134,7 +141,7 @@ def preference_metrics(margins: torch.Tensor, p: torch.Tensor, bins: int = 10) -
     one-sided bins would hide over-confidence toward the rejected answer."""
     margins = margins.detach().double().flatten()
     p = p.detach().double().flatten()
-    acc = ((margins > 0).double() + 0.5 * (margins == 0).double()).mean()
+    acc = pairwise_accuracy(margins)
     probs = torch.cat([torch.sigmoid(margins), torch.sigmoid(-margins)])
     return {"n": int(margins.numel()), "accuracy": float(acc), "loss": float(soft_bt_loss(margins, p)),
             "margin": float(margins.mean()),

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,14 @@ def load_model(
     except OSError as e:
         raise ModelError(f"{name}: could not load the model: {e}") from None
     return model.to(dev).eval(), tok
+
+
+def eos_token_ids(tokenizer: Any, generation_eos: int | Sequence[int] | None = None) -> frozenset[int]:
+    """The token ids that end a generated turn: the tokenizer's EOS and the generation config's
+    `eos_token_id` (an id or a list; chat models often end a turn on a token other than EOS)."""
+    ids = {tokenizer.eos_token_id}
+    ids.update(generation_eos if isinstance(generation_eos, (list, tuple)) else [generation_eos])
+    return frozenset(i for i in ids if i is not None)
 
 
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:

@@ -42,8 +42,13 @@ from typing import IO, Any
 
 from cai.lm.base import Completion
 
+# Row statuses, every stage's in one place. A row that is not "ok" carries a `reason`.
 STATUS_OK = "ok"
-STATUS_DROPPED = "dropped"
+STATUS_DROPPED = "dropped"  # an SL-CAI row left out of the fine-tuning set
+STATUS_DEGENERATE = "degenerate"  # an SL-CAI round whose revision does not replace the answer
+STATUS_SET_ASIDE = "set_aside"  # a pair of samples that cannot make a comparison
+STATUS_ABSTAIN = "abstain"  # a judgement where the options held too little probability
+STATUS_FAILED = "failed"  # a judgement whose reasoning or scores were unusable
 
 # Degenerate-revision reasons, in the order they are checked.
 REASONS = ("empty", "truncated", "echoes_scaffold", "echoes_critique", "echoes_prompt", "unchanged")

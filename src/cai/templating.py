@@ -14,7 +14,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-Message = dict[str, str]
+from cai.lm.base import Message
+
 _SLOT = "\ue000{}\ue001"  # private-use characters: never in real text, kept intact by templates
 _SLOT_RE = re.compile("\ue000(\\d+)\ue001")
 

@@ -29,26 +29,24 @@ from typing import Any, TypeVar
 
 import torch
 
-from cai.templating import encode_chat
+from cai.lm.base import Message
+from cai.templating import encode_chat, encode_prompt
 
-Message = dict[str, str]
 T = TypeVar("T")
 
 
 # ---- tokenisation ---------------------------------------------------------------------------
 
 
-def encode_prompt(tokenizer: Any, prompt: Sequence[Message]) -> list[int]:
-    """The prompt conversation templated with the generation prompt (where the answer starts)."""
-    return encode_chat(tokenizer, prompt, add_generation_prompt=True)
-
-
 def encode_response(tokenizer: Any, prompt: Sequence[Message], response: str) -> list[int]:
     """The response's tokens as the chat template closes an assistant turn (end-of-turn included).
 
     Found as what the full conversation adds after the templated prompt; if the template rewrites
-    earlier text (some strip reasoning), fall back to the response plus the EOS token.
+    earlier text (some strip reasoning), fall back to the response plus the EOS token. `prompt`
+    must end with the user's turn: the response answers it.
     """
+    if not prompt or prompt[-1]["role"] != "user":
+        raise ValueError("encode_response: the prompt must be a conversation ending with a user turn")
     p_ids = encode_prompt(tokenizer, prompt)
     full = encode_chat(tokenizer, [*map(dict, prompt), {"role": "assistant", "content": response}])
     if full[: len(p_ids)] == p_ids:

@@ -50,9 +50,19 @@ from typing import Any
 from cai.config import FeedbackConfig, plain
 from cai.constitution import ANSWER_PREFIX, Constitution
 from cai.lm.base import LM, Message
-from cai.records import STATUS_OK, hh_pair, iter_jsonl, open_text, parse_hh, record_id_for, stable_seed
+from cai.records import (
+    STATUS_ABSTAIN,
+    STATUS_FAILED,
+    STATUS_OK,
+    hh_pair,
+    iter_jsonl,
+    open_text,
+    parse_hh,
+    record_id_for,
+    stable_seed,
+)
 from cai.rundir import atomic_write, write_json
-from cai.stages.feedback import STATUS_ABSTAIN, STATUS_FAILED, Comparison, label
+from cai.stages.feedback import Comparison, label
 
 FORMATS = ("hh", "hhh", "paper")
 # The opening of the assistant turn after which a pre-rendered question's options are scored.

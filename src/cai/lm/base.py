@@ -24,7 +24,9 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from cai.config import ModelConfig, Sampling
 
+# A chat message {"role": "system" | "user" | "assistant", "content": text}; the one definition.
 Message = dict[str, str]
+Conversation = list[Message]
 
 
 @dataclass(frozen=True)

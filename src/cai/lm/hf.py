@@ -33,7 +33,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from cai.config import ModelConfig, Sampling
 from cai.lm.base import Completion, Message
-from cai.models import load_model
+from cai.lm.sampling import sample_next
+from cai.models import eos_token_ids, load_model
 from cai.templating import encode_prompt
 
 ATTN_NAME = "cai_prefix"
@@ -210,10 +211,7 @@ class HFModel:
         self._prefix_cache_size = prefix_cache_size
         self._prefix_scores: OrderedDict[tuple, tuple] = OrderedDict()  # see _prefix_logprobs
         model.set_attn_implementation(ATTN_NAME)
-        eos = {tokenizer.eos_token_id}
-        gen_eos = model.generation_config.eos_token_id
-        eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-        self.eos_ids = frozenset(i for i in eos if i is not None)
+        self.eos_ids = eos_token_ids(tokenizer, model.generation_config.eos_token_id)
         self.prefill_rows = prefill_rows
         self.stats: dict[str, float] = {"prompt_tokens": 0, "prefix_tokens_reused": 0, "generated_tokens": 0,
                                         "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
@@ -464,7 +462,8 @@ class HFModel:
                 self.stats["prefill_s"] += time.perf_counter() - t0
             if not active:
                 return
-            toks = self._sample(logits, [r.sampling for r in active], [r.gen for r in active])
+            toks = sample_next(logits, [float(r.sampling.temperature) for r in active],  # type: ignore[arg-type]
+                               [r.sampling.top_p for r in active], [r.gen for r in active])
             keep = []
             for s, r in enumerate(active):
                 if not self._accept(r, int(toks[s])):
@@ -492,42 +491,6 @@ class HFModel:
     def _hit_stop(self, toks: list[int], stop: list[str]) -> bool:
         tail = self.tokenizer.decode(toks[-16:], skip_special_tokens=True)
         return any(s in tail for s in stop)
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, samplings: list[Sampling], gens: list[torch.Generator],
-                top_k: int = 1024) -> torch.Tensor:
-        """One token per row, each row with its own settings: greedy at temperature 0, else nucleus
-        sampling.
-
-        Each sampled row draws a single uniform number from its own generator and picks its token by
-        inverse CDF, so a row's sample depends only on its seed. The nucleus is found among the
-        `top_k` most likely tokens (a partial sort); a row whose top-k mass is below its `top_p` is
-        sorted in full.
-        """
-        logits = logits.float()
-        out = logits.argmax(-1)
-        rows = [i for i, s in enumerate(samplings) if float(s.temperature) > 0]
-        if not rows:
-            return out
-        sel = torch.tensor(rows, device=logits.device)
-        temps = torch.tensor([float(samplings[i].temperature) for i in rows], device=logits.device)
-        top_p = torch.tensor([samplings[i].top_p for i in rows], device=logits.device, dtype=torch.float64)
-        probs = F.softmax(logits[sel] / temps[:, None], dim=-1)
-        u = torch.cat([torch.rand(1, generator=gens[i], dtype=torch.float64) for i in rows]).to(probs.device)
-        k = min(top_k, probs.shape[-1])
-        vals, idx = probs.topk(k, dim=-1)
-        short = (vals.sum(-1).double() < top_p).nonzero().flatten()
-        if len(short):  # a flat distribution (or top_p = 1): sort those rows in full
-            full_v, full_i = probs[short].sort(-1, descending=True)
-            vals = F.pad(vals, (0, probs.shape[-1] - k))
-            idx = F.pad(idx, (0, probs.shape[-1] - k))
-            vals[short], idx[short] = full_v, full_i
-        vals = vals.double()
-        vals = vals.masked_fill(vals.cumsum(-1) - vals > top_p[:, None], 0.0)
-        cdf = vals.cumsum(-1)
-        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=cdf.shape[-1] - 1)
-        out[sel] = idx.gather(-1, pick).squeeze(-1)
-        return out
 
     # ---- score_options --------------------------------------------------------------------
 

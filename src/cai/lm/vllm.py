@@ -44,7 +44,7 @@ from typing import Any
 
 from cai.config import ModelConfig, Sampling
 from cai.lm.base import BackendError, Completion, Message
-from cai.models import load_tokenizer, resolve
+from cai.models import eos_token_ids, load_tokenizer, resolve
 from cai.templating import encode_prompt
 
 # Odd multiplier: records with seeds s and s+1 get engine seeds far apart, so the per-sample seeds
@@ -161,7 +161,7 @@ class VLLMModel:
         self.name = name
         self.max_model_len = max_model_len
         self._params = sampling_params
-        self.eos_ids = eos_ids | ({tokenizer.eos_token_id} - {None})
+        self.eos_ids = eos_ids | eos_token_ids(tokenizer)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> VLLMModel:
@@ -171,14 +171,12 @@ class VLLMModel:
         from transformers import GenerationConfig
 
         tok = load_tokenizer(cfg.name, cfg.revision, cfg.trust_remote_code)
-        eos: set[int] = set()
+        gen = None
         with contextlib.suppress(OSError):  # a model without generation_config.json stops on the tokenizer's EOS
             gen = GenerationConfig.from_pretrained(path, revision=cfg.revision).eos_token_id
-            if gen is not None:
-                eos.update(gen if isinstance(gen, list) else [gen])
         llm = vllm.LLM(**kwargs)
         return cls(llm, tok, cfg.name, llm.llm_engine.model_config.max_model_len, vllm.SamplingParams,
-                   frozenset(eos))
+                   eos_token_ids(tok, gen))
 
     def encode(self, conversation: Sequence[Message]) -> list[int]:
         """Template a conversation as the transformers back-end does: a final assistant message is

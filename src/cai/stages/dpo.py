@@ -106,7 +106,7 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
     from tqdm import tqdm
 
     from cai import training as T
-    from cai.losses import preference_report
+    from cai.losses import pairwise_accuracy, preference_report
     from cai.models import load_model
 
     train_rows, eval_rows = split_rows(rows, NAME)
@@ -171,7 +171,7 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
         sched.step()
         cat = {k: acc.gather(torch.cat([s[k] for s in parts]).float()) for k in parts[0]}
         metrics = {"loss": float(acc.reduce(total, "mean")), "margin": float(cat["margin"].mean()),
-                   "reward_accuracy": float(((cat["margin"] > 0).float() + 0.5 * (cat["margin"] == 0).float()).mean()),
+                   "reward_accuracy": float(pairwise_accuracy(cat["margin"])),
                    "chosen_reward": float(cat["chosen_reward"].mean()),
                    "rejected_reward": float(cat["rejected_reward"].mean()),
                    "target": float(cat["target"].mean()), "lr": sched.get_last_lr()[0]}

@@ -40,12 +40,10 @@ from cai.cluster import map_chunks, restore_order
 from cai.config import FeedbackConfig, PipelineConfig, Sampling, fingerprint, plain
 from cai.constitution import ANSWER_PREFIX, OPTION_LABELS, Constitution
 from cai.lm.base import LM, Completion, Message
-from cai.records import SCAFFOLD_MARKERS, STATUS_OK, stable_seed
+from cai.records import SCAFFOLD_MARKERS, STATUS_ABSTAIN, STATUS_FAILED, STATUS_OK, stable_seed
 from cai.rundir import Stage
 
 NAME = "feedback"
-STATUS_ABSTAIN = "abstain"
-STATUS_FAILED = "failed"
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,10 @@ from tqdm import tqdm
 from cai.cluster import map_chunks, restore_order
 from cai.config import PairsConfig, PipelineConfig, fingerprint, plain
 from cai.lm.base import LM, Completion
-from cai.records import SCAFFOLD_MARKERS, STATUS_OK, stable_seed
+from cai.records import SCAFFOLD_MARKERS, STATUS_OK, STATUS_SET_ASIDE, stable_seed
 from cai.rundir import Stage, StageError
 
 NAME = "pairs"
-STATUS_SET_ASIDE = "set_aside"
 
 
 def pair_problem(a: Completion, b: Completion, set_aside_truncated: bool) -> str | None:

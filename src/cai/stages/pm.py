@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from cai.config import PipelineConfig, PMConfig, fingerprint, plain
+from cai.lm.base import Message
 from cai.rundir import Stage, StageError, write_json
 
 NAME = "pm"
-Message = dict[str, str]
 
 
 def last_token_scores(model: Any, input_ids: Any, attention_mask: Any) -> Any:
@@ -146,7 +146,7 @@ def train(rows: Sequence[dict[str, Any]], cfg: PMConfig, out_dir: Path, seed: in
     from tqdm import tqdm
 
     from cai import training as T
-    from cai.losses import soft_bt_loss
+    from cai.losses import pairwise_accuracy, soft_bt_loss
 
     train_rows, eval_rows = split_rows(rows, NAME)
     acc = T.accelerator(cfg.bf16, device)
@@ -207,7 +207,7 @@ def train(rows: Sequence[dict[str, Any]], cfg: PMConfig, out_dir: Path, seed: in
         sched.step()
         m_all = acc.gather(torch.cat(margins))
         metrics = {"loss": float(acc.reduce(total, "mean")),
-                   "accuracy": float(((m_all > 0).float() + 0.5 * (m_all == 0).float()).mean()),
+                   "accuracy": float(pairwise_accuracy(m_all)),
                    "margin": float(m_all.mean()), "target": float(acc.gather(torch.cat(targets)).mean()),
                    "lr": sched.get_last_lr()[0]}
         if grad_norm is not None:  # DeepSpeed clips inside its step and returns no norm here

@@ -69,12 +69,12 @@ from pathlib import Path
 from typing import Any
 
 from cai.config import PipelineConfig, PPOConfig, fingerprint, plain
+from cai.lm.base import Message
 from cai.records import stable_seed
 from cai.rundir import Stage, StageError
 
 NAME = "ppo"
 
-Message = dict[str, str]
 RewardFn = Callable[[list[list[Message]], list[str]], list[float]]
 
 
@@ -114,32 +114,6 @@ def _response_mask(resp: Any, eos_ids: Sequence[int]) -> tuple[Any, Any]:
     return (~seen_before).long(), is_eos.any(-1)
 
 
-def sample_tokens(logits: Any, temperature: float, top_p: float, gen: Any, top_k: int = 1024) -> Any:
-    """One token per row: greedy at temperature 0, else nucleus sampling by inverse CDF with one
-    uniform draw per row from `gen` (one generator, or a sequence of one per row). The nucleus is searched among the `top_k` most likely tokens
-    (a partial sort: a full sort of a 49k vocabulary is slow on a CPU) unless they hold less than
-    `top_p` of the mass."""
-    import torch
-
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if isinstance(gen, torch.Generator):
-        u = torch.rand(probs.shape[0], 1, generator=gen, dtype=torch.float64)
-    else:
-        u = torch.cat([torch.rand(1, 1, generator=g, dtype=torch.float64) for g in gen])
-    u = u.to(probs.device)
-    idx = None
-    if top_p < 1.0:
-        probs, idx = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-        if bool((probs.sum(-1) < top_p).any()):
-            probs, idx = torch.softmax(logits.float() / temperature, dim=-1).sort(-1, descending=True)
-        probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)
-    cdf = probs.cumsum(-1)
-    pick = torch.searchsorted(cdf, (u * cdf[:, -1:].double()).to(cdf.dtype)).clamp(max=cdf.shape[-1] - 1)
-    return (pick if idx is None else idx.gather(-1, pick)).squeeze(-1)
-
-
 def generate(model: Any, batch: dict[str, Any], max_new_tokens: int, temperature: float, top_p: float,
              eos_ids: Sequence[int], pad_id: int, gen: Any, synced: Any = None) -> Any:
     """Sample responses to left-padded prompts with a KV cache: (B, R) token ids, `pad_id` after a
@@ -148,6 +122,8 @@ def generate(model: Any, batch: dict[str, Any], max_new_tokens: int, temperature
     not depend on which other rows share its batch. With `synced` (an accelerator) the loop goes on
     until every process's rows have ended, as a collective forward pass (FSDP, ZeRO-3) needs."""
     import torch
+
+    from cai.lm.sampling import sample_next
 
     att = batch["attention_mask"]
     ids = batch["input_ids"]
@@ -158,7 +134,7 @@ def generate(model: Any, batch: dict[str, Any], max_new_tokens: int, temperature
                 use_cache=True, logits_to_keep=1)
     tokens = []
     for _ in range(max_new_tokens):
-        tok = sample_tokens(out.logits[:, -1], temperature, top_p, gen)
+        tok = sample_next(out.logits[:, -1], temperature, top_p, gen)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         tokens.append(tok)
         done |= torch.isin(tok, eos)
@@ -192,7 +168,8 @@ def train(policy_dir: str, prompts: list[list[Message]], reward_fn: RewardFn, cf
     from transformers import AutoModelForCausalLM
 
     from cai import losses, training
-    from cai.models import load_model
+    from cai.models import eos_token_ids, load_model
+    from cai.templating import encode_prompt
 
     if not prompts:
         raise StageError("ppo: no prompts to train on")
@@ -229,14 +206,11 @@ def train(policy_dir: str, prompts: list[list[Message]], reward_fn: RewardFn, cf
         raise ValueError(f"rl.ppo.max_length ({cfg.max_length}) must exceed rl.ppo.response.max_new_tokens "
                          f"({cfg.response.max_new_tokens})")
     # The prompt's start is dropped when it is too long: its end holds the generation prompt.
-    encoded = [training.encode_prompt(tok, p)[-prompt_budget:] for p in prompts]
+    encoded = [encode_prompt(tok, p)[-prompt_budget:] for p in prompts]
     order = training.batch_order(len(prompts), cfg.batch_size, cfg.steps * cfg.batch_size / len(prompts), seed)
     order = order[: cfg.steps]
 
-    eos = {tok.eos_token_id}
-    gen_eos = policy.generation_config.eos_token_id
-    eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    eos_ids = sorted(i for i in eos if i is not None)
+    eos_ids = sorted(eos_token_ids(tok, policy.generation_config.eos_token_id))
     # The policy being optimised is the model sampled at this temperature: log-probabilities, the KL
     # and the entropy are all taken from logits divided by it (greedy rollouts would not explore).
     temperature = float(cfg.response.at_round(0).temperature)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.config import PairSource, PipelineConfig, fingerprint, plain
+from cai.lm.base import Conversation
 from cai.records import STATUS_OK, hh_pair, iter_jsonl, parse_hh, record_id_for, stable_seed
 from cai.rundir import Stage, StageError
 
@@ -50,7 +51,6 @@ COLUMNS = ("prompt", "chosen", "rejected", "p_chosen", "label_source", "record_i
 # Present on AI rows only; human rows carry them as null so every row has one schema.
 AI_COLUMNS = ("p_first", "principle_ids", "orders", "feedback_model", "constitution_hash")
 
-Messages = list[dict[str, str]]
 
 
 class PreferenceDataError(ValueError):
@@ -104,7 +104,7 @@ def _source_rows(src: PairSource) -> Iterator[tuple[str, dict[str, Any]]]:
     return _dataset_rows(src)
 
 
-def _messages(where: str, name: str, value: Any) -> Messages:
+def _messages(where: str, name: str, value: Any) -> Conversation:
     """A list of {role, content} messages, checked field by field."""
     if not isinstance(value, list) or not value:
         raise PreferenceDataError(f"{where}: '{name}' must be a string or a non-empty list of messages")
@@ -120,7 +120,7 @@ def _messages(where: str, name: str, value: Any) -> Messages:
     return out
 
 
-def _answer(where: str, name: str, value: Any, prompt: Messages) -> str:
+def _answer(where: str, name: str, value: Any, prompt: Conversation) -> str:
     """The single assistant answer of `chosen`/`rejected` given as a string or as messages."""
     if isinstance(value, str):
         return value
@@ -139,7 +139,7 @@ def _need(where: str, row: dict[str, Any], fields: tuple[str, ...]) -> None:
             raise PreferenceDataError(f"{where}: missing field '{k}' (have {sorted(row)})")
 
 
-def _from_hh(where: str, row: dict[str, Any]) -> tuple[Messages, str, str] | str:
+def _from_hh(where: str, row: dict[str, Any]) -> tuple[Conversation, str, str] | str:
     _need(where, row, ("chosen", "rejected"))
     for k in ("chosen", "rejected"):
         turns = parse_hh(row[k]) if isinstance(row[k], str) else []
@@ -149,7 +149,7 @@ def _from_hh(where: str, row: dict[str, Any]) -> tuple[Messages, str, str] | str
     return pair if pair is not None else "mismatched_history"
 
 
-def _from_preference(where: str, row: dict[str, Any]) -> tuple[Messages, str, str] | str:
+def _from_preference(where: str, row: dict[str, Any]) -> tuple[Conversation, str, str] | str:
     _need(where, row, ("chosen", "rejected"))
     if row.get("prompt") is not None:
         p = row["prompt"]
@@ -175,7 +175,7 @@ def _is_hh(row: dict[str, Any], fmt: str) -> bool:
     return row.get("prompt") is None and isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str)
 
 
-def _parse(where: str, row: dict[str, Any], fmt: str) -> tuple[Messages, str, str] | str:
+def _parse(where: str, row: dict[str, Any], fmt: str) -> tuple[Conversation, str, str] | str:
     """(prompt messages, chosen text, rejected text), or the reason the pair is skipped."""
     parsed = _from_hh(where, row) if _is_hh(row, fmt) else _from_preference(where, row)
     if isinstance(parsed, str):

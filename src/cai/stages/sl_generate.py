@@ -28,7 +28,7 @@ from cai.cluster import map_chunks, restore_order
 from cai.config import PipelineConfig, SLConfig, fingerprint, model_identity, plain
 from cai.constitution import Constitution
 from cai.lm.base import LM, Program, run_programs
-from cai.records import STATUS_DROPPED, STATUS_OK, degenerate_reason, stable_seed
+from cai.records import STATUS_DEGENERATE, STATUS_DROPPED, STATUS_OK, degenerate_reason, stable_seed
 from cai.rundir import Stage
 
 NAME = "sl_generate"
@@ -55,7 +55,7 @@ def record_program(row: dict[str, Any], constitution: Constitution, cfg: SLConfi
             "round": k + 1, "principle_id": pid,
             "critique": crit.text, "critique_finish": crit.finish_reason,
             "revision": rev.text, "revision_finish": rev.finish_reason,
-            "status": STATUS_OK if reason is None else "degenerate", "reason": reason,
+            "status": STATUS_OK if reason is None else STATUS_DEGENERATE, "reason": reason,
         })
         if reason is None:  # a degenerate revision does not replace the answer
             current = rev.text
