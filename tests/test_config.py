@@ -11,12 +11,15 @@ import yaml
 from cai.config import (
     ConfigError,
     PipelineConfig,
+    PMConfig,
     PromptSource,
     Sampling,
     SLConfig,
     fingerprint,
     load_config,
+    plain,
     to_dict,
+    validate,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -387,3 +390,101 @@ def test_model_identity_leaves_out_how_requests_are_sent_but_keeps_what_decides_
 def test_scale_out_settings_are_validated(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(None, override.split())
+
+
+# ---- range checks beside their fields -------------------------------------------------------
+
+TRAINING = ["sft", "pm", "rl.dpo", "rl.ppo"]  # every training loop: the fields of TrainingConfig
+EPOCH_TRAINING = ["sft", "pm", "rl.dpo"]  # loops over a fixed set of rows: EpochTrainingConfig
+LORA_TRAINING = ["sft", "rl.dpo"]  # full or LoRA: LoRATrainingConfig
+
+
+def _refused(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert str(e.value).startswith(f"defaults: {key} "), str(e.value)
+
+
+@pytest.mark.parametrize("section", TRAINING)
+@pytest.mark.parametrize("field, bad", [("batch_size", "0"), ("learning_rate", "0"), ("learning_rate", "-1.0e-5"),
+                                        ("max_length", "0"), ("save_steps", "0")])
+def test_every_training_section_refuses_the_same_bad_values(section, field, bad):
+    _refused([f"{section}.{field}={bad}"], f"{section}.{field}")
+
+
+@pytest.mark.parametrize("section", EPOCH_TRAINING)
+@pytest.mark.parametrize("field, bad", [("epochs", "0"), ("max_steps", "0"), ("max_steps", "-2"), ("grad_accum", "0"),
+                                        ("warmup_ratio", "-0.1"), ("warmup_ratio", "1.5")])
+def test_every_epoch_training_section_refuses_the_same_bad_values(section, field, bad):
+    _refused([f"{section}.{field}={bad}"], f"{section}.{field}")
+
+
+@pytest.mark.parametrize("section", EPOCH_TRAINING)
+@pytest.mark.parametrize("override", ["max_steps=-1", "max_steps=1", "warmup_ratio=0", "warmup_ratio=1", "grad_accum=1",
+                                      "epochs=0.5", "batch_size=1", "save_steps=1"])
+def test_every_epoch_training_section_allows_the_same_boundaries(section, override):
+    load_config(None, [f"{section}.{override}"])
+
+
+@pytest.mark.parametrize("section", LORA_TRAINING)
+@pytest.mark.parametrize("field, bad", [("lora_r", "0"), ("lora_dropout", "1.0"), ("lora_dropout", "-0.1")])
+def test_lora_fields_are_checked_with_method_lora_only(section, field, bad):
+    _refused([f"{section}.method=lora", f"{section}.{field}={bad}"], f"{section}.{field}")
+    assert load_config(None, [f"{section}.method=full", f"{section}.{field}={bad}"])
+
+
+@pytest.mark.parametrize("section, bad, allowed", [("pm", "0", "0.5"), ("rl.dpo", "0", "0.5"), ("rl.ppo", "-1.0", "0")])
+def test_max_grad_norm_is_checked_as_each_loop_uses_it(section, bad, allowed):
+    # pm and dpo always clip; ppo skips clipping at 0
+    _refused([f"{section}.max_grad_norm={bad}"], f"{section}.max_grad_norm")
+    load_config(None, [f"{section}.max_grad_norm={allowed}"])
+
+
+@pytest.mark.parametrize("key", ["sl.response", "sl.critique", "sl.revision", "pairs.sampling", "feedback.cot",
+                                 "rl.ppo.response"])
+@pytest.mark.parametrize("field, bad", [("top_p", "0"), ("temperature", "-1"), ("max_new_tokens", "0")])
+def test_one_sampling_check_serves_every_place_a_sampling_sits(key, field, bad):
+    _refused([f"{key}.{field}={bad}"], f"{key}.{field}")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rl.ppo.mini_batch_size=3"], "rl.ppo.batch_size must be a positive multiple of rl.ppo.mini_batch_size"),
+    (["rl.ppo.mini_batch_size=0"], "rl.ppo.batch_size must be a positive multiple of rl.ppo.mini_batch_size"),
+    (["rl.ppo.max_length=64"], "rl.ppo.max_length must exceed rl.ppo.response.max_new_tokens"),
+    (["model.openai.backoff_s=60"], "model.openai.backoff_s must be > 0 and <= model.openai.max_backoff_s"),
+    (["feedback.clamp=[0.6, 0.4]"], "feedback.clamp must be [low, high]"),
+    (["pairs.kinds=[]"], "pairs.kinds must list"),
+    (["pm.weight_decay=-0.1"], "pm.weight_decay must be >= 0"),
+])
+def test_cross_field_checks_name_their_section(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert str(e.value).startswith(f"defaults: {message}"), str(e.value)
+
+
+def test_a_section_checks_itself_wherever_it_sits():
+    failed = [msg for ok, msg in PMConfig(batch_size=0, max_grad_norm=0).checks("elsewhere.pm") if not ok]
+    assert failed == ["elsewhere.pm.batch_size must be >= 1", "elsewhere.pm.max_grad_norm must be > 0"]
+
+
+def test_validate_names_the_source_and_the_dotted_key():
+    cfg = dataclasses.replace(PipelineConfig(), sl=dataclasses.replace(SLConfig(), chunk_size=0))
+    with pytest.raises(ConfigError, match=r"^cai eval labeller: sl\.chunk_size must be >= 1$"):
+        validate(cfg, "cai eval labeller")
+
+
+@pytest.mark.parametrize("path", [None, *CONFIGS], ids=["defaults", *(p.name for p in CONFIGS)])
+@pytest.mark.parametrize("methods", [[], ["rl.method=dpo"], ["rl.method=ppo"], ["sft.method=lora"],
+                                     ["rl.dpo.method=lora"], ["rl.dpo.method=full", "sft.method=full"]])
+def test_defaults_and_every_shipped_config_pass_with_either_method(path, methods):
+    assert isinstance(load_config(path, methods), PipelineConfig)
+
+
+def test_training_section_defaults_keep_their_fingerprints():
+    # Stage fingerprints hash these sections: a renamed field or a changed default would make every
+    # existing run directory refuse to resume.
+    cfg = PipelineConfig()
+    got = {k: fingerprint(plain(s)) for k, s in (("sft", cfg.sft), ("pm", cfg.pm), ("rl.dpo", cfg.rl.dpo),
+                                                 ("rl.ppo", cfg.rl.ppo))}
+    assert got == {"sft": "fb785920c1817656", "pm": "2a38c9eae4132829", "rl.dpo": "a42abe0b6355ced0",
+                   "rl.ppo": "79214aadb62c3749"}

@@ -1,7 +1,8 @@
 """Typed pipeline configuration: frozen dataclasses, YAML files and dotted `key=value` overrides.
 
 Defaults are the small CPU run. A YAML file is a serialised `PipelineConfig`; an unknown key is an
-error that names the file and the key and suggests the closest valid one.
+error that names the file and the key and suggests the closest valid one. Each section checks the
+ranges of its own fields (`Section.checks`); `validate` walks the tree.
 
     cai run configs/quickstart.yaml sl.rounds=2 model.batch_size=8
 """
@@ -14,6 +15,7 @@ import hashlib
 import json
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
@@ -25,8 +27,17 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the file and the key."""
 
 
+class Section:
+    """A config section that checks the ranges of its own fields; `validate` walks the tree."""
+
+    def checks(self, at: str) -> list[tuple[bool, str]]:
+        """(ok, message) for each range check of this section's fields. `at` is the section's dotted
+        key in PipelineConfig (`sl.response`, `rl.ppo`), which the messages name."""
+        return []
+
+
 @dataclass(frozen=True)
-class Sampling:
+class Sampling(Section):
     """Sampling settings for one generation step.
 
     `temperature` 0 means greedy. A list of temperatures is a per-round schedule: round k uses
@@ -46,9 +57,17 @@ class Sampling:
             t = t[min(k, len(t) - 1)]
         return dataclasses.replace(self, temperature=float(t))
 
+    def checks(self, at: str) -> list[tuple[bool, str]]:
+        temps = self.temperature if isinstance(self.temperature, list) else [self.temperature]
+        return [
+            (len(temps) > 0 and all(t >= 0 for t in temps), f"{at}.temperature must be >= 0"),
+            (0.0 < self.top_p <= 1.0, f"{at}.top_p must be in (0, 1]"),
+            (self.max_new_tokens >= 1, f"{at}.max_new_tokens must be >= 1"),
+        ]
+
 
 @dataclass(frozen=True)
-class OpenAIConfig:
+class OpenAIConfig(Section):
     """An OpenAI-compatible server (`model.backend: openai`): vLLM, TGI, llama.cpp, Ollama, `cai serve`.
 
     `model.name` is the model id the server knows. `api_key_env` names the environment variable
@@ -69,9 +88,19 @@ class OpenAIConfig:
     timeout_s: float = 300.0
     request_budget: int | None = None
 
+    def checks(self, at: str) -> list[tuple[bool, str]]:
+        return [
+            (self.max_concurrency >= 1, f"{at}.max_concurrency must be >= 1"),
+            (self.max_retries >= 0, f"{at}.max_retries must be >= 0"),
+            (0 < self.backoff_s <= self.max_backoff_s, f"{at}.backoff_s must be > 0 and <= {at}.max_backoff_s"),
+            (self.timeout_s > 0, f"{at}.timeout_s must be > 0"),
+            (self.request_budget is None or self.request_budget >= 1, f"{at}.request_budget must be >= 1 when set"),
+            (self.base_url.startswith(("http://", "https://")), f"{at}.base_url must start with http:// or https://"),
+        ]
+
 
 @dataclass(frozen=True)
-class VLLMConfig:
+class VLLMConfig(Section):
     """vLLM's offline engine (`model.backend: vllm`, the `vllm` extra; needs a GPU)."""
 
     tensor_parallel_size: int = 1
@@ -81,9 +110,16 @@ class VLLMConfig:
     max_model_len: int | None = None
     enforce_eager: bool = False
 
+    def checks(self, at: str) -> list[tuple[bool, str]]:
+        return [
+            (self.tensor_parallel_size >= 1, f"{at}.tensor_parallel_size must be >= 1"),
+            (self.data_parallel_size >= 1, f"{at}.data_parallel_size must be >= 1"),
+            (0 < self.gpu_memory_utilization <= 1, f"{at}.gpu_memory_utilization must be in (0, 1]"),
+        ]
+
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     """Which model, and how it runs. `name` is `smollm2-135m`, a local directory or a hub id
     (or, with `backend: openai`, the model id the server serves)."""
 
@@ -97,6 +133,15 @@ class ModelConfig:
     trust_remote_code: bool = False
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+    def checks(self, at: str) -> list[tuple[bool, str]]:
+        return [
+            (self.batch_size >= 1, f"{at}.batch_size must be >= 1"),
+            (self.backend != "vllm" or self.vllm.data_parallel_size == 1,
+             f"{at}.vllm.data_parallel_size > 1: vLLM's offline engine holds one replica per process; for data "
+             "parallelism set ray.enabled=true with ray.num_workers=N (one engine per worker), or run "
+             f"`vllm serve --data-parallel-size N` and use {at}.backend=openai"),
+        ]
 
 
 # Settings that change how requests are sent, not what comes back: left out of stage fingerprints,
@@ -117,7 +162,7 @@ def model_identity(cfg: ModelConfig) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class RayConfig:
+class RayConfig(Section):
     """Spread the data stages (sl_generate, pairs, feedback) over a Ray cluster.
 
     Each of `num_workers` workers builds its own back-end and takes chunks of records; finished
@@ -131,6 +176,14 @@ class RayConfig:
     num_cpus_per_worker: float = 1.0
     num_gpus_per_worker: float = 0.0
     max_retries: int = 3
+
+    def checks(self, at: str) -> list[tuple[bool, str]]:
+        return [
+            (self.num_workers >= 1, f"{at}.num_workers must be >= 1"),
+            (self.max_retries >= 0, f"{at}.max_retries must be >= 0"),
+            (self.num_cpus_per_worker >= 0, f"{at}.num_cpus_per_worker must be >= 0"),
+            (self.num_gpus_per_worker >= 0, f"{at}.num_gpus_per_worker must be >= 0"),
+        ]
 
 
 @dataclass(frozen=True)
@@ -158,7 +211,7 @@ class PromptsConfig:
 
 
 @dataclass(frozen=True)
-class SLConfig:
+class SLConfig(Section):
     """SL-CAI critique-revision settings."""
 
     rounds: int = 4
@@ -171,29 +224,80 @@ class SLConfig:
     )
     helpful_fraction: float = 0.5
 
+    def checks(self, at: str) -> list[tuple[bool, str]]:
+        return [
+            (self.rounds >= 0, f"{at}.rounds must be >= 0"),
+            (self.few_shot >= 0, f"{at}.few_shot must be >= 0"),
+            (self.chunk_size >= 1, f"{at}.chunk_size must be >= 1"),
+            (0.0 <= self.helpful_fraction < 1.0, f"{at}.helpful_fraction must be in [0, 1)"),
+        ]
+
 
 @dataclass(frozen=True)
-class SFTConfig:
-    """Supervised fine-tuning on the SL-CAI export (TRL SFTTrainer)."""
+class TrainingConfig(Section):
+    """The fields every training loop takes (sft, pm, rl.dpo, rl.ppo), with their checks.
+    `batch_size` is the global batch: under `accelerate launch` it is split over the processes."""
 
-    method: Literal["full", "lora"] = "full"
-    epochs: float = 1.0
-    max_steps: int = -1
     learning_rate: float = 2e-5
     batch_size: int = 8
-    grad_accum: int = 1
     max_length: int = 512
-    warmup_ratio: float = 0.1
     save_steps: int = 50
     bf16: bool = True
+    report_to: list[str] = field(default_factory=list)
+
+    def checks(self, at: str) -> list[tuple[bool, str]]:
+        return [
+            (self.learning_rate > 0, f"{at}.learning_rate must be > 0"),
+            (self.batch_size >= 1, f"{at}.batch_size must be >= 1"),
+            (self.max_length >= 1, f"{at}.max_length must be >= 1"),
+            (self.save_steps >= 1, f"{at}.save_steps must be >= 1"),
+        ]
+
+
+@dataclass(frozen=True)
+class EpochTrainingConfig(TrainingConfig):
+    """A training loop over a fixed set of rows (sft, pm, rl.dpo): `epochs` passes, cut to
+    `max_steps` optimiser steps unless that is -1; `warmup_ratio` of the steps warm the rate up."""
+
+    epochs: float = 1.0
+    max_steps: int = -1
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+
+    def checks(self, at: str) -> list[tuple[bool, str]]:
+        return super().checks(at) + [
+            (self.epochs > 0, f"{at}.epochs must be > 0"),
+            (self.max_steps == -1 or self.max_steps >= 1, f"{at}.max_steps must be -1 (no limit) or >= 1"),
+            (self.grad_accum >= 1, f"{at}.grad_accum must be >= 1"),
+            (0.0 <= self.warmup_ratio <= 1.0, f"{at}.warmup_ratio must be in [0, 1]"),
+        ]
+
+
+@dataclass(frozen=True)
+class LoRATrainingConfig(EpochTrainingConfig):
+    """A loop that fine-tunes the whole model (`method: full`) or LoRA adapters on all linear layers,
+    merged into the saved model (`method: lora`); the `lora_*` fields are used with `lora` only."""
+
+    method: Literal["full", "lora"] = "full"
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    report_to: list[str] = field(default_factory=list)
+
+    def checks(self, at: str) -> list[tuple[bool, str]]:
+        lora = self.method == "lora"
+        return super().checks(at) + [
+            (not lora or self.lora_r >= 1, f"{at}.lora_r must be >= 1 with {at}.method lora"),
+            (not lora or 0.0 <= self.lora_dropout < 1.0, f"{at}.lora_dropout must be in [0, 1) with {at}.method lora"),
+        ]
 
 
 @dataclass(frozen=True)
-class PairsConfig:
+class SFTConfig(LoRATrainingConfig):
+    """Supervised fine-tuning on the SL-CAI export (TRL SFTTrainer)."""
+
+
+@dataclass(frozen=True)
+class PairsConfig(Section):
     """RL-CAI comparison pairs: two sampled responses per prompt from the policy model.
 
     `model` `sft` is this run's SL-CAI model (`<run>/sft/model`); anything else is a model name.
@@ -205,9 +309,16 @@ class PairsConfig:
     set_aside_truncated: bool = False
     chunk_size: int = 32
 
+    def checks(self, at: str) -> list[tuple[bool, str]]:
+        return [
+            (self.chunk_size >= 1, f"{at}.chunk_size must be >= 1"),
+            (bool(self.kinds) and all(k in ("red_team", "helpful") for k in self.kinds),
+             f"{at}.kinds must list 'red_team' and/or 'helpful'"),
+        ]
+
 
 @dataclass(frozen=True)
-class FeedbackConfig:
+class FeedbackConfig(Section):
     """AI feedback: a multiple-choice question per pair under `principles` drawn principles
     (an ensemble when > 1, averaged), both option orders scored and averaged."""
 
@@ -219,6 +330,17 @@ class FeedbackConfig:
     clamp: list[float] = field(default_factory=lambda: [0.4, 0.6])
     min_option_mass: float = 0.05
     chunk_size: int = 32
+
+    def checks(self, at: str) -> list[tuple[bool, str]]:
+        c = self.clamp
+        return [
+            (self.principles >= 1, f"{at}.principles must be >= 1"),
+            (self.few_shot >= 0, f"{at}.few_shot must be >= 0"),
+            (self.chunk_size >= 1, f"{at}.chunk_size must be >= 1"),
+            (len(c) == 2 and 0.0 <= c[0] <= 0.5 <= c[1] <= 1.0,
+             f"{at}.clamp must be [low, high] with 0 <= low <= 0.5 <= high <= 1"),
+            (0.0 <= self.min_option_mass < 1.0, f"{at}.min_option_mass must be in [0, 1)"),
+        ]
 
 
 @dataclass(frozen=True)
@@ -234,7 +356,7 @@ class PairSource:
 
 
 @dataclass(frozen=True)
-class PreferencesConfig:
+class PreferencesConfig(Section):
     """The preference-model training mix: AI harmlessness labels plus human helpfulness labels.
     `human_fraction` is the share of human rows in the mix; `eval_fraction` is held out."""
 
@@ -242,33 +364,36 @@ class PreferencesConfig:
     human_fraction: float = 0.5
     eval_fraction: float = 0.1
 
+    def checks(self, at: str) -> list[tuple[bool, str]]:
+        return [
+            (0.0 <= self.human_fraction < 1.0, f"{at}.human_fraction must be in [0, 1)"),
+            (0.0 <= self.eval_fraction < 1.0, f"{at}.eval_fraction must be in [0, 1)"),
+        ]
+
 
 @dataclass(frozen=True)
-class PMConfig:
+class PMConfig(EpochTrainingConfig):
     """The preference model: a scalar head on `model`, trained on soft targets."""
 
     model: str = "smollm2-135m"
-    epochs: float = 1.0
-    max_steps: int = -1
     learning_rate: float = 1e-5
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 512
-    warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    save_steps: int = 50
-    bf16: bool = True
-    report_to: list[str] = field(default_factory=list)
+
+    def checks(self, at: str) -> list[tuple[bool, str]]:
+        return super().checks(at) + [
+            (self.weight_decay >= 0, f"{at}.weight_decay must be >= 0"),
+            (self.max_grad_norm > 0, f"{at}.max_grad_norm must be > 0"),
+        ]
 
 
 @dataclass(frozen=True)
-class PPOConfig:
+class PPOConfig(TrainingConfig):
     """PPO against the preference model with a KL penalty to the frozen SL-CAI model.
-    `kl_target` set makes the KL coefficient adaptive (Ziegler et al. 2019); unset keeps it fixed."""
+    `kl_target` set makes the KL coefficient adaptive (Ziegler et al. 2019); unset keeps it fixed.
+    `max_grad_norm` 0 leaves the gradients unclipped."""
 
     steps: int = 20
-    batch_size: int = 8
     mini_batch_size: int = 4
     ppo_epochs: int = 2
     learning_rate: float = 1e-6
@@ -284,35 +409,45 @@ class PPOConfig:
     missing_eos_penalty: float = 0.0
     max_grad_norm: float = 1.0
     response: Sampling = field(default_factory=lambda: Sampling(temperature=1.0, top_p=1.0, max_new_tokens=64))
-    max_length: int = 512
     save_steps: int = 5
-    bf16: bool = True
-    report_to: list[str] = field(default_factory=list)
+
+    def checks(self, at: str) -> list[tuple[bool, str]]:
+        return super().checks(at) + [
+            (self.steps >= 1, f"{at}.steps must be >= 1"),
+            (self.ppo_epochs >= 1, f"{at}.ppo_epochs must be >= 1"),
+            (self.batch_size >= 1 and self.mini_batch_size >= 1 and self.batch_size % self.mini_batch_size == 0,
+             f"{at}.batch_size must be a positive multiple of {at}.mini_batch_size"),
+            (self.kl_coef >= 0, f"{at}.kl_coef must be >= 0"),
+            (self.kl_target is None or self.kl_target > 0, f"{at}.kl_target must be > 0 when set"),
+            (self.kl_horizon >= 1, f"{at}.kl_horizon must be >= 1"),
+            (0.0 < self.gamma <= 1.0, f"{at}.gamma must be in (0, 1]"),
+            (0.0 <= self.lam <= 1.0, f"{at}.lam must be in [0, 1]"),
+            (self.cliprange > 0, f"{at}.cliprange must be > 0"),
+            (self.cliprange_value > 0, f"{at}.cliprange_value must be > 0"),
+            (self.vf_coef >= 0, f"{at}.vf_coef must be >= 0"),
+            (self.reward_clip > 0, f"{at}.reward_clip must be > 0"),
+            (self.missing_eos_penalty >= 0, f"{at}.missing_eos_penalty must be >= 0"),
+            (self.max_grad_norm >= 0, f"{at}.max_grad_norm must be >= 0"),
+            (self.max_length > self.response.max_new_tokens, f"{at}.max_length must exceed {at}.response.max_new_tokens"),
+        ]
 
 
 @dataclass(frozen=True)
-class DPOConfig:
+class DPOConfig(LoRATrainingConfig):
     """DPO against the frozen SL-CAI model; with `soft_labels` each pair pulls in proportion to its
     AI label (0.7 pulls less hard than 1.0). `method: lora` trains adapters only and takes the
     reference from the same weights with the adapters off, so one model's memory is enough."""
 
-    method: Literal["full", "lora"] = "full"
     beta: float = 0.1
     soft_labels: bool = True
-    epochs: float = 1.0
-    max_steps: int = -1
     learning_rate: float = 1e-6
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 512
-    warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
-    save_steps: int = 50
-    bf16: bool = True
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    report_to: list[str] = field(default_factory=list)
+
+    def checks(self, at: str) -> list[tuple[bool, str]]:
+        return super().checks(at) + [
+            (self.beta > 0, f"{at}.beta must be > 0"),
+            (self.max_grad_norm > 0, f"{at}.max_grad_norm must be > 0"),
+        ]
 
 
 @dataclass(frozen=True)
@@ -488,83 +623,23 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def validate(cfg: PipelineConfig, source: str = "config") -> None:
-    """Range checks that types alone cannot express."""
-    checks = [
-        (cfg.sl.rounds >= 0, "sl.rounds must be >= 0"),
-        (cfg.sl.few_shot >= 0, "sl.few_shot must be >= 0"),
-        (cfg.sl.chunk_size >= 1, "sl.chunk_size must be >= 1"),
-        (0.0 <= cfg.sl.helpful_fraction < 1.0, "sl.helpful_fraction must be in [0, 1)"),
-        (cfg.model.batch_size >= 1, "model.batch_size must be >= 1"),
-        (cfg.model.openai.max_concurrency >= 1, "model.openai.max_concurrency must be >= 1"),
-        (cfg.model.openai.max_retries >= 0, "model.openai.max_retries must be >= 0"),
-        (0 < cfg.model.openai.backoff_s <= cfg.model.openai.max_backoff_s,
-         "model.openai.backoff_s must be > 0 and <= model.openai.max_backoff_s"),
-        (cfg.model.openai.timeout_s > 0, "model.openai.timeout_s must be > 0"),
-        (cfg.model.openai.request_budget is None or cfg.model.openai.request_budget >= 1,
-         "model.openai.request_budget must be >= 1 when set"),
-        (cfg.model.openai.base_url.startswith(("http://", "https://")),
-         "model.openai.base_url must start with http:// or https://"),
-        (cfg.model.vllm.tensor_parallel_size >= 1 and cfg.model.vllm.data_parallel_size >= 1,
-         "model.vllm.tensor_parallel_size and data_parallel_size must be >= 1"),
-        (0 < cfg.model.vllm.gpu_memory_utilization <= 1, "model.vllm.gpu_memory_utilization must be in (0, 1]"),
-        (cfg.model.backend != "vllm" or cfg.model.vllm.data_parallel_size == 1,
-         "model.vllm.data_parallel_size > 1: vLLM's offline engine holds one replica per process; for data "
-         "parallelism set ray.enabled=true with ray.num_workers=N (one engine per worker), or run "
-         "`vllm serve --data-parallel-size N` and use model.backend=openai"),
-        (cfg.ray.num_workers >= 1 and cfg.ray.max_retries >= 0, "ray.num_workers must be >= 1, ray.max_retries >= 0"),
-        (cfg.ray.num_cpus_per_worker >= 0 and cfg.ray.num_gpus_per_worker >= 0,
-         "ray.num_cpus_per_worker and ray.num_gpus_per_worker must be >= 0"),
-        (cfg.sft.batch_size >= 1, "sft.batch_size must be >= 1"),
-        (cfg.sft.learning_rate > 0, "sft.learning_rate must be > 0"),
-        (cfg.pairs.chunk_size >= 1, "pairs.chunk_size must be >= 1"),
-        (all(k in ("red_team", "helpful") for k in cfg.pairs.kinds) and bool(cfg.pairs.kinds),
-         "pairs.kinds must list 'red_team' and/or 'helpful'"),
-        (cfg.feedback.principles >= 1, "feedback.principles must be >= 1"),
-        (cfg.feedback.few_shot >= 0, "feedback.few_shot must be >= 0"),
-        (cfg.feedback.chunk_size >= 1, "feedback.chunk_size must be >= 1"),
-        (len(cfg.feedback.clamp) == 2 and 0.0 <= cfg.feedback.clamp[0] <= 0.5 <= cfg.feedback.clamp[1] <= 1.0,
-         "feedback.clamp must be [low, high] with 0 <= low <= 0.5 <= high <= 1"),
-        (0.0 <= cfg.feedback.min_option_mass < 1.0, "feedback.min_option_mass must be in [0, 1)"),
-        (0.0 <= cfg.preferences.human_fraction < 1.0, "preferences.human_fraction must be in [0, 1)"),
-        (0.0 <= cfg.preferences.eval_fraction < 1.0, "preferences.eval_fraction must be in [0, 1)"),
-        (cfg.pm.batch_size >= 1 and cfg.pm.learning_rate > 0, "pm.batch_size must be >= 1 and pm.learning_rate > 0"),
-        (cfg.rl.ppo.batch_size >= 1 and cfg.rl.ppo.mini_batch_size >= 1
-         and cfg.rl.ppo.batch_size % cfg.rl.ppo.mini_batch_size == 0,
-         "rl.ppo.batch_size must be a positive multiple of rl.ppo.mini_batch_size"),
-        (cfg.rl.ppo.kl_coef >= 0, "rl.ppo.kl_coef must be >= 0"),
-        (cfg.rl.ppo.kl_target is None or cfg.rl.ppo.kl_target > 0, "rl.ppo.kl_target must be > 0 when set"),
-        (0.0 <= cfg.rl.ppo.lam <= 1.0 and 0.0 < cfg.rl.ppo.gamma <= 1.0, "rl.ppo.gamma must be in (0, 1] and lam in [0, 1]"),
-        (cfg.rl.ppo.steps >= 1 and cfg.rl.ppo.ppo_epochs >= 1 and cfg.rl.ppo.save_steps >= 1,
-         "rl.ppo.steps, rl.ppo.ppo_epochs and rl.ppo.save_steps must be >= 1"),
-        (cfg.rl.ppo.learning_rate > 0 and cfg.rl.ppo.reward_clip > 0 and cfg.rl.ppo.max_grad_norm >= 0
-         and cfg.rl.ppo.missing_eos_penalty >= 0 and cfg.rl.ppo.kl_horizon >= 1,
-         "rl.ppo.learning_rate and reward_clip must be > 0, max_grad_norm and missing_eos_penalty >= 0, "
-         "kl_horizon >= 1"),
-        (cfg.rl.ppo.cliprange > 0 and cfg.rl.ppo.cliprange_value > 0 and cfg.rl.ppo.vf_coef >= 0,
-         "rl.ppo.cliprange and cliprange_value must be > 0, vf_coef >= 0"),
-        (cfg.rl.ppo.max_length > cfg.rl.ppo.response.max_new_tokens,
-         "rl.ppo.max_length must exceed rl.ppo.response.max_new_tokens"),
-        (cfg.rl.dpo.beta > 0, "rl.dpo.beta must be > 0"),
-        (cfg.rl.dpo.batch_size >= 1, "rl.dpo.batch_size must be >= 1"),
-        (cfg.rl.dpo.method != "lora" or (cfg.rl.dpo.lora_r >= 1 and 0.0 <= cfg.rl.dpo.lora_dropout < 1.0),
-         "rl.dpo.lora_r must be >= 1 and rl.dpo.lora_dropout in [0, 1) with rl.dpo.method lora"),
-        (cfg.pm.grad_accum >= 1 and cfg.pm.save_steps >= 1 and cfg.pm.max_grad_norm > 0 and cfg.pm.epochs > 0,
-         "pm.grad_accum and pm.save_steps must be >= 1, pm.max_grad_norm and pm.epochs > 0"),
-        (cfg.rl.dpo.grad_accum >= 1 and cfg.rl.dpo.save_steps >= 1 and cfg.rl.dpo.max_grad_norm > 0
-         and cfg.rl.dpo.epochs > 0 and cfg.rl.dpo.learning_rate > 0,
-         "rl.dpo.grad_accum and rl.dpo.save_steps must be >= 1, rl.dpo.max_grad_norm, epochs and learning_rate > 0"),
-    ]
-    samplings = {f"sl.{k}": getattr(cfg.sl, k) for k in ("response", "critique", "revision")}
-    samplings.update({"pairs.sampling": cfg.pairs.sampling, "feedback.cot": cfg.feedback.cot,
-                      "rl.ppo.response": cfg.rl.ppo.response})
-    for step, s in samplings.items():
-        temps = s.temperature if isinstance(s.temperature, list) else [s.temperature]
-        checks.append((len(temps) > 0 and all(t >= 0 for t in temps), f"{step}.temperature must be >= 0"))
-        checks.append((0.0 < s.top_p <= 1.0, f"{step}.top_p must be in (0, 1]"))
-        checks.append((s.max_new_tokens >= 1, f"{step}.max_new_tokens must be >= 1"))
-    for ok, msg in checks:
+    """Range checks that types alone cannot express: every section's own `checks`, walked from the
+    root; the first that fails raises a ConfigError `{source}: {message}`."""
+    for ok, msg in _checks(cfg, ""):
         if not ok:
             raise ConfigError(f"{source}: {msg}")
+
+
+def _checks(node: Any, at: str) -> Iterator[tuple[bool, str]]:
+    """The checks of `node` (at dotted key `at`) and of every section below it, parents first."""
+    if isinstance(node, Section):
+        yield from node.checks(at)
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            yield from _checks(getattr(node, f.name), f"{at}.{f.name}" if at else f.name)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _checks(item, f"{at}[{i}]")
 
 
 def plain(obj: Any) -> Any:
