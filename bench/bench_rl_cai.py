@@ -52,6 +52,8 @@ import torch.nn.functional as F
 import transformers
 from transformers import AutoTokenizer
 
+from cai import reward
+from cai.batches import encode_pair, preference_pairs
 from cai.config import ModelConfig, PromptSource, load_config
 from cai.constitution import OPTION_LABELS, Constitution, load
 from cai.lm.hf import HFModel
@@ -60,7 +62,7 @@ from cai.records import hh_pair, record_id_for
 from cai.stages import feedback, pm, ppo
 from cai.stages.prompts import read_source
 from cai.templating import encode_chat
-from cai.training import encode_pair, preference_pairs, steps_for
+from cai.training import steps_for
 
 # The shared data folder beside the repository (../shared from its root).
 HH_PAIRS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
@@ -212,19 +214,19 @@ def pm_step(rows: list[dict[str, Any]], cfg: Any, out: Path, seed: int, device: 
     end (loading the model before it and saving it after are left out)."""
     start: list[float] = []
     end: list[tuple[float, float]] = []
-    stage_scores = pm.last_token_scores
+    stage_scores = reward.last_token_scores
 
     def scores(*a: Any, **kw: Any) -> Any:
         if not start:
             start.append(time.perf_counter())
         return stage_scores(*a, **kw)
 
-    pm.last_token_scores = scores  # the stage looks it up at call time
+    reward.last_token_scores = scores  # the stage looks it up at call time
     try:
         pm.train(rows, replace(cfg, max_steps=1), out, seed=seed, device=device,
                  on_step=lambda step, metrics: end.append((time.perf_counter(), metrics["loss"])))
     finally:
-        pm.last_token_scores = stage_scores
+        reward.last_token_scores = stage_scores
     return end[0][0] - start[0], end[0][1]
 
 
@@ -269,7 +271,7 @@ def bench_pm(cfg: Any, model_cfg: ModelConfig, comps: list[feedback.Comparison],
     print(f"speed-up {b_rate / n_rate:.2f}x tokens/s (padded: positions computed, pairs padded to the micro-batch's "
           f"longest); per-step loss max |d| {dl:.2e} (same rows, same update)")
 
-    rm = pm.RewardModel.from_dir(str(tmp / "pm-batch-0" / "model"), device=device, dtype=model_cfg.dtype)
+    rm = reward.RewardModel.from_dir(str(tmp / "pm-batch-0" / "model"), device=device, dtype=model_cfg.dtype)
     prompts = [list(c.conversation) for c in comps for _ in range(2)]
     responses = [r for c in comps for r in c.responses]
     n_tok = sum(len(encode_pair(rm.tokenizer, p, r, base.max_length)[0]) for p, r in zip(prompts, responses))
@@ -326,9 +328,9 @@ def bench_ppo(cfg: Any, prompts: list[list[dict[str, str]]], reward_dir: Path | 
     policy_dir = resolve(cfg.model.name)  # the stage starts from SL-CAI's model; the base model costs the same
     if reward_dir is None:  # the PM part did not run: an untrained head scores just as fast
         model, tok = pm.load_for_training(cfg.pm.model, device)
-        rm = pm.RewardModel(model.to(pick_dtype("auto", pick_device(device))), tok)
+        rm = reward.RewardModel(model.to(pick_dtype("auto", pick_device(device))), tok)
     else:
-        rm = pm.RewardModel.from_dir(str(reward_dir), device=device)
+        rm = reward.RewardModel.from_dir(str(reward_dir), device=device)
     pcfg = cfg.rl.ppo
 
     def reward_fn(p: list[list[dict[str, str]]], r: list[str]) -> list[float]:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cai.batches import preference_pairs
 from cai.config import DPOConfig, PipelineConfig, RLConfig
 from cai.stages import dpo
-from cai.training import preference_pairs
 
 
 def rows_for(n: int = 12, eval_every: int = 4, p: float = 0.9) -> list[dict]:
@@ -197,7 +197,7 @@ def test_lora_dpo_trains_only_the_adapters_and_saves_a_merged_model(tiny_model_d
 
 
 def test_the_lora_reference_is_the_model_with_its_adapters_off(tiny_model_dir):
-    from cai import training as T
+    from cai.distributed import accelerator
     from cai.models import load_model
 
     base, tok = load_model(tiny_model_dir, "float32", "cpu")
@@ -209,7 +209,7 @@ def test_the_lora_reference_is_the_model_with_its_adapters_off(tiny_model_dir):
     for n, p in model.named_parameters():  # adapters that change the output when on
         if "lora_B" in n:
             p.data.normal_(0, 0.5)
-    acc = T.accelerator(False, "cpu")
+    acc = accelerator(False, "cpu")
     with model.disable_adapter():
         ref_c, ref_r = dpo.reference_logps(model, pairs, 4, tok.pad_token_id, acc)
     assert torch.allclose(ref_c, want_c, atol=1e-6, rtol=0) and torch.allclose(ref_r, want_r, atol=1e-6, rtol=0)

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -198,27 +197,6 @@ def test_only_the_main_process_wrote_the_outputs(runs):
         worst = max(float((a[k] - b[k]).abs().max()) for k in a)
         assert worst < 1e-4, (stage, worst)
     assert (runs[2] / "ppo" / "value_head.safetensors").exists()
-
-
-def test_a_global_batch_that_does_not_split_evenly_is_a_clear_error():
-    from cai.training import per_process
-
-    two = SimpleNamespace(num_processes=2, process_index=1)
-    assert per_process(8, two, "pm.batch_size") == 4
-    for bad in (7, 1):
-        with pytest.raises(ValueError, match=r"pm.batch_size \(\d\) is the global batch.*multiple of 2"):
-            per_process(bad, two, "pm.batch_size")
-
-
-def test_shares_of_a_list_cover_it_once_in_order_with_equal_lengths():
-    from cai.training import local_rows, padded_share
-
-    items = list(range(7))
-    shares = [padded_share(items, SimpleNamespace(num_processes=3, process_index=r)) for r in range(3)]
-    assert {len(s) for s, _ in shares} == {3}  # the same number of forward passes everywhere
-    assert [x for s, real in shares for x in s[:real]] == items
-    assert [list(local_rows(list(range(8)), SimpleNamespace(num_processes=2, process_index=r))) for r in (0, 1)] \
-        == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 @pytest.mark.parametrize("name,kind", [("ddp", "MULTI_GPU"), ("zero2", "DEEPSPEED"), ("zero3", "DEEPSPEED"),

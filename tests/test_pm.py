@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cai.config import PipelineConfig, PMConfig
+from cai.reward import RewardModel, last_token_scores
 from cai.rundir import StageError
 from cai.stages import pm
 
@@ -77,7 +78,7 @@ def test_saved_model_is_a_standard_safetensors_model_scored_like_in_training(tra
     plain_hf = AutoModelForSequenceClassification.from_pretrained(model_dir)
     assert plain_hf.config.num_labels == 1 and plain_hf.config.pad_token_id is not None
 
-    rm = pm.RewardModel.from_dir(str(model_dir), device="cpu", dtype="float32")
+    rm = RewardModel.from_dir(str(model_dir), device="cpu", dtype="float32")
     held = [r for r in rows if r["split"] == "eval"]
     prompts = [r["prompt"] for r in held]
     good = rm.score(prompts, [r["chosen"][0]["content"] for r in held], batch_size=3)
@@ -94,10 +95,10 @@ def test_saved_model_is_a_standard_safetensors_model_scored_like_in_training(tra
 
 
 def test_score_is_read_at_the_last_real_token_whatever_the_padding(trained):
-    from cai.training import encode_pair, pad_batch
+    from cai.batches import encode_pair, pad_batch
 
     stage, rows = trained
-    rm = pm.RewardModel.from_dir(str(stage.dir / "model"), device="cpu", dtype="float32")
+    rm = RewardModel.from_dir(str(stage.dir / "model"), device="cpu", dtype="float32")
     prompt = rows[0]["prompt"]
     short, long = "Gladly.", "Gladly: " + "a fine and kindly explained answer " * 6
     alone = rm.score([prompt], [short])[0]
@@ -111,7 +112,7 @@ def test_score_is_read_at_the_last_real_token_whatever_the_padding(trained):
         h = rm.model.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
         by_hand = float(rm.model.score(h))
         left = pad_batch([ids, encode_pair(rm.tokenizer, prompt, long, 512)[0]], rm.tokenizer.pad_token_id, left=True)
-        left_scores = pm.last_token_scores(rm.model, left["input_ids"], left["attention_mask"])
+        left_scores = last_token_scores(rm.model, left["input_ids"], left["attention_mask"])
     assert alone == pytest.approx(by_hand, abs=1e-4)
     assert float(left_scores[0]) == pytest.approx(by_hand, abs=1e-4)
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
@@ -168,34 +169,3 @@ def test_missing_label_kinds_are_null_and_no_training_rows_is_an_error(tiny_mode
     abstained = [{**r, "split": "train", "status": "abstain"} for r in toy_rows(4)]
     with pytest.raises(StageError, match="usable for training"):
         pm.train(abstained, PMConfig(model=tiny_model_dir), tmp_path / "c")
-
-
-def test_malformed_rows_name_the_record_and_field(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    from cai.training import preference_pairs
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    good = toy_rows(1)[0]
-    for bad, field in [({**good, "p_chosen": 1.5}, "p_chosen"), ({**good, "rejected": "rude"}, "rejected"),
-                       ({**good, "prompt": [{"role": "assistant", "content": "hi"}]}, "prompt")]:
-        with pytest.raises(ValueError, match=f"r0: '{field}'"):
-            preference_pairs(tok, [bad], 64)
-    (pair,) = preference_pairs(tok, [good], 512)
-    ids, start = pair["chosen"]
-    assert tok.decode(ids[start:]).startswith("Gladly") and pair["p"] == 0.85 and pair["source"] == "ai"
-
-
-def test_resume_continues_only_a_checkpoint_of_the_same_plan(tmp_path):
-    from cai.training import resume, save_checkpoint
-
-    torch.manual_seed(0)
-    saved = torch.nn.Linear(3, 1)
-    save_checkpoint(tmp_path / "ck", 5, {"model": saved}, {"plan": "a"})
-    fresh = torch.nn.Linear(3, 1)
-    step, path = resume(tmp_path / "ck", {"model": fresh}, "a")
-    assert step == 5 and path.name == "step-5" and torch.equal(fresh.weight, saved.weight)
-    other = torch.nn.Linear(3, 1)
-    assert resume(tmp_path / "ck", {"model": other}, "b") == (0, None)
-    assert not (tmp_path / "ck").exists() and not torch.equal(other.weight, saved.weight)
-    assert resume(tmp_path / "ck", {"model": other}, "a") == (0, None)

@@ -52,12 +52,12 @@ def ending_model(src: str, out, p_end: float = 0.06) -> str:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cai import training
+    from cai.batches import pad_batch
     from cai.templating import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    batch = training.pad_batch([encode_prompt(tok, p) for p in PROMPTS], tok.pad_token_id, left=True)
+    batch = pad_batch([encode_prompt(tok, p) for p in PROMPTS], tok.pad_token_id, left=True)
     with torch.no_grad():
         resp = ppo.generate(model, batch, 16, 1.0, 1.0, [tok.eos_token_id], tok.pad_token_id,
                             torch.Generator().manual_seed(0))
@@ -175,7 +175,7 @@ def test_kill_and_resume_repeats_the_uninterrupted_run(policy_dir, tmp_path):
 def test_run_writes_the_manifest_and_skips_a_finished_stage(policy_dir, tiny_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    # An untrained one-output preference model, loaded back by `cai.stages.pm.RewardModel`.
+    # An untrained one-output preference model, loaded back by `cai.reward.RewardModel`.
     pm_dir = tmp_path / "pm"
     pm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, dtype=torch.float32)
     pm.config.pad_token_id = pm.config.eos_token_id

@@ -266,7 +266,7 @@ def pm_dir(tiny_model_dir, tmp_path_factory):
 
 
 def test_preference_model_serves_rewards(pm_dir, tiny_model_dir):
-    from cai.stages.pm import RewardModel
+    from cai.reward import RewardModel
 
     assert is_preference_model(pm_dir) and not is_preference_model(tiny_model_dir)
     rm = RewardModel.from_dir(pm_dir, dtype="float32")

@@ -105,7 +105,7 @@ def run(cfg: PipelineConfig, start: str | None = None, stop: str | None = None, 
     # all of them, data stages on the main one while the others wait, then read its rows.
     barrier = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from cai.training import StageBarrier
+        from cai.distributed import StageBarrier
 
         barrier = StageBarrier(cfg.model.device)
     for name in names:

@@ -687,7 +687,7 @@ class App:
             msgs = _messages(body)
             if len(msgs) < 2 or msgs[-1]["role"] != "assistant" or msgs[-2]["role"] != "user":
                 raise bad("messages", "must end with a user message and then the assistant response to score")
-            from cai.training import encode_pair
+            from cai.batches import encode_pair
 
             with self._tok_lock:
                 rows = [encode_pair(self.tokenizer, msgs[:-1], msgs[-1]["content"], self.max_length)[0]]
@@ -868,7 +868,7 @@ def load(model: str, dtype: str = "auto", device: str = "auto", batch_size: int 
 
     path = resolve(model)
     if is_preference_model(path):
-        from cai.stages.pm import RewardModel
+        from cai.reward import RewardModel
 
         return None, RewardModel.from_dir(path, device, dtype)
     from cai.config import ModelConfig

@@ -25,22 +25,21 @@ single process's on the same rows. Only the main process writes.
 from __future__ import annotations
 
 import hashlib
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cai.batches import row_counts, split_rows
 from cai.config import DPOConfig, PipelineConfig, fingerprint, plain
-from cai.rundir import Stage, write_json
-from cai.stages.pm import row_counts, split_rows
+from cai.rundir import Stage
 
 NAME = "dpo"
 
 
 def response_logps(model: Any, pairs: Sequence[dict[str, Any]], pad_id: int, device: Any) -> tuple[Any, Any]:
     """Summed log-probabilities of the chosen and of the rejected responses of tokenised pairs
-    (`training.preference_pairs`), in one forward pass over both."""
-    from cai.training import pad_batch, sequence_logprob
+    (`batches.preference_pairs`), in one forward pass over both."""
+    from cai.batches import pad_batch, sequence_logprob
 
     seqs = [p["chosen"][0] for p in pairs] + [p["rejected"][0] for p in pairs]
     starts = [p["chosen"][1] for p in pairs] + [p["rejected"][1] for p in pairs]
@@ -69,12 +68,12 @@ def dpo_loss(model: Any, pairs: Sequence[dict[str, Any]], ref_chosen: Any, ref_r
 def reference_logps(model: Any, pairs: Sequence[dict[str, Any]], batch_size: int, pad_id: int, acc: Any
                     ) -> tuple[Any, Any]:
     """Log-probabilities of every pair's responses under `model` as it is now (no gradients), each
-    process computing its share (`training.padded_share`); every process gets them all."""
+    process computing its share (`distributed.padded_share`); every process gets them all."""
     import torch
 
-    from cai import training as T
+    from cai.distributed import gather_padded, padded_share
 
-    share, real = T.padded_share(list(pairs), acc)
+    share, real = padded_share(list(pairs), acc)
     chosen: list[float] = []
     rejected: list[float] = []
     with torch.no_grad():
@@ -83,7 +82,7 @@ def reference_logps(model: Any, pairs: Sequence[dict[str, Any]], batch_size: int
                 c, r = response_logps(model, share[k: k + batch_size], pad_id, acc.device)
             chosen += c.float().cpu().tolist()
             rejected += r.float().cpu().tolist()
-    both = T.gather_padded(list(zip(chosen, rejected)), real, acc)
+    both = gather_padded(list(zip(chosen, rejected)), real, acc)
     if not both:
         return torch.zeros(0), torch.zeros(0)
     return torch.tensor([c for c, _ in both]), torch.tensor([r for _, r in both])
@@ -105,19 +104,32 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
     import torch
     from tqdm import tqdm
 
-    from cai import training as T
+    from cai.batches import preference_pairs
+    from cai.checkpoints import MetricsLog, Progress
+    from cai.distributed import (
+        accelerator,
+        check_grad_accum,
+        full_state_dict,
+        gather_padded,
+        local_rows,
+        padded_share,
+        per_process,
+        prepare,
+        sharded,
+    )
     from cai.losses import pairwise_accuracy, preference_report
     from cai.models import load_model
+    from cai.training import optimizer_and_schedule, steps_for
 
     train_rows, eval_rows = split_rows(rows, NAME)
     torch.manual_seed(seed)
-    acc = T.accelerator(cfg.bf16, device)
-    micro_size = T.per_process(cfg.batch_size, acc, "rl.dpo.batch_size")
-    T.check_grad_accum(acc, cfg.grad_accum, "rl.dpo.grad_accum")
+    acc = accelerator(cfg.bf16, device)
+    micro_size = per_process(cfg.batch_size, acc, "rl.dpo.batch_size")
+    check_grad_accum(acc, cfg.grad_accum, "rl.dpo.grad_accum")
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
     # fp32 weights: bf16 comes from autocast, and tiny DPO updates would vanish in bf16 weights.
-    if cfg.method == "lora" and T.sharded(acc):
+    if cfg.method == "lora" and sharded(acc):
         raise ValueError("rl.dpo.method=lora under FSDP/DeepSpeed is not supported (merging the adapters needs the "
                          "whole weights); use configs/accelerate/ddp.yaml or rl.dpo.method=full")
     model, tok = load_model(policy_dir, "float32", str(acc.device))
@@ -128,22 +140,22 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
     # switched on for training passes only; the adapters start at zero, so the start is exact too.
     model.eval()
     pad_id = tok.pad_token_id
-    pairs = T.preference_pairs(tok, train_rows, cfg.max_length)
-    held_out = T.preference_pairs(tok, eval_rows, cfg.max_length)
+    pairs = preference_pairs(tok, train_rows, cfg.max_length)
+    held_out = preference_pairs(tok, eval_rows, cfg.max_length)
     with model.disable_adapter() if cfg.method == "lora" else contextlib.nullcontext():
         ref_c, ref_r = reference_logps(model, pairs + held_out, cfg.batch_size, pad_id, acc)
     lora_dropout(model, True)
 
     step_size = cfg.batch_size * cfg.grad_accum
-    steps = T.steps_for(len(pairs), step_size, cfg.epochs, cfg.max_steps, seed)
-    opt, sched = T.optimizer_and_schedule(model.parameters(), cfg.learning_rate, len(steps), cfg.warmup_ratio)
-    model, opt = T.prepare(acc, micro_size, model, opt)
+    steps = steps_for(len(pairs), step_size, cfg.epochs, cfg.max_steps, seed)
+    opt, sched = optimizer_and_schedule(model.parameters(), cfg.learning_rate, len(steps), cfg.warmup_ratio)
+    model, opt = prepare(acc, micro_size, model, opt)
     modules = {"model": model, "optimizer": opt, "scheduler": sched}
+    log = MetricsLog(out_dir / "metrics.jsonl", cfg.report_to, run_name=f"{out_dir.parent.name}-dpo",
+                     config=plain(cfg), main=acc.is_main_process)
     plan = fingerprint(cfg, seed, policy_id(policy_dir), [r.get("record_id") for r in train_rows])
-    start, resumed_from = T.resume(out_dir / "checkpoints", modules, plan, acc)
-    log = T.MetricsLog(out_dir / "metrics.jsonl", cfg.report_to, run_name=f"{out_dir.parent.name}-dpo",
-                       config=plain(cfg), main=acc.is_main_process)
-    log.truncate_after(start)
+    progress = Progress(out_dir, modules, plan, log, cfg.save_steps, len(steps), acc, on_step)
+    start = progress.resume()
 
     bar = tqdm(range(start, len(steps)), initial=start, total=len(steps), desc="dpo", leave=False,
                disable=not acc.is_main_process)
@@ -153,7 +165,7 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
         total = torch.zeros((), device=acc.device)
         parts = []
         for k in range(0, len(idx), cfg.batch_size):
-            micro = list(T.local_rows(idx[k: k + cfg.batch_size], acc))
+            micro = list(local_rows(idx[k: k + cfg.batch_size], acc))
             last = k + cfg.batch_size >= len(idx)
             # Gradients are reduced once, on the step's last micro-batch.
             with contextlib.nullcontext() if last else acc.no_sync(model):
@@ -175,14 +187,8 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
                    "chosen_reward": float(cat["chosen_reward"].mean()),
                    "rejected_reward": float(cat["rejected_reward"].mean()),
                    "target": float(cat["target"].mean()), "lr": sched.get_last_lr()[0]}
-        if grad_norm is not None:  # DeepSpeed clips inside its step and returns no norm here
-            metrics["grad_norm"] = float(grad_norm)
-        log.log(step + 1, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        if (step + 1) % cfg.save_steps == 0 and step + 1 < len(steps):
-            T.save_checkpoint(out_dir / "checkpoints", step + 1, modules, {"plan": plan}, acc)
-        if on_step is not None:
-            on_step(step + 1, metrics)
+        progress.step_done(step + 1, metrics, grad_norm)  # log, checkpoint when due, on_step
     bar.close()
     log.close()
 
@@ -191,7 +197,7 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
     if held_out:
         # Each process scores its share through the prepared model (collective under FSDP/ZeRO-3).
         n = len(pairs)
-        share, real = T.padded_share(list(range(len(held_out))), acc)
+        share, real = padded_share(list(range(len(held_out))), acc)
         margins: list[float] = []
         with torch.no_grad():
             for k in range(0, len(share), cfg.batch_size):
@@ -200,22 +206,16 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
                     _, stats = dpo_loss(model, [held_out[i] for i in sel], ref_c[[n + i for i in sel]],
                                         ref_r[[n + i for i in sel]], cfg.beta, cfg.soft_labels, pad_id, acc.device)
                 margins += stats["margin"].double().cpu().tolist()
-        report = preference_report(torch.tensor(T.gather_padded(margins, real, acc), dtype=torch.float64),
+        report = preference_report(torch.tensor(gather_padded(margins, real, acc), dtype=torch.float64),
                                    torch.tensor([p["p"] for p in held_out]), [p["source"] for p in held_out])
-    state_dict = T.full_state_dict(acc, model)
+    state_dict = full_state_dict(acc, model)
     if acc.is_main_process:
-        write_json(out_dir / "eval.json", report)
         final = acc.unwrap_model(model)
         if cfg.method == "lora":
             final = final.merge_and_unload()  # a plain model: what load_model, vLLM and `cai chat` read
-        T.save_model(final, tok, out_dir / "model", state_dict)
-        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the saved model supersedes them
+        progress.save(final, tok, report, state_dict)  # eval.json, model/
     acc.wait_for_everyone()
-    losses = [r["loss"] for r in log.rows()]
-    return {"steps": len(steps), "log": log.rows(), "eval": report, "train_rows": len(train_rows),
-            "eval_rows": len(eval_rows), "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None,
-            "resumed_from": str(resumed_from) if resumed_from else None, "bf16": acc.mixed_precision == "bf16"}
+    return progress.result(report, len(train_rows), len(eval_rows))
 
 
 def with_lora(model: Any, cfg: DPOConfig) -> Any:
@@ -257,7 +257,7 @@ def run(cfg: PipelineConfig, inputs: list[dict[str, Any]], inputs_fp: str, polic
     stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
     if stage.complete() and (stage.dir / "model" / "config.json").exists():
         return stage
-    from cai.training import distributed_state
+    from cai.distributed import distributed_state
 
     counts = row_counts(inputs, *split_rows(inputs, NAME))
     main = distributed_state(cfg.model.device).is_main_process  # the only process that writes

@@ -12,7 +12,7 @@ Rows with split "train" are trained on; rows with split "eval" are scored at the
 calibration (ECE) and loss, for AI and human labels separately (`<run>/pm/eval.json`). Checkpoints
 go to `<run>/pm/checkpoints` and a stopped run resumes from the newest one with the same data order
 and RNG state. The model is saved as a standard transformers sequence-classification model
-(safetensors and tokenizer) in `<run>/pm/model`; `RewardModel` loads it for the PPO stage.
+(safetensors and tokenizer) in `<run>/pm/model`; `reward.RewardModel` loads it for the PPO stage.
 
 Under `accelerate launch` (configs in `configs/accelerate/`) `pm.batch_size` stays the global
 micro-batch: each process scores its share, the body and score head are one module for DDP /
@@ -24,77 +24,16 @@ FSDP / ZeRO, and the step matches a single process's on the same rows. Only the 
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cai import reward
+from cai.batches import row_counts, split_rows
 from cai.config import PipelineConfig, PMConfig, fingerprint, plain
-from cai.lm.base import Message
-from cai.rundir import Stage, StageError, write_json
+from cai.rundir import Stage
 
 NAME = "pm"
-
-
-def last_token_scores(model: Any, input_ids: Any, attention_mask: Any) -> Any:
-    """The scalar head of a sequence-classification model applied to each row's last real token
-    (found from the attention mask, so rows may be padded on either side); float32, shape (B,)."""
-    import torch
-
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-    last = (attention_mask * pos).argmax(-1)
-    picked = hidden[torch.arange(len(last), device=hidden.device), last]
-    return model.score(picked).squeeze(-1).float()
-
-
-class RewardModel:
-    """A trained preference model: one scalar per (prompt, response), higher is preferred."""
-
-    def __init__(self, model: Any, tokenizer: Any):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-
-    @classmethod
-    def from_dir(cls, path: str, device: str = "auto", dtype: str = "auto") -> RewardModel:
-        """Load a model saved by this stage (or any one-label sequence-classification model)."""
-        from transformers import AutoModelForSequenceClassification
-
-        from cai.models import ModelError, load_model
-
-        model, tok = load_model(path, dtype, device, model_class=AutoModelForSequenceClassification)
-        if model.config.num_labels != 1:
-            raise ModelError(f"{path}: not a preference model (num_labels={model.config.num_labels}, expected 1)")
-        return cls(model, tok)
-
-    def score_ids(self, seqs: Sequence[Sequence[int]], batch_size: int = 8) -> list[float]:
-        """Scores of already tokenised sequences, batched by length to keep padding small."""
-        import torch
-
-        from cai.training import pad_batch
-
-        device = next(self.model.parameters()).device
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        out = [0.0] * len(seqs)
-        with torch.no_grad():
-            for k in range(0, len(order), batch_size):
-                idx = order[k: k + batch_size]
-                batch = pad_batch([seqs[i] for i in idx], self.tokenizer.pad_token_id)
-                scores = last_token_scores(self.model, batch["input_ids"].to(device),
-                                           batch["attention_mask"].to(device))
-                for i, s in zip(idx, scores.tolist()):
-                    out[i] = s
-        return out
-
-    def score(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str], batch_size: int = 8,
-              max_length: int = 512) -> list[float]:
-        """The reward of each response to its prompt (a conversation ending with a user turn)."""
-        from cai.training import encode_pair
-
-        if len(prompts) != len(responses):
-            raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
-        seqs = [encode_pair(self.tokenizer, p, r, max_length)[0] for p, r in zip(prompts, responses)]
-        return self.score_ids(seqs, batch_size)
 
 
 def load_for_training(name: str, device: str = "auto") -> tuple[Any, Any]:
@@ -107,28 +46,6 @@ def load_for_training(name: str, device: str = "auto") -> tuple[Any, Any]:
     # Our scores never pool by pad token, but others loading the saved model with transformers do.
     model.config.pad_token_id = tok.pad_token_id
     return model, tok
-
-
-def split_rows(rows: Sequence[dict[str, Any]], stage: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The rows to train on (split "train") and to evaluate on (split "eval"), leaving out rows
-    whose `status` is not "ok" (abstained or failed AI feedback carries no label). A StageError
-    when nothing is left to train on."""
-    usable = [r for r in rows if r.get("status", "ok") == "ok"]
-    train_rows = [r for r in usable if r.get("split") == "train"]
-    if not train_rows:
-        raise StageError(f"{stage}: none of the {len(rows)} preference rows is usable for training (split 'train', "
-                         "status 'ok'); run the preferences stage first and check preferences.eval_fraction < 1")
-    return train_rows, [r for r in usable if r.get("split") == "eval"]
-
-
-def row_counts(rows: Sequence[dict[str, Any]], train_rows: Sequence[dict[str, Any]],
-               eval_rows: Sequence[dict[str, Any]]) -> dict[str, int]:
-    """Manifest counts of a preference-trained stage."""
-    counts = {"rows": len(rows), "skipped_rows": len(rows) - len(train_rows) - len(eval_rows),
-              "train_rows": len(train_rows), "eval_rows": len(eval_rows)}
-    for src in ("ai", "human"):
-        counts[f"eval_rows_{src}"] = sum(r.get("label_source") == src for r in eval_rows)
-    return counts
 
 
 def train(rows: Sequence[dict[str, Any]], cfg: PMConfig, out_dir: Path, seed: int = 0, device: str = "auto",
@@ -145,34 +62,45 @@ def train(rows: Sequence[dict[str, Any]], cfg: PMConfig, out_dir: Path, seed: in
     import torch
     from tqdm import tqdm
 
-    from cai import training as T
+    from cai.batches import pad_batch, preference_pairs
+    from cai.checkpoints import MetricsLog, Progress
+    from cai.distributed import (
+        Joint,
+        accelerator,
+        check_grad_accum,
+        full_state_dict,
+        local_rows,
+        per_process,
+        prepare,
+    )
     from cai.losses import pairwise_accuracy, soft_bt_loss
+    from cai.training import optimizer_and_schedule, steps_for
 
     train_rows, eval_rows = split_rows(rows, NAME)
-    acc = T.accelerator(cfg.bf16, device)
-    micro_size = T.per_process(cfg.batch_size, acc, "pm.batch_size")
-    T.check_grad_accum(acc, cfg.grad_accum, "pm.grad_accum")
+    acc = accelerator(cfg.bf16, device)
+    micro_size = per_process(cfg.batch_size, acc, "pm.batch_size")
+    check_grad_accum(acc, cfg.grad_accum, "pm.grad_accum")
     if acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)  # the new head's initial weights (the same on every process)
     model, tok = load_for_training(cfg.model, str(acc.device))
-    pairs = T.preference_pairs(tok, train_rows, cfg.max_length)
-    held_out = T.preference_pairs(tok, eval_rows, cfg.max_length)
+    pairs = preference_pairs(tok, train_rows, cfg.max_length)
+    held_out = preference_pairs(tok, eval_rows, cfg.max_length)
 
     step_size = cfg.batch_size * cfg.grad_accum
-    steps = T.steps_for(len(pairs), step_size, cfg.epochs, cfg.max_steps, seed)
+    steps = steps_for(len(pairs), step_size, cfg.epochs, cfg.max_steps, seed)
     # Body and head in one module, so one prepare() covers both and DDP reduces both's gradients.
     # The score function is looked up at call time (benchmarks wrap it).
-    scorer = T.Joint(lambda m, ids, att: last_token_scores(m.model, ids, att), model=model)
-    opt, sched = T.optimizer_and_schedule(scorer.parameters(), cfg.learning_rate, len(steps), cfg.warmup_ratio,
-                                          cfg.weight_decay)
-    scorer, opt = T.prepare(acc, micro_size, scorer, opt)
+    scorer = Joint(lambda m, ids, att: reward.last_token_scores(m.model, ids, att), model=model)
+    opt, sched = optimizer_and_schedule(scorer.parameters(), cfg.learning_rate, len(steps), cfg.warmup_ratio,
+                                        cfg.weight_decay)
+    scorer, opt = prepare(acc, micro_size, scorer, opt)
     modules = {"model": acc.unwrap_model(scorer).model, "optimizer": opt, "scheduler": sched}
-    plan = fingerprint(cfg, seed, [r.get("record_id") for r in train_rows])
-    start, resumed_from = T.resume(out_dir / "checkpoints", modules, plan, acc)
-    log = T.MetricsLog(out_dir / "metrics.jsonl", cfg.report_to, run_name=f"{out_dir.parent.name}-pm", config=plain(cfg),
-                       main=acc.is_main_process)
-    log.truncate_after(start)
+    log = MetricsLog(out_dir / "metrics.jsonl", cfg.report_to, run_name=f"{out_dir.parent.name}-pm", config=plain(cfg),
+                     main=acc.is_main_process)
+    progress = Progress(out_dir, modules, fingerprint(cfg, seed, [r.get("record_id") for r in train_rows]), log,
+                        cfg.save_steps, len(steps), acc, on_step)
+    start = progress.resume()
 
     # Dropout stays off (eval mode still gives gradients): scores in training then match the scores
     # the saved model gives, and the margin's noise does not blur soft targets.
@@ -185,9 +113,8 @@ def train(rows: Sequence[dict[str, Any]], cfg: PMConfig, out_dir: Path, seed: in
         total = torch.zeros((), device=acc.device)
         margins, targets = [], []
         for k in range(0, len(idx), cfg.batch_size):
-            micro = [pairs[i] for i in T.local_rows(idx[k: k + cfg.batch_size], acc)]
-            batch = T.pad_batch([m["chosen"][0] for m in micro] + [m["rejected"][0] for m in micro],
-                                tok.pad_token_id)
+            micro = [pairs[i] for i in local_rows(idx[k: k + cfg.batch_size], acc)]
+            batch = pad_batch([m["chosen"][0] for m in micro] + [m["rejected"][0] for m in micro], tok.pad_token_id)
             p = torch.tensor([m["p"] for m in micro], device=acc.device)
             last = k + cfg.batch_size >= len(idx)
             # Gradients are reduced once, on the step's last micro-batch.
@@ -210,52 +137,41 @@ def train(rows: Sequence[dict[str, Any]], cfg: PMConfig, out_dir: Path, seed: in
                    "accuracy": float(pairwise_accuracy(m_all)),
                    "margin": float(m_all.mean()), "target": float(acc.gather(torch.cat(targets)).mean()),
                    "lr": sched.get_last_lr()[0]}
-        if grad_norm is not None:  # DeepSpeed clips inside its step and returns no norm here
-            metrics["grad_norm"] = float(grad_norm)
-        log.log(step + 1, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        if (step + 1) % cfg.save_steps == 0 and step + 1 < len(steps):
-            T.save_checkpoint(out_dir / "checkpoints", step + 1, modules, {"plan": plan}, acc)
-        if on_step is not None:
-            on_step(step + 1, metrics)
+        progress.step_done(step + 1, metrics, grad_norm)  # log, checkpoint when due, on_step
     bar.close()
     log.close()
 
     report = evaluate(scorer, held_out, cfg.batch_size, tok.pad_token_id, acc)
-    state_dict = T.full_state_dict(acc, scorer, prefix="model.")
+    state_dict = full_state_dict(acc, scorer, prefix="model.")
     if acc.is_main_process:
-        write_json(out_dir / "eval.json", report)
-        T.save_model(acc.unwrap_model(scorer).model, tok, out_dir / "model", state_dict)
-        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the saved model supersedes them
+        progress.save(acc.unwrap_model(scorer).model, tok, report, state_dict)  # eval.json, model/
     acc.wait_for_everyone()
-    losses = [r["loss"] for r in log.rows()]
-    return {"steps": len(steps), "log": log.rows(), "eval": report, "train_rows": len(train_rows),
-            "eval_rows": len(eval_rows), "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None,
-            "resumed_from": str(resumed_from) if resumed_from else None, "bf16": acc.mixed_precision == "bf16"}
+    return progress.result(report, len(train_rows), len(eval_rows))
 
 
 def evaluate(scorer: Any, pairs: Sequence[dict[str, Any]], batch_size: int, pad_id: int, acc: Any) -> dict[str, Any]:
-    """Accuracy, ECE, loss and mean margin on tokenised pairs (`training.preference_pairs`), overall
+    """Accuracy, ECE, loss and mean margin on tokenised pairs (`batches.preference_pairs`), overall
     and for AI and human labels (a group without pairs is None), scored by `scorer(input_ids,
     attention_mask)` (the prepared training module), each process scoring its share of the pairs."""
     import torch
 
-    from cai import training as T
+    from cai.batches import pad_batch
+    from cai.distributed import gather_padded, padded_share
     from cai.losses import preference_report
 
     if not pairs:
         return {"overall": None, "ai": None, "human": None}
-    share, real = T.padded_share(list(pairs), acc)
+    share, real = padded_share(list(pairs), acc)
     margins: list[float] = []
     with torch.no_grad():
         for k in range(0, len(share), batch_size):
             micro = share[k: k + batch_size]
-            batch = T.pad_batch([m["chosen"][0] for m in micro] + [m["rejected"][0] for m in micro], pad_id)
+            batch = pad_batch([m["chosen"][0] for m in micro] + [m["rejected"][0] for m in micro], pad_id)
             with acc.autocast():
                 s = scorer(batch["input_ids"].to(acc.device), batch["attention_mask"].to(acc.device))
             margins += (s[: len(micro)].double() - s[len(micro):].double()).tolist()
-    m = torch.tensor(T.gather_padded(margins, real, acc), dtype=torch.float64)
+    m = torch.tensor(gather_padded(margins, real, acc), dtype=torch.float64)
     return preference_report(m, torch.tensor([p["p"] for p in pairs]), [p["source"] for p in pairs])
 
 
@@ -264,7 +180,7 @@ def run(cfg: PipelineConfig, inputs: list[dict[str, Any]], inputs_fp: str, allow
     stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
     if stage.complete() and (stage.dir / "model" / "config.json").exists():
         return stage
-    from cai.training import distributed_state
+    from cai.distributed import distributed_state
 
     counts = row_counts(inputs, *split_rows(inputs, NAME))
     main = distributed_state(cfg.model.device).is_main_process  # the only process that writes

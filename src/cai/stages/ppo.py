@@ -32,7 +32,7 @@ seeded generator (seed, step, position in the batch), so the rollouts do not dep
 of processes. The rollout is then shared with every process, so advantages are whitened over the
 whole batch and the PPO mini-batches are the single-process ones, each process taking its share
 of every mini-batch, with the token-mean losses normalised by the whole mini-batch's token count.
-Policy and value head are one module (`training.Joint`) for `accelerate.prepare`; the frozen
+Policy and value head are one module (`distributed.Joint`) for `accelerate.prepare`; the frozen
 reference and the preference model are full copies in every process. Only the main process writes.
 
 Every `save_steps` a checkpoint (policy and value head as safetensors, optimiser, schedule, KL
@@ -64,18 +64,17 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from cai.config import PipelineConfig, PPOConfig, fingerprint, plain
 from cai.lm.base import Message
 from cai.records import stable_seed
+from cai.reward import RewardFn, load_reward
 from cai.rundir import Stage, StageError
 
 NAME = "ppo"
-
-RewardFn = Callable[[list[list[Message]], list[str]], list[float]]
 
 
 def _forward(model: Any, batch: dict[str, Any], n_resp: int, temperature: float,
@@ -94,7 +93,7 @@ def _forward(model: Any, batch: dict[str, Any], n_resp: int, temperature: float,
 
 
 def _policy_value(m: Any, value_tokens: int = 0, **kwargs: Any) -> Any:
-    """Forward of the policy with its value head (a `training.Joint` of `policy` and `value_head`):
+    """Forward of the policy with its value head (a `distributed.Joint` of `policy` and `value_head`):
     the policy's output, and with `value_tokens` also the values of the states before each of the
     last `value_tokens` positions. One forward, so DDP reduces both parts' gradients."""
     if not value_tokens:
@@ -167,16 +166,19 @@ def train(policy_dir: str, prompts: list[list[Message]], reward_fn: RewardFn, cf
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
-    from cai import losses, training
+    from cai import distributed, losses
+    from cai.batches import pad_batch
+    from cai.checkpoints import MetricsLog, resume, save_checkpoint, save_model
     from cai.models import eos_token_ids, load_model
     from cai.templating import encode_prompt
+    from cai.training import batch_order, optimizer_and_schedule
 
     if not prompts:
         raise StageError("ppo: no prompts to train on")
     out_dir = Path(out_dir)
-    acc = training.accelerator(cfg.bf16, device)
-    local_b = training.per_process(cfg.batch_size, acc, "rl.ppo.batch_size")
-    local_mb = training.per_process(cfg.mini_batch_size, acc, "rl.ppo.mini_batch_size")
+    acc = distributed.accelerator(cfg.bf16, device)
+    local_b = distributed.per_process(cfg.batch_size, acc, "rl.ppo.batch_size")
+    local_mb = distributed.per_process(cfg.mini_batch_size, acc, "rl.ppo.mini_batch_size")
     main = acc.is_main_process
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,15 +192,15 @@ def train(policy_dir: str, prompts: list[list[Message]], reward_fn: RewardFn, cf
     n_mb = cfg.batch_size // cfg.mini_batch_size
     if n_mb < 1 or cfg.batch_size % cfg.mini_batch_size:
         raise ValueError("rl.ppo.batch_size must be a positive multiple of rl.ppo.mini_batch_size")
-    joint = training.Joint(_policy_value, policy=policy, value_head=head)
-    opt, sched = training.optimizer_and_schedule(joint.parameters(), cfg.learning_rate,
-                                                 cfg.steps * cfg.ppo_epochs * n_mb, warmup_ratio=0.0)
-    model, opt = training.prepare(acc, local_mb, joint, opt)
+    joint = distributed.Joint(_policy_value, policy=policy, value_head=head)
+    opt, sched = optimizer_and_schedule(joint.parameters(), cfg.learning_rate, cfg.steps * cfg.ppo_epochs * n_mb,
+                                        warmup_ratio=0.0)
+    model, opt = distributed.prepare(acc, local_mb, joint, opt)
     # No-gradient passes and sampling go through the module itself, not DDP's wrapper (whose
     # forward syncs buffers, a collective); under FSDP/ZeRO-3 they are collective anyway, so the
     # sampling loop is kept in step across processes.
     inner = acc.unwrap_model(model)
-    synced = acc if training.sharded(acc) else None
+    synced = acc if distributed.sharded(acc) else None
     kl_ctl = losses.AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
     prompt_budget = cfg.max_length - cfg.response.max_new_tokens
@@ -207,7 +209,7 @@ def train(policy_dir: str, prompts: list[list[Message]], reward_fn: RewardFn, cf
                          f"({cfg.response.max_new_tokens})")
     # The prompt's start is dropped when it is too long: its end holds the generation prompt.
     encoded = [encode_prompt(tok, p)[-prompt_budget:] for p in prompts]
-    order = training.batch_order(len(prompts), cfg.batch_size, cfg.steps * cfg.batch_size / len(prompts), seed)
+    order = batch_order(len(prompts), cfg.batch_size, cfg.steps * cfg.batch_size / len(prompts), seed)
     order = order[: cfg.steps]
 
     eos_ids = sorted(eos_token_ids(tok, policy.generation_config.eos_token_id))
@@ -219,10 +221,10 @@ def train(policy_dir: str, prompts: list[list[Message]], reward_fn: RewardFn, cf
 
     ckpt_dir = out_dir / "checkpoints"
     modules = {"policy": inner.policy, "value_head": inner.value_head, "optimizer": opt, "scheduler": sched}
-    log = training.MetricsLog(out_dir / "metrics.jsonl", cfg.report_to, run_name="ppo", config=plain(cfg), main=main)
+    log = MetricsLog(out_dir / "metrics.jsonl", cfg.report_to, run_name="ppo", config=plain(cfg), main=main)
     # A checkpoint of another plan (config, seed, prompts, starting model) is discarded, not resumed.
     plan = fingerprint(dataclasses.replace(cfg, save_steps=1, report_to=[]), seed, str(policy_dir), prompts)
-    start, ckpt = training.resume(ckpt_dir, modules, plan, acc)
+    start, ckpt = resume(ckpt_dir, modules, plan, acc)
     resumed_from = str(ckpt) if ckpt is not None else None
     if ckpt is not None:
         kl_ctl.coef = json.loads((ckpt / "state.json").read_text())["kl_coef"]
@@ -240,7 +242,7 @@ def train(policy_dir: str, prompts: list[list[Message]], reward_fn: RewardFn, cf
         # ---- rollout: this process's share ---------------------------------------------------
         t0 = time.perf_counter()
         prompt_batch = {k: v.to(acc.device) for k, v in
-                        training.pad_batch([encoded[idx[j]] for j in mine], tok.pad_token_id, left=True).items()}
+                        pad_batch([encoded[idx[j]] for j in mine], tok.pad_token_id, left=True).items()}
         gens = [torch.Generator().manual_seed(stable_seed(seed, "ppo", "rollout", step, j) % (2**63)) for j in mine]
         with torch.no_grad(), acc.autocast():
             resp = generate(inner, prompt_batch, cfg.response.max_new_tokens, temperature, cfg.response.top_p,
@@ -253,7 +255,7 @@ def train(policy_dir: str, prompts: list[list[Message]], reward_fn: RewardFn, cf
             raise ValueError(f"ppo: the reward function must return {len(mine)} finite scores, got {raw!r}")
 
         # ---- the whole batch, on every process --------------------------------------------------
-        rollout = training.gather_list(list(zip(answers, finished.tolist(), raw)), acc)
+        rollout = distributed.gather_list(list(zip(answers, finished.tolist(), raw)), acc)
         answers = [a for a, _, _ in rollout]
         finished = torch.tensor([f for _, f, _ in rollout], device=acc.device)
         raw = [s for _, _, s in rollout]
@@ -265,7 +267,7 @@ def train(policy_dir: str, prompts: list[list[Message]], reward_fn: RewardFn, cf
             resp_mask[i, : len(a)] = 1
         resp, resp_mask = resp.to(acc.device), resp_mask.to(acc.device)
         prompt_batch = {k: v.to(acc.device) for k, v in
-                        training.pad_batch([encoded[i] for i in idx], tok.pad_token_id, left=True).items()}
+                        pad_batch([encoded[i] for i in idx], tok.pad_token_id, left=True).items()}
         full = {"input_ids": torch.cat([prompt_batch["input_ids"], resp], 1),
                 "attention_mask": torch.cat([prompt_batch["attention_mask"], resp_mask], 1)}
         score = torch.tensor(raw, device=acc.device).clamp(-cfg.reward_clip, cfg.reward_clip)
@@ -349,7 +351,7 @@ def train(policy_dir: str, prompts: list[list[Message]], reward_fn: RewardFn, cf
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
         if done % cfg.save_steps == 0:
-            training.save_checkpoint(ckpt_dir, done, modules, {"kl_coef": kl_ctl.coef, "plan": plan}, acc)
+            save_checkpoint(ckpt_dir, done, modules, {"kl_coef": kl_ctl.coef, "plan": plan}, acc)
         if stop_after is not None and stop_after <= done < cfg.steps:
             stopped = True
             break
@@ -358,11 +360,11 @@ def train(policy_dir: str, prompts: list[list[Message]], reward_fn: RewardFn, cf
 
     model_dir = None
     if not stopped:
-        state_dict = training.full_state_dict(acc, model)
+        state_dict = distributed.full_state_dict(acc, model)
         if main:
             parts = {p: None if state_dict is None else {k[len(p):]: v for k, v in state_dict.items() if k.startswith(p)}
                      for p in ("policy.", "value_head.")}
-            training.save_model(inner.policy, tok, out_dir / "model", parts["policy."])
+            save_model(inner.policy, tok, out_dir / "model", parts["policy."])
             head_sd = parts["value_head."] or inner.value_head.state_dict()
             save_file({k: v.detach().cpu().contiguous() for k, v in head_sd.items()},
                       str(out_dir / "value_head.safetensors"))
@@ -370,14 +372,6 @@ def train(policy_dir: str, prompts: list[list[Message]], reward_fn: RewardFn, cf
     acc.wait_for_everyone()
     return {"metrics": log.rows(), "steps": done, "resumed_from": resumed_from, "stopped": stopped,
             "model_dir": model_dir, "kl_coef": kl_ctl.coef}
-
-
-def load_reward(reward_dir: str, device: str = "auto", max_length: int = 512) -> RewardFn:
-    """The trained preference model in `reward_dir` as a reward function."""
-    from cai.stages.pm import RewardModel
-
-    pm = RewardModel.from_dir(reward_dir, device=device)
-    return lambda prompts, responses: pm.score(prompts, responses, max_length=max_length)
 
 
 def run(cfg: PipelineConfig, prompt_rows: list[dict[str, Any]], inputs_fp: str, policy_dir: str, reward_dir: str,
@@ -392,7 +386,7 @@ def run(cfg: PipelineConfig, prompt_rows: list[dict[str, Any]], inputs_fp: str, 
     prompts = [[{"role": "user", "content": r["prompt"]}] for r in prompt_rows]
     if not prompts:
         raise StageError("ppo: the prompts stage has no rows to train on")
-    from cai.training import distributed_state, process_device
+    from cai.distributed import distributed_state, process_device
 
     state = distributed_state(cfg.model.device)
     if state.is_main_process:  # the only process that writes

@@ -54,13 +54,14 @@ def train(model_cfg: ModelConfig, rows: list[dict[str, Any]], cfg: SFTConfig, ou
     from trl import SFTConfig as TRLConfig
     from trl import SFTTrainer
 
-    from cai import training as T
+    from cai.checkpoints import save_model
+    from cai.distributed import distributed_state, per_process, process_device, sharded
     from cai.models import load_model, pick_device
 
-    state = T.distributed_state(model_cfg.device)
-    per_device = T.per_process(cfg.batch_size, state, "sft.batch_size")
+    state = distributed_state(model_cfg.device)
+    per_device = per_process(cfg.batch_size, state, "sft.batch_size")
     # Train in fp32 weights with bf16 autocast where it helps; the back-end's dtype is for inference.
-    model, tok = load_model(model_cfg.name, "float32", T.process_device(model_cfg.device), model_cfg.revision,
+    model, tok = load_model(model_cfg.name, "float32", process_device(model_cfg.device), model_cfg.revision,
                             model_cfg.trust_remote_code, model_class=AutoModelForCausalLM)
     model.train()
     device = pick_device(model_cfg.device)
@@ -94,7 +95,7 @@ def train(model_cfg: ModelConfig, rows: list[dict[str, Any]], cfg: SFTConfig, ou
                                  target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(to_prompt_completion(rows)),
                          processing_class=tok, peft_config=peft_config)
-    split = T.sharded(trainer.accelerator)
+    split = sharded(trainer.accelerator)
     if split and cfg.method == "lora":
         raise ValueError("sft.method=lora under FSDP/DeepSpeed is not supported (merging the adapters needs the "
                          "whole weights); use configs/accelerate/ddp.yaml or sft.method=full")
@@ -109,7 +110,7 @@ def train(model_cfg: ModelConfig, rows: list[dict[str, Any]], cfg: SFTConfig, ou
         final = final.to(torch.float32)
         if state_dict is not None:
             state_dict = {k: v.float() for k, v in state_dict.items()}
-        T.save_model(final, tok, out_dir / "model", state_dict)
+        save_model(final, tok, out_dir / "model", state_dict)
     state.wait_for_everyone()
     return {"log": [h for h in trainer.state.log_history if "loss" in h], "resumed_from": ckpt,
             "global_step": trainer.state.global_step, "bf16": use_bf16}
@@ -128,7 +129,7 @@ def run(cfg: PipelineConfig, inputs: list[dict[str, Any]], inputs_fp: str, allow
     stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
     if stage.complete() and (stage.dir / "model" / "config.json").exists():
         return stage
-    from cai.training import distributed_state
+    from cai.distributed import distributed_state
 
     main = distributed_state(cfg.model.device).is_main_process  # the only process that writes
     if main:
