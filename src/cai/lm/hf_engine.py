@@ -1,18 +1,23 @@
-"""The transformers back-end: batched generation and option scoring with a shared-prefix cache.
+"""The token-level engine behind the transformers back-end: batched decoding and scoring of token ids.
 
-Stages send many prompts that begin with the same long few-shot block. This back-end finds the
+Stages send many prompts that begin with the same long few-shot block. The engine finds the
 longest token prefix shared by a batch, computes its key/value cache once (and keeps it for later
 batches), and attends to it from every row without copying it per row: the prefix keys are read
 once per layer for the whole batch (a "cascade" split of attention into a shared part and a
 per-row part, merged exactly through their log-sum-exps). Rows are left-padded after the prefix;
 finished rows leave the batch and waiting requests take their slots (continuous batching).
 Sampling runs here, one generator per request, so a request's tokens depend on its seed, not on
-its neighbours. Token-level entry points (`generate_ids`, `run_requests` with requests joining a
-running batch, `prompt_logprobs`) serve `cai serve`.
+its neighbours.
 
-    python -c "from cai.lm.hf import HFModel; from cai.config import ModelConfig, Sampling; \
-      lm = HFModel.from_config(ModelConfig()); \
-      print(lm.generate([[{'role': 'user', 'content': 'Hi!'}]], Sampling(temperature=0))[0][0].text)"
+Its entry points take and give token ids: `generate_ids`, `run_requests` (requests joining a
+running batch, as `cai serve` feeds it), `option_logprobs` and `prompt_logprobs_detail`. `HFModel`
+(`cai.lm.hf`) puts the LM seam over it (chat templates, text in and out); `cai serve` uses it
+directly.
+
+    python -c "from cai.lm.hf_engine import HFEngine; from cai.models import load_model; \
+      from cai.config import Sampling; model, tok = load_model('smollm2-135m'); e = HFEngine(model, tok); \
+      out = e.generate_ids([tok('Once upon a time')['input_ids']], Sampling(temperature=0)); \
+      print(e.decode_text(out[0][0].tokens))"
 """
 
 from __future__ import annotations
@@ -31,11 +36,10 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from cai.config import ModelConfig, Sampling
-from cai.lm.base import Completion, Message
+from cai.config import Sampling
+from cai.lm.base import Completion
 from cai.lm.sampling import sample_next
-from cai.models import eos_token_ids, load_model
-from cai.templating import encode_prompt
+from cai.models import eos_token_ids
 
 ATTN_NAME = "cai_prefix"
 # Most logits (rows x positions x vocabulary) one prompt-scoring pass may hold at once.
@@ -195,14 +199,15 @@ def _merge(cache: DynamicCache, valid: torch.Tensor, other: DynamicCache, other_
     return DynamicCache(ddp_cache_data=layers), mask
 
 
-class HFModel:
-    """`LM` over a transformers causal LM. Use `from_config` or `HFModel(model, tokenizer, name)`."""
+class HFEngine:
+    """Batched decoding and scoring of token ids over a transformers causal LM (and its tokenizer,
+    for padding, stop strings and decoding). It switches the model to the shared-prefix attention.
+    `batch_size` rows decode together; prompt plus continuation stay within `max_length` tokens."""
 
-    def __init__(self, model, tokenizer, name: str, batch_size: int = 32, max_length: int = 4096,
+    def __init__(self, model, tokenizer, batch_size: int = 32, max_length: int = 4096,
                  min_prefix: int = 16, prefix_cache_size: int = 8, prefill_rows: int = 8):
         self.model = model
         self.tokenizer = tokenizer
-        self.name = name
         self.batch_size = batch_size
         self.max_length = max_length
         self.min_prefix = min_prefix
@@ -218,19 +223,6 @@ class HFModel:
         # The shared-prefix attention assumes every layer attends to all earlier tokens.
         layer_types = getattr(model.config, "layer_types", None) or ["full_attention"]
         self.prefix_sharing = all(t == "full_attention" for t in layer_types)
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig) -> HFModel:
-        model, tok = load_model(cfg.name, cfg.dtype, cfg.device, cfg.revision, cfg.trust_remote_code)
-        return cls(model, tok, cfg.name, batch_size=cfg.batch_size, max_length=cfg.max_length)
-
-    # ---- tokenisation ---------------------------------------------------------------------
-
-    def encode(self, conversation: Sequence[Message]) -> list[int]:
-        """Template a conversation. If it ends with an assistant message, that message is left open
-        to be continued (used for option scoring); otherwise a generation prompt is added."""
-        # Message text is tokenised as text: special-token strings inside it cannot forge a turn.
-        return encode_prompt(self.tokenizer, conversation)
 
     # ---- the shared prefix ----------------------------------------------------------------
 
@@ -260,9 +252,9 @@ class HFModel:
                     input_ids=new,
                     position_ids=torch.arange(start, len(tokens), device=self.device)[None],
                     attention_mask=self._causal(torch.ones(1, new.shape[1], dtype=torch.bool, device=self.device)),
-                    past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1,
+                    cache=DynamicCache(), use_cache=True, logits_to_keep=1,
                 )
-            kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            kv = [(layer.keys, layer.values) for layer in out.cache.layers]
             if kv_prev:
                 kv = [(torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(kv_prev, kv)]
         else:
@@ -311,16 +303,16 @@ class HFModel:
         pos = (valid.long().cumsum(1) - 1).clamp(min=0) + lcp
         with _use_prefix(prefix):
             out = self.model(input_ids=ids, attention_mask=self._causal(valid), position_ids=pos,
-                             past_key_values=DynamicCache(), use_cache=True, logits_to_keep=keep)
+                             cache=DynamicCache(), use_cache=True, logits_to_keep=keep)
         self.stats["prompt_tokens"] += sum(len(r) for r in rows)
         self.stats["prefix_tokens_reused"] += lcp * (len(rows) - 1)
-        return out.logits, out.past_key_values, valid, pos[:, -1] + 1, prefix
+        return out.logits, out.cache, valid, pos[:, -1] + 1, prefix
 
     def _batches(self, order: list[int]) -> Iterator[list[int]]:
         for i in range(0, len(order), self.batch_size):
             yield order[i : i + self.batch_size]
 
-    # ---- generate -------------------------------------------------------------------------
+    # ---- generation -----------------------------------------------------------------------
 
     def check_length(self, ids: Sequence[int], sampling: Sampling, what: str) -> None:
         """A ValueError naming `what` when the prompt and its longest continuation exceed max_length."""
@@ -337,7 +329,8 @@ class HFModel:
         return text[: min(cut)] if cut else text
 
     def completion(self, tc: TokenCompletion, sampling: Sampling) -> Completion:
-        """A token-level completion as `generate` returns it (stop strings cut, whitespace trimmed)."""
+        """A token-level completion as the LM seam's `generate` returns it (stop strings cut, whitespace
+        trimmed)."""
         return Completion(text=self.decode_text(tc.tokens, sampling.stop).strip(), finish_reason=tc.finish_reason,
                           num_tokens=len(tc.tokens))
 
@@ -346,22 +339,9 @@ class HFModel:
         return torch.Generator().manual_seed((seed * 1_000_003 + sample) % (2**63))
 
     @torch.no_grad()
-    def generate(self, conversations: Sequence[Sequence[Message]], sampling: Sampling, n: int = 1,
-                 seeds: Sequence[int] | None = None) -> list[list[Completion]]:
-        """`n` completions per conversation. `seeds[i]` fixes conversation i's samples."""
-        if seeds is not None and len(seeds) != len(conversations):
-            raise ValueError("generate: need one seed per conversation")
-        sampling = sampling.at_round(0)
-        encoded = [self.encode(c) for c in conversations]
-        for i, e in enumerate(encoded):
-            self.check_length(e, sampling, f"conversation {i}")
-        done = self.generate_ids(encoded, sampling, n, seeds)
-        return [[self.completion(tc, sampling) for tc in row] for row in done]
-
-    @torch.no_grad()
     def generate_ids(self, prompts: Sequence[Sequence[int]], sampling: Sampling, n: int = 1,
                      seeds: Sequence[int] | None = None) -> list[list[TokenCompletion]]:
-        """`generate` on token ids: `n` continuations of each prompt. `seeds[i]` (default i) fixes
+        """`HFModel.generate` on token ids: `n` continuations of each prompt. `seeds[i]` (default i) fixes
         prompt i's samples."""
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError("generate_ids: need one seed per prompt")
@@ -482,7 +462,7 @@ class HFModel:
             valid = torch.cat([valid, torch.ones(len(active), 1, dtype=torch.bool, device=self.device)], 1)
             with _use_prefix(prefix):
                 out = self.model(input_ids=toks[:, None], attention_mask=valid[:, None, None, :],
-                                 position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+                                 position_ids=next_pos[:, None], cache=cache, use_cache=True)
             next_pos = next_pos + 1
             logits = out.logits[:, -1]
             self.stats["decode_s"] += time.perf_counter() - t0
@@ -492,22 +472,18 @@ class HFModel:
         tail = self.tokenizer.decode(toks[-16:], skip_special_tokens=True)
         return any(s in tail for s in stop)
 
-    # ---- score_options --------------------------------------------------------------------
+    # ---- option scoring -------------------------------------------------------------------
 
     @torch.no_grad()
-    def score_options(self, contexts: Sequence[Sequence[Message]], options: Sequence[Sequence[str]]) -> list[list[float]]:
-        """Sum of log-probabilities of each option's tokens after its context."""
-        if len(contexts) != len(options):
-            raise ValueError("score_options: need one list of options per context")
+    def option_logprobs(self, contexts: Sequence[Sequence[int]],
+                        options: Sequence[Sequence[Sequence[int]]]) -> list[list[float]]:
+        """For each context's token ids, the summed log-probability of each option's tokens (each
+        option non-empty) after it. Contexts whose options are one token each take one pass."""
         items = []  # (context index, option index, context ids, option ids)
         scores: list[list[float]] = [[0.0] * len(o) for o in options]
         single: list[tuple[int, list[int], list[int]]] = []  # contexts whose options are one token each
-        for ci, (ctx, opts) in enumerate(zip(contexts, options)):
-            cids = self.encode(ctx)
-            oids_all = [self.tokenizer(opt, add_special_tokens=False)["input_ids"] for opt in opts]
-            for oi, oids in enumerate(oids_all):
-                if not oids:
-                    raise ValueError(f"score_options: option {oi} of context {ci} is empty")
+        for ci, (context, opts) in enumerate(zip(contexts, options)):
+            cids, oids_all = list(context), [list(o) for o in opts]
             if oids_all and all(len(o) == 1 for o in oids_all):
                 # One pass serves every option: they are all read off the context's last logits.
                 single.append((ci, cids, [o[0] for o in oids_all]))
