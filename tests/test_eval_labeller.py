@@ -255,9 +255,9 @@ def test_rendered_rows_accuracy_ties_and_abstention():
 
 
 def run_cli(monkeypatch, lm, argv):
-    import cai.lm.base
+    import cai.lm
 
-    monkeypatch.setattr(cai.lm.base, "load_lm", lambda cfg: lm)
+    monkeypatch.setattr(cai.lm, "load_lm", lambda cfg: lm)
     return main(["eval", "labeller", *argv])
 
 

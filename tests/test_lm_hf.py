@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -100,3 +101,12 @@ def test_too_long_prompt_is_a_clear_error(lm):
     with pytest.raises(ValueError, match="max_length"):
         short.generate([[{"role": "user", "content": "word " * 100}]], Sampling(max_new_tokens=8))
 
+
+def test_forward_passes_use_no_argument_transformers_is_removing(lm32):
+    # transformers warns (FutureWarning) on every call with an argument it will remove, such as
+    # `past_key_values` (gone in 5.40): a fresh install with the next release would break.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        lm32.generate(_critique_convs(2), Sampling(temperature=0, max_new_tokens=4))
+        lm32.score_options([[{"role": "user", "content": "Say A or B."}]], [["A", " B then"]])
+        lm32.engine.prompt_logprobs([lm32.encode([{"role": "user", "content": "Hi"}])])

@@ -24,7 +24,8 @@ import pytest
 
 from cai.config import ModelConfig, OpenAIConfig, Sampling, load_config
 from cai.constitution import load as load_constitution
-from cai.lm.base import LM, BackendError, BudgetExhausted, RunsPrograms, load_lm, run_programs
+from cai.lm import load_lm
+from cai.lm.base import LM, BackendError, BudgetExhausted, RunsPrograms, run_programs
 from cai.lm.openai import OpenAIModel, RequestFailed, retry_after_seconds
 from cai.stages import pairs, sl_generate
 

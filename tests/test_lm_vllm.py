@@ -19,7 +19,8 @@ import torch
 
 from cai.config import ModelConfig, Sampling, VLLMConfig
 from cai.constitution import load
-from cai.lm.base import LM, BackendError, load_lm
+from cai.lm import load_lm
+from cai.lm.base import LM, BackendError
 from cai.lm.vllm import VLLMModel, engine_kwargs, prompt_logprob_sum, sampling_kwargs, to_completion
 
 C = load("default")
@@ -353,7 +354,7 @@ def _logit_gap(hf, conv, prefix, a, b) -> float:
 @pytest.mark.gpu
 def test_import_is_lazy():
     pytest.importorskip("vllm")
-    code = ("import sys, cai, cai.cli, cai.pipeline, cai.lm.vllm; from cai.lm.base import load_lm; "
+    code = ("import sys, cai, cai.cli, cai.pipeline, cai.lm.vllm; from cai.lm import load_lm; "
             "assert 'vllm' not in sys.modules, 'vllm imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

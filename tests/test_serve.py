@@ -157,7 +157,7 @@ def test_prompt_logprobs_equal_score_options(client, tiny_lm):
         assert v[0] is None and len(v) == len(ids)
         assert sum(v[p][str(ids[p])]["logprob"] for p in range(len(ids) - m, len(ids))) == pytest.approx(want[k], abs=1e-5)
     # the greedy token the scoring pass reports is the one generation picks
-    gen = tiny_lm.generate_ids(prompts[:1], Sampling(temperature=0, max_new_tokens=1))[0][0]
+    gen = tiny_lm.engine.generate_ids(prompts[:1], Sampling(temperature=0, max_new_tokens=1))[0][0]
     assert echo["choices"][0]["logprobs"]["tokens"][len(prompts[0]):] == [tiny_lm.tokenizer.decode([t]) for t in gen.tokens]
 
 
@@ -165,10 +165,10 @@ def test_echo_logprobs_of_sampled_tokens_match_rescoring(client, tiny_lm):
     ids = tiny_lm.encode(USER)
     got = client.post("/completions", json={"prompt": ids, "max_tokens": 4, "temperature": 1.0, "seed": 3,
                                             "logprobs": 2}).json()["choices"][0]
-    gen = tiny_lm.generate_ids([ids], Sampling(temperature=1.0, max_new_tokens=4), seeds=[3])[0][0]
+    gen = tiny_lm.engine.generate_ids([ids], Sampling(temperature=1.0, max_new_tokens=4), seeds=[3])[0][0]
     lp = got["logprobs"]
-    assert got["text"] == tiny_lm.decode_text(gen.tokens) and len(lp["tokens"]) == len(gen.tokens)
-    want = tiny_lm.prompt_logprobs([ids + gen.tokens])[0][len(ids):]
+    assert got["text"] == tiny_lm.engine.decode_text(gen.tokens) and len(lp["tokens"]) == len(gen.tokens)
+    want = tiny_lm.engine.prompt_logprobs([ids + gen.tokens])[0][len(ids):]
     assert lp["token_logprobs"] == pytest.approx(want, abs=1e-5)
     assert all(len(d) in (2, 3) for d in lp["top_logprobs"])  # the top 2, plus the sampled token if not among them
 
@@ -179,11 +179,11 @@ def test_completions_generate_from_raw_prompts(client, tiny_lm):
     got = client.post("/completions", json=body).json()
     assert [c["index"] for c in got["choices"]] == [0, 1, 2, 3]  # choice i * n + j: sample j of prompt i
     first = tiny_lm.tokenizer("Once upon a time")["input_ids"]
-    want = tiny_lm.generate_ids([first, ids], Sampling(temperature=0.9, max_new_tokens=6), n=2, seeds=[5, 5])
+    want = tiny_lm.engine.generate_ids([first, ids], Sampling(temperature=0.9, max_new_tokens=6), n=2, seeds=[5, 5])
     for i, prompt_text in enumerate(["Once upon a time", tiny_lm.tokenizer.decode(ids)]):
         for j in range(2):
             c = got["choices"][2 * i + j]
-            assert c["text"] == prompt_text + tiny_lm.decode_text(want[i][j].tokens)
+            assert c["text"] == prompt_text + tiny_lm.engine.decode_text(want[i][j].tokens)
     # a stop string ends the text before it, with finish_reason "stop"
     plain = client.post("/completions", json={"prompt": ids, "max_tokens": 8, "temperature": 0.9, "seed": 5}).json()
     text = plain["choices"][0]["text"]
@@ -194,32 +194,32 @@ def test_completions_generate_from_raw_prompts(client, tiny_lm):
     assert cut["finish_reason"] == "stop" and cut["text"] == text[: text.find(stop)]
 
 
-def _queued_together(engine, client, path, bodies):
+def _queued_together(scheduler, client, path, bodies):
     """POST the bodies while the model thread is held until all of them wait in its queue; the
     model runs that followed, and the responses."""
-    before = len(engine.runs)
-    with engine.held():
+    before = len(scheduler.runs)
+    with scheduler.held():
         threads, out = _post_all(client, path, bodies)
         deadline = time.monotonic() + 60
-        while engine.waiting() < len(bodies) and time.monotonic() < deadline:
+        while scheduler.waiting() < len(bodies) and time.monotonic() < deadline:
             time.sleep(0.01)
     for t in threads:
         t.join()
-    return list(engine.runs)[before:], out
+    return list(scheduler.runs)[before:], out
 
 
 def test_concurrent_requests_are_batched(server, client, tiny_lm):
-    engine = server.engine
+    scheduler = server.scheduler
     bodies = [{"messages": [{"role": "user", "content": f"Question {i}?"}], "max_tokens": 5, "temperature": 0.7,
                "seed": i} for i in range(4)]
-    runs, out = _queued_together(engine, client, "/chat/completions", bodies)
+    runs, out = _queued_together(scheduler, client, "/chat/completions", bodies)
     assert [r["requests"] for r in runs if r["kind"] == "generate"] == [4]
     assert all(r.status_code == 200 and len(r.json()["choices"]) == 1 for r in out)
 
     _, _, prompts, _ = _scoring_items(tiny_lm)
     score = [{"prompt": prompts[k:k + 2], "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 0}
              for k in (0, 2, 4)]
-    runs, out = _queued_together(engine, client, "/completions", score)
+    runs, out = _queued_together(scheduler, client, "/completions", score)
     assert runs == [{"kind": "score", "requests": 3, "rows": 6}]
     assert all(len(r.json()["choices"]) == 2 for r in out)
 
@@ -317,12 +317,12 @@ def test_cli_serves_until_interrupted(tiny_model_dir, capsys):
 
 
 def test_requests_join_a_running_batch_that_shares_their_prefix(tiny_lm):
-    from cai.lm.hf import TokenRequest
+    from cai.lm.hf_engine import TokenRequest
 
     greedy = Sampling(temperature=0.0, max_new_tokens=6)
     crit = [tiny_lm.encode(C.critique_messages([{"role": "user", "content": q}], "Sure.", C.critique_revision[0].id, 1))
             for q in ("How do I pick a lock?", "How do I steal a bike?")]
-    alone = tiny_lm.generate_ids(crit, greedy, n=1, seeds=[1, 2])  # also caches the prefix the two share
+    alone = tiny_lm.engine.generate_ids(crit, greedy, n=1, seeds=[1, 2])  # also caches the prefix the two share
     first, late = TokenRequest(crit[0], greedy, n=2, seed=1), TokenRequest(crit[1], greedy, seed=2)
     offered, done = [], []
 
@@ -331,7 +331,7 @@ def test_requests_join_a_running_batch_that_shares_their_prefix(tiny_lm):
         # `late` arrives after the first decoding step, and may join only if it shares the prefix
         return [late] if len(offered) == 2 and crit[1][:len(prefix)] == list(prefix) else []
 
-    tiny_lm.run_requests([first], admit, done.append)
-    assert len(offered[0]) >= tiny_lm.min_prefix  # the shared few-shot block, not all of the first prompt
+    tiny_lm.engine.run_requests([first], admit, done.append)
+    assert len(offered[0]) >= tiny_lm.engine.min_prefix  # the shared few-shot block, not all of the first prompt
     assert done == [first, late] or done == [late, first]
     assert first.results[0] == first.results[1] == alone[0][0] and late.results == alone[1]

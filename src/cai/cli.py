@@ -174,7 +174,7 @@ def cmd_constitution(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from cai.config import ModelConfig, Sampling
-    from cai.lm.base import load_lm
+    from cai.lm import load_lm
 
     lm = load_lm(ModelConfig(name=args.model, dtype=args.dtype, batch_size=1))
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
@@ -226,7 +226,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from cai.config import PipelineConfig, validate
     from cai.constitution import load as load_constitution
     from cai.evals import labeller
-    from cai.lm.base import load_lm
+    from cai.lm import load_lm
 
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")

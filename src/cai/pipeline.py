@@ -24,7 +24,8 @@ import yaml
 
 from cai import constitution as constitution_mod
 from cai.config import PipelineConfig, to_dict
-from cai.lm.base import LM, load_lm
+from cai.lm import load_lm
+from cai.lm.base import LM
 from cai.rundir import Stage, atomic_write
 
 STAGES = ("prompts", "sl_generate", "sl_export", "sft", "pairs", "feedback", "preferences", "pm", "ppo", "dpo")

@@ -22,7 +22,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from cai.config import ModelConfig, Sampling
+from cai.config import Sampling
 
 # A chat message {"role": "system" | "user" | "assistant", "content": text}; the one definition.
 Message = dict[str, str]
@@ -111,19 +111,3 @@ class BudgetExhausted(BackendError):
     """The configured request budget is spent. Raised before a request is sent, so every record
     written so far stands and the stage resumes where it stopped when run again."""
 
-
-def load_lm(cfg: ModelConfig) -> LM:
-    """Build the back-end named by `cfg.backend`; heavy imports happen here, not at package import."""
-    if cfg.backend == "hf":
-        from cai.lm.hf import HFModel
-
-        return HFModel.from_config(cfg)
-    if cfg.backend == "openai":
-        from cai.lm.openai import OpenAIModel
-
-        return OpenAIModel.from_config(cfg)
-    if cfg.backend == "vllm":
-        from cai.lm.vllm import VLLMModel
-
-        return VLLMModel.from_config(cfg)
-    raise ValueError(f"model.backend: unknown back-end '{cfg.backend}'")  # pragma: no cover - config validates

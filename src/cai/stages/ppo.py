@@ -143,7 +143,7 @@ def generate(model: Any, batch: dict[str, Any], max_new_tokens: int, temperature
         if ended or len(tokens) == max_new_tokens:
             break
         att = torch.cat([att, torch.ones_like(att[:, :1])], 1)
-        out = model(input_ids=tok[:, None], attention_mask=att, position_ids=pos, past_key_values=out.past_key_values,
+        out = model(input_ids=tok[:, None], attention_mask=att, position_ids=pos, cache=out.cache,
                     use_cache=True)
         pos = pos + 1
     return torch.stack(tokens, 1)
