@@ -785,6 +785,41 @@ def test_reads_the_shared_harmless_test_split():
     assert {it.correct for it in src.items} == {0, 1}
 
 
+# ---- hub ids --------------------------------------------------------------------------------
+
+
+def _fake_hub(monkeypatch, rows: list[dict[str, Any]]) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    datasets = pytest.importorskip("datasets")
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def load_dataset(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        calls.append((args, kwargs))
+        return rows
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def test_hub_id_with_a_row_format_is_loaded_from_the_hub(monkeypatch):
+    # configs/cluster.yaml: hh-rlhf from the hub with format hh, for prompts and for human pairs.
+    calls = _fake_hub(monkeypatch, [{"chosen": _hh("Hi", "Hello!"), "rejected": _hh("Hi", "What.")}])
+    rows = read_source(PromptSource("Anthropic/hh-rlhf", format="hh", data_dir="red-team-attempts"))
+    assert [r["prompt"] for r in rows] == ["Hi"]
+    (pair,) = read_pairs(PairSource("Anthropic/hh-rlhf", format="hh", data_dir="helpful-base", split="test"))
+    assert pair["prompt"] == [{"role": "user", "content": "Hi"}]
+    assert (pair["chosen"][0]["content"], pair["rejected"][0]["content"]) == ("Hello!", "What.")
+    assert calls == [(("Anthropic/hh-rlhf",), {"data_dir": "red-team-attempts", "split": "train"}),
+                     (("Anthropic/hh-rlhf",), {"data_dir": "helpful-base", "split": "test"})]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "text", "csv"])
+def test_hub_id_with_a_file_layout_is_a_missing_file(monkeypatch, fmt):
+    calls = _fake_hub(monkeypatch, [])
+    with pytest.raises(PromptError, match="my_org/prompts: no such file"):
+        read_source(PromptSource("my_org/prompts", format=fmt))
+    assert calls == []
+
+
 # ---- errors -----------------------------------------------------------------------------------
 
 

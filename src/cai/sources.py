@@ -226,9 +226,10 @@ def source_rows(src: PromptSource | PairSource) -> Rows:
     """(where, row) for every row of a prompt or pair source, in source order.
 
     `builtin:NAME` is a shipped set; a file is read by `file_format`; a directory must be saved by
-    `datasets`. With `format: datasets`, or format `auto` and a path that is not on disk and not
-    spelled like a local file (a hub id), `datasets` loads the path. An unknown set, a missing file
-    or a plain directory raises here, before any row is read.
+    `datasets`. With `format: datasets`, or a path that is not on disk, not spelled like a local
+    file and not given a file layout (`jsonl`, `text`, `csv`) as its format (a hub id, perhaps with
+    `format: hh`), `datasets` loads the path. An unknown set, a missing file or a plain directory
+    raises here, before any row is read.
     """
     kind, error = ("pair", PreferenceDataError) if isinstance(src, PairSource) else ("prompt", PromptError)
     if src.path.startswith("builtin:"):
@@ -236,7 +237,8 @@ def source_rows(src: PromptSource | PairSource) -> Rows:
     path = Path(src.path)
     if not path.exists():
         local = src.path.startswith((".", "/", "~")) or src.path.endswith(LOCAL_SUFFIXES)
-        if local or src.format not in ("auto", "datasets"):
+        # A file layout names a file; hh and preference name what the rows hold, on disk or on the hub.
+        if local or src.format in FILE_FORMATS:
             raise error(f"{src.path}: no such file")
         return _dataset_rows(src, error)
     if src.format == "datasets":
