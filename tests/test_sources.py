@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from conftest import SHARED
 
-from cai.config import PairSource, PromptSource
+from cai.config import ConfigError, PairSource, PipelineConfig, PromptSource, from_dict
 from cai.records import record_id_for
 from cai.sources import (
     EvalInputError,
@@ -836,3 +836,15 @@ def test_each_reader_raises_its_own_source_error(tmp_path):
         with pytest.raises(SourceError, match=rf"{bad}:1: not valid JSON") as e:
             read()
         assert type(e.value) is error
+
+
+@pytest.mark.parametrize("fmt", ["text", "csv"])
+def test_config_takes_the_text_and_csv_formats(tmp_path, fmt):
+    p = tmp_path / "prompts.lst"
+    p.write_text("prompt\nWhat is a tide?\n")
+    cfg = from_dict(PipelineConfig, {"prompts": {"red_team": [{"path": str(p), "format": fmt}]}})
+    (src,) = cfg.prompts.red_team
+    assert src.format == fmt
+    assert read_source(src)[-1]["prompt"] == "What is a tide?"
+    with pytest.raises(ConfigError, match="format"):
+        from_dict(PipelineConfig, {"prompts": {"red_team": [{"path": str(p), "format": "tsv"}]}})

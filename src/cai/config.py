@@ -227,7 +227,8 @@ class FeedbackConfig:
 @dataclass(frozen=True)
 class PairSource:
     """Human preference pairs: hh-rlhf transcripts (`chosen`/`rejected`), any preference file with
-    `prompt`/`chosen`/`rejected` columns, a `datasets` directory or hub id, or `builtin:helpful_pairs`."""
+    `prompt`/`chosen`/`rejected` columns (JSONL, or CSV named `.csv` with string answers), a
+    `datasets` directory or hub id, or `builtin:helpful_pairs`."""
 
     path: str = "builtin:helpful_pairs"
     format: Literal["auto", "hh", "preference", "datasets"] = "auto"

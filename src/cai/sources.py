@@ -120,7 +120,7 @@ def iter_csv(path: str | Path, error: type[Exception] = SourceError) -> Iterator
                 if header is None:
                     # A spreadsheet's byte-order mark would otherwise stick to the first name.
                     header = [c.strip().lstrip("\ufeff") for c in cells]
-                    twice = sorted({c for c in header if header.count(c) > 1})
+                    twice = sorted({c for c in header if c and header.count(c) > 1})
                     if twice:
                         raise error(f"{path}:{start}: the header names {', '.join(map(repr, twice))} twice")
                     continue
