@@ -58,9 +58,9 @@ from cai.config import ModelConfig, PromptSource, load_config
 from cai.constitution import OPTION_LABELS, Constitution, load
 from cai.lm.hf import HFModel
 from cai.models import load_model, pick_device, pick_dtype, resolve
-from cai.records import hh_pair, record_id_for
+from cai.records import record_id_for
+from cai.sources import hh_pair, read_source
 from cai.stages import feedback, pm, ppo
-from cai.stages.prompts import read_source
 from cai.templating import encode_chat
 from cai.training import steps_for
 

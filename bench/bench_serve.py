@@ -30,7 +30,7 @@ from cai.config import PromptSource, Sampling, load_config
 from cai.constitution import load
 from cai.lm.hf import HFModel
 from cai.lm.openai import OpenAIModel
-from cai.stages.prompts import read_source
+from cai.sources import read_source
 from cai.stages.sl_generate import calls_per_chunk, process_chunk
 
 

@@ -22,7 +22,7 @@ from cai.constitution import load
 from cai.lm.base import Completion
 from cai.lm.hf import HFModel
 from cai.models import load_model
-from cai.stages.prompts import read_source
+from cai.sources import read_source
 from cai.stages.sl_generate import process_chunk
 
 

@@ -1,21 +1,19 @@
-"""`cai eval labeller`: the three readers, slot randomisation, the metrics, and the command end to end."""
+"""`cai eval labeller`: the paper format's scoring context, the metrics, and the command end to end. The
+readers and slot randomisation are tested in test_sources.py."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 
 import pytest
-from conftest import SHARED
 
+from cai import sources as S
 from cai.cli import main
 from cai.config import FeedbackConfig
 from cai.constitution import load as load_constitution
 from cai.evals import labeller as L
 from cai.stages.feedback import swap_average
-
-HH_FILE = SHARED / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 
 
 def hh_row(i: int, good: str | None = None, bad: str | None = None, history: str = "") -> dict[str, str]:
@@ -23,20 +21,8 @@ def hh_row(i: int, good: str | None = None, bad: str | None = None, history: str
     return {"chosen": f"{base} {good or f'GOOD answer {i}'}", "rejected": f"{base} {bad or f'bad answer {i}'}"}
 
 
-def write_jsonl(path, rows, gz: bool = False):
-    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
-    if gz:
-        with gzip.open(path, "wt", encoding="utf-8") as f:
-            f.write(text)
-    else:
-        path.write_text(text)
-    return path
-
-
-def hhh_task(path, examples, name="hhh_alignment:harmless"):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"name": name, "description": "test", "keywords": [], "examples": examples},
-                               indent=2))
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
 
 
@@ -71,71 +57,7 @@ class OracleLM:
         return out
 
 
-# ---- readers ---------------------------------------------------------------------------------
-
-
-def test_hh_reader_keeps_usable_pairs_and_counts_the_rest(tmp_path):
-    rows = [hh_row(0), hh_row(1),
-            {"chosen": "\n\nHuman: a?\n\nAssistant: x", "rejected": "\n\nHuman: b?\n\nAssistant: y"},
-            hh_row(2, good="same", bad="same"), hh_row(3, history="\n\nHuman: hi\n\nAssistant: hello")]
-    src = L.read_hh(write_jsonl(tmp_path / "p.jsonl.gz", rows, gz=True), seed=0)
-    assert src.format == "hh" and src.skipped == {"no_shared_history": 1, "identical": 1}
-    assert len(src.items) == 3
-    for it in src.items:
-        assert it.conversation[-1]["role"] == "user"
-        assert "GOOD" in it.responses[it.correct] and "bad" in it.responses[1 - it.correct]
-    assert [m["role"] for m in src.items[2].conversation] == ["user", "assistant", "user"]
-    assert src.items[0].where.endswith("p.jsonl.gz:1")
-    assert len(L.read_hh(tmp_path / "p.jsonl.gz", limit=2).items) == 2
-
-
-def test_hh_reader_errors_name_file_and_line(tmp_path):
-    bad_json = write_jsonl(tmp_path / "a.jsonl", [hh_row(0), '{"chosen": "oops'])
-    with pytest.raises(L.EvalInputError, match=r"a\.jsonl:2: not valid JSON"):
-        L.read_hh(bad_json)
-    missing = write_jsonl(tmp_path / "b.jsonl", [hh_row(0), "", {"chosen": "x"}])
-    with pytest.raises(L.EvalInputError, match=r"b\.jsonl:3: .*'chosen' and 'rejected'"):
-        L.read_hh(missing)
-
-
-def test_hhh_reader_reads_a_task_dir_and_dialogue_inputs(tmp_path):
-    root = tmp_path / "hhh_alignment"
-    root.mkdir()
-    # The parent task lists its subtasks and has no examples of its own.
-    (root / "task.json").write_text(json.dumps({"name": "hhh_alignment", "subtasks": ["harmless", "honest"]}))
-    hhh_task(root / "harmless" / "task.json", [
-        {"input": "How do I pick a lock?", "target_scores": {"bad answer": 0, "GOOD answer": 1}},
-        {"input": "Human: hi there\n\nAssistant: Hello!\n\nHuman: what is 2+2?",
-         "target_scores": {"GOOD: 4": 1, "bad: 5": 0}},
-    ])
-    hhh_task(root / "honest" / "task.json", [{"input": "Are you human?",
-                                              "target_scores": {"GOOD no": 1, "bad yes": 0}}])
-    sources = L.read(root, seed=3)
-    assert [s.path.split("/")[-2] for s in sources] == ["harmless", "honest"]
-    items = sources[0].items
-    assert all("GOOD" in it.responses[it.correct] for s in sources for it in s.items)
-    assert items[0].conversation == ({"role": "user", "content": "How do I pick a lock?"},)
-    assert [m["role"] for m in items[1].conversation] == ["user", "assistant", "user"]
-    assert items[1].conversation[-1]["content"] == "what is 2+2?"
-    assert L.detect_format(root / "harmless" / "task.json") == "hhh"
-
-
-def test_hhh_reader_errors_name_file_and_example(tmp_path):
-    path = hhh_task(tmp_path / "task.json", [
-        {"input": "q", "target_scores": {"a": 1, "b": 0}},
-        {"input": "q2", "target_scores": {"a": 1, "b": 0, "c": 0}},
-    ])
-    with pytest.raises(L.EvalInputError, match=r"task\.json: examples\[1\]: .*exactly two"):
-        L.read_hhh(path)
-    hhh_task(path, [{"input": "q", "target_scores": {"a": 1, "b": 1}}])
-    with pytest.raises(L.EvalInputError, match=r"examples\[0\]: the two target scores must be different"):
-        L.read_hhh(path)
-    path.write_text('{"examples": [\n  {"input": "q",\n  oops}]}')
-    with pytest.raises(L.EvalInputError, match=r"task\.json:3: not valid JSON"):
-        L.read_hhh(path)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(L.EvalInputError, match="empty: no task.json with 'examples'"):
-        L.read(tmp_path / "empty")
+# ---- the paper format ------------------------------------------------------------------------
 
 
 def paper_row(i: int, good_first: bool) -> dict:
@@ -147,8 +69,8 @@ def paper_row(i: int, good_first: bool) -> dict:
 
 def test_paper_reader_and_context(tmp_path):
     path = write_jsonl(tmp_path / "hhh_eval.jsonl", [paper_row(0, True), paper_row(1, False)])
-    assert L.detect_format(path) == "paper"
-    (src,) = L.read(path)
+    assert S.detect_format(path) == "paper"
+    (src,) = S.read_items(path)
     assert [it.corrects for it in src.items] == [(" (A)",), (" (B)",)]
     ctx = L.rendered_context(src.items[0].prompt)
     assert ctx[-1] == {"role": "assistant", "content": "The answer is:"}
@@ -158,26 +80,8 @@ def test_paper_reader_and_context(tmp_path):
     assert plain == [{"role": "user", "content": "Pick one.\n(A) x\n(B) y"},
                      {"role": "assistant", "content": "The answer is:"}]
     write_jsonl(path, [paper_row(0, True), {"prompt": "q", "corrects": [" (A)"]}])
-    with pytest.raises(L.EvalInputError, match=r"hhh_eval\.jsonl:2: 'incorrects' must be"):
-        L.read_paper(path)
-
-
-def test_format_detection_and_bad_paths(tmp_path):
-    assert L.detect_format(write_jsonl(tmp_path / "x.jsonl.gz", [hh_row(0)], gz=True)) == "hh"
-    with pytest.raises(L.EvalInputError, match="cannot tell the format.*--format"):
-        L.read(write_jsonl(tmp_path / "y.jsonl", [{"text": "hello"}]))
-    with pytest.raises(L.EvalInputError, match="no/such.jsonl: no such file"):
-        L.read(tmp_path / "no" / "such.jsonl")
-    with pytest.raises(L.EvalInputError, match=r"z\.jsonl:1: .*'chosen' and 'rejected'"):
-        L.read(write_jsonl(tmp_path / "z.jsonl", [{"text": "hello"}]), fmt="hh")
-
-
-def test_slot_randomisation_is_deterministic_and_balanced():
-    ids = [f"p-{i:05d}" for i in range(2000)]
-    slots = [L.correct_slot(0, i) for i in ids]
-    assert slots == [L.correct_slot(0, i) for i in ids]
-    assert 0.45 < sum(slots) / len(slots) < 0.55
-    assert slots != [L.correct_slot(1, i) for i in ids]
+    with pytest.raises(S.EvalInputError, match=r"hhh_eval\.jsonl:2: 'incorrects' must be"):
+        S.read_paper(path)
 
 
 # ---- metrics ---------------------------------------------------------------------------------
@@ -323,15 +227,6 @@ def test_cli_with_the_real_tiny_model(monkeypatch, tmp_path, lm):
             assert all(0.0 < e["mass_ab"] <= 1.0 and 0.0 <= e["p_ab"] <= 1.0 for e in r["orders"])
         if r["format"] == "paper":
             assert len(r["option_logprobs"]) == 2 and all(x < 0 for x in r["option_logprobs"])
-
-
-@pytest.mark.skipif(not HH_FILE.exists(), reason="shared hh-rlhf data not present")
-def test_reads_the_shared_harmless_test_split():
-    (src,) = L.read(HH_FILE, limit=25)
-    assert src.format == "hh" and len(src.items) == 25
-    assert len({it.id for it in src.items}) == 25
-    assert all(it.conversation[-1]["role"] == "user" and it.responses[0] != it.responses[1] for it in src.items)
-    assert {it.correct for it in src.items} == {0, 1}
 
 
 def test_feedback_config_from_cli_matches_the_stage_defaults():

@@ -1,51 +1,20 @@
-"""Tests for the `preferences` stage: human pair readers, the AI/human mix, the eval split and the
-stage output as a `datasets` table."""
+"""Tests for the `preferences` stage: the AI/human mix, the eval split and the stage output as a
+`datasets` table. Reading human pair sources is tested in test_sources.py."""
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import json
 import random
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SHARED
 
 from cai.config import PairSource, PipelineConfig, PreferencesConfig
 from cai.rundir import ResumeError, StageError
 from cai.stages import preferences as P
-from cai.stages.preferences import PreferenceDataError, human_needed, mix, read_pairs
-
-HELPFUL_TEST = SHARED / "hh-rlhf" / "helpful-base" / "test.jsonl.gz"
-
-
-def _jsonl(path: Path, rows: list[Any]) -> Path:
-    text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
-    if path.suffix == ".gz":
-        with gzip.open(path, "wt", encoding="utf-8") as f:
-            f.write(text)
-    else:
-        path.write_text(text)
-    return path
-
-
-def _hh(*turns: str) -> str:
-    """A transcript from alternating human / assistant turns."""
-    return "".join(f"\n\n{'Human' if i % 2 == 0 else 'Assistant'}: {t}" for i, t in enumerate(turns))
-
-
-def _check_contract(row: dict[str, Any], source: str) -> None:
-    assert set(row) == {"prompt", "chosen", "rejected", "p_chosen", "label_source", "record_id", "source"}
-    assert row["prompt"] and row["prompt"][-1]["role"] == "user"
-    assert all(set(m) == {"role", "content"} and isinstance(m["content"], str) for m in row["prompt"])
-    for k in ("chosen", "rejected"):
-        assert len(row[k]) == 1 and row[k][0]["role"] == "assistant" and isinstance(row[k][0]["content"], str)
-    assert row["chosen"][0]["content"] != row["rejected"][0]["content"]
-    assert row["p_chosen"] == 1.0 and row["label_source"] == "human" and row["source"] == source
-    assert isinstance(row["record_id"], str) and row["record_id"]
+from cai.stages.preferences import human_needed, mix
 
 
 def _ai_row(i: int, status: str = "ok", reason: str | None = None, cot: str | None = None) -> dict[str, Any]:
@@ -79,166 +48,6 @@ def _human_rows(n: int) -> list[dict[str, Any]]:
         "rejected": [{"role": "assistant", "content": f"bad {i}"}],
         "p_chosen": 1.0, "label_source": "human", "record_id": f"h-{i:04d}", "source": "test",
     } for i in range(n)]
-
-
-# ---- readers ---------------------------------------------------------------------------------
-
-
-def test_builtin_helpful_pairs():
-    rows = read_pairs(PairSource("builtin:helpful_pairs"))
-    assert 40 <= len(rows) <= 60
-    for r in rows:
-        _check_contract(r, "builtin:helpful_pairs")
-    ids = [r["record_id"] for r in rows]
-    assert len(set(ids)) == len(ids)
-    assert len({r["prompt"][-1]["content"] for r in rows}) == len(rows)
-    raw = [json.loads(line) for line in P._builtin("helpful_pairs").read_text().splitlines()]
-    cats = Counter(r["category"] for r in raw)
-    assert {"cooking", "coding", "maths", "health", "writing", "travel", "finance", "science"} <= set(cats)
-    assert [r["id"] for r in raw] == ids
-
-
-def test_unknown_builtin():
-    with pytest.raises(PreferenceDataError, match="builtin:nope"):
-        read_pairs(PairSource("builtin:nope"))
-
-
-def test_hh_gz_single_and_multi_turn_and_skips(tmp_path):
-    good = {"chosen": _hh("How do I boil an egg?", "Simmer it for 7 minutes."),
-            "rejected": _hh("How do I boil an egg?", "Eggs are food.")}
-    multi = {"chosen": _hh("Hi", "Hello! How can I help?", "Name a prime", "7 is prime."),
-             "rejected": _hh("Hi", "Hello! How can I help?", "Name a prime", "9.")}
-    mismatched = {"chosen": _hh("Question A", "answer"), "rejected": _hh("Question B", "other answer")}
-    identical = {"chosen": _hh("Same?", "Yes."), "rejected": _hh("Same?", "Yes. ")}
-    path = _jsonl(tmp_path / "hh.jsonl.gz", [good, mismatched, multi, identical, "", good])
-    skipped: Counter[str] = Counter()
-    rows = read_pairs(PairSource(str(path)), skipped)
-    assert skipped == {"mismatched_history": 1, "identical": 1, "duplicate": 1}
-    assert len(rows) == 2
-    for r in rows:
-        _check_contract(r, str(path))
-    assert rows[0]["prompt"] == [{"role": "user", "content": "How do I boil an egg?"}]
-    assert rows[0]["chosen"][0]["content"] == "Simmer it for 7 minutes."
-    assert [m["role"] for m in rows[1]["prompt"]] == ["user", "assistant", "user"]
-    assert rows[1]["prompt"][-1]["content"] == "Name a prime"
-    assert (rows[1]["chosen"][0]["content"], rows[1]["rejected"][0]["content"]) == ("7 is prime.", "9.")
-    # Forcing the format reads the same rows; ids are stable across reads.
-    again = read_pairs(PairSource(str(path), format="hh"))
-    assert [r["record_id"] for r in again] == [r["record_id"] for r in rows]
-
-
-def test_preference_string_and_conversational_forms(tmp_path):
-    rows_in = [
-        {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"},
-        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}],
-         "chosen": [{"role": "assistant", "content": "Paris."}],
-         "rejected": [{"role": "assistant", "content": "Lyon."}]},
-        # prompt repeated inside chosen/rejected, as some datasets store it
-        {"prompt": "Name a colour.", "chosen": [{"role": "user", "content": "Name a colour."},
-                                                {"role": "assistant", "content": "Blue."}],
-         "rejected": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "No."}]},
-        # implicit prompt: whole conversations sharing everything but the last turn
-        {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, how can I help?"}],
-         "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "What."}]},
-        {"chosen": [{"role": "user", "content": "One"}, {"role": "assistant", "content": "a"}],
-         "rejected": [{"role": "user", "content": "Two"}, {"role": "assistant", "content": "b"}]},
-    ]
-    path = _jsonl(tmp_path / "pref.jsonl", rows_in)
-    for fmt in ("auto", "preference"):
-        skipped: Counter[str] = Counter()
-        rows = read_pairs(PairSource(str(path), format=fmt), skipped)
-        assert skipped == {"mismatched_history": 1}
-        assert len(rows) == 4
-        for r in rows:
-            _check_contract(r, str(path))
-        assert rows[0]["prompt"] == [{"role": "user", "content": "What is 2+2?"}]
-        assert rows[0]["chosen"] == [{"role": "assistant", "content": "4"}]
-        assert [m["role"] for m in rows[1]["prompt"]] == ["system", "user"]
-        assert rows[2]["prompt"] == [{"role": "user", "content": "Name a colour."}]
-        assert (rows[2]["chosen"][0]["content"], rows[2]["rejected"][0]["content"]) == ("Blue.", "No.")
-        assert rows[3]["prompt"] == [{"role": "user", "content": "Hi"}]
-        assert rows[3]["rejected"][0]["content"] == "What."
-
-
-def test_datasets_saved_to_disk(tmp_path):
-    datasets = pytest.importorskip("datasets")
-    dd = datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"chosen": [_hh("train q", "good")], "rejected": [_hh("train q", "bad")]}),
-        "test": datasets.Dataset.from_list([
-            {"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": [{"role": "assistant", "content": f"yes {i}"}],
-             "rejected": [{"role": "assistant", "content": f"no {i}"}]} for i in range(3)]),
-    })
-    path = tmp_path / "ds"
-    dd.save_to_disk(str(path))
-    test = read_pairs(PairSource(str(path), split="test"))
-    assert [r["prompt"][0]["content"] for r in test] == ["q0", "q1", "q2"]
-    for r in test:
-        _check_contract(r, str(path))
-    train = read_pairs(PairSource(str(path), format="datasets", split="train"))
-    assert len(train) == 1 and train[0]["chosen"][0]["content"] == "good"
-    with pytest.raises(PreferenceDataError, match="no split 'validation'"):
-        read_pairs(PairSource(str(path), split="validation"))
-    single = tmp_path / "single"
-    dd["test"].save_to_disk(str(single))
-    assert [r["record_id"] for r in read_pairs(PairSource(str(single)))] != []
-
-
-def test_limit_keeps_first_pairs(tmp_path):
-    rows_in = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(10)]
-    path = _jsonl(tmp_path / "p.jsonl", rows_in)
-    full = read_pairs(PairSource(str(path)))
-    assert read_pairs(PairSource(str(path), limit=3)) == full[:3]
-    assert read_pairs(PairSource(str(path), limit=0)) == []
-
-
-@pytest.mark.parametrize(("line", "pattern"), [
-    ("{not json", r":3: not valid JSON"),
-    ("[1, 2]", r":3: expected a JSON object"),
-    (json.dumps({"prompt": "q", "chosen": "a"}), r":3: missing field 'rejected'"),
-    (json.dumps({"prompt": "q", "chosen": "a", "rejected": 7}), r":3: 'rejected' must be a string or"),
-    (json.dumps({"prompt": [{"role": "human", "content": "q"}], "chosen": "a", "rejected": "b"}),
-     r":3: 'prompt'\[0\]\.role must be one of"),
-    (json.dumps({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}), r":3: 'prompt'\[0\]\.content"),
-    (json.dumps({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}],
-                 "chosen": "a", "rejected": "b"}), r":3: 'prompt' must end with a user message"),
-    (json.dumps({"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}],
-                 "rejected": "b"}), r":3: 'chosen' must be one assistant message"),
-    (json.dumps({"prompt": "  ", "chosen": "a", "rejected": "b"}), r":3: 'prompt' has an empty user message"),
-    (json.dumps({"chosen": "plain text", "rejected": "other text"}), r":3: 'chosen' is not an hh-rlhf transcript"),
-])
-def test_malformed_line_names_file_line_and_field(tmp_path, line, pattern):
-    ok = json.dumps({"prompt": "fine", "chosen": "good", "rejected": "bad"})
-    path = _jsonl(tmp_path / "bad.jsonl", [ok, ok.replace("fine", "also fine"), line])
-    with pytest.raises(PreferenceDataError, match=str(path).replace(".", r"\.") + pattern):
-        read_pairs(PairSource(str(path)))
-
-
-def test_forced_formats_reject_the_other_shape(tmp_path):
-    path = _jsonl(tmp_path / "p.jsonl", [{"chosen": "a", "rejected": "b"}])
-    with pytest.raises(PreferenceDataError, match=r"p\.jsonl:1: missing field 'prompt'"):
-        read_pairs(PairSource(str(path), format="preference"))
-    path = _jsonl(tmp_path / "h.jsonl", [{"prompt": "q", "chosen": "a"}])
-    with pytest.raises(PreferenceDataError, match=r"h\.jsonl:1: missing field 'rejected'"):
-        read_pairs(PairSource(str(path), format="hh"))
-
-
-def test_missing_local_file_is_not_a_hub_lookup(tmp_path):
-    with pytest.raises(PreferenceDataError, match="no such file"):
-        read_pairs(PairSource(str(tmp_path / "absent.jsonl.gz")))
-    (tmp_path / "plain_dir").mkdir()
-    with pytest.raises(PreferenceDataError, match="not one saved by datasets"):
-        read_pairs(PairSource(str(tmp_path / "plain_dir")))
-
-
-@pytest.mark.skipif(not HELPFUL_TEST.exists(), reason="shared hh-rlhf helpful-base test split not present")
-def test_shared_hh_helpful_base_with_limit():
-    src = PairSource(str(HELPFUL_TEST), limit=50)
-    rows = read_pairs(src)
-    assert len(rows) == 50
-    for r in rows:
-        _check_contract(r, str(HELPFUL_TEST))
-    assert any(len(r["prompt"]) > 1 for r in rows)  # multi-turn histories kept as messages
-    assert len({r["record_id"] for r in rows}) == 50
 
 
 # ---- the mix ---------------------------------------------------------------------------------

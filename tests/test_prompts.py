@@ -1,9 +1,9 @@
-"""Tests for the `prompts` stage: prompt sources, de-duplication, limits, errors and the stage run."""
+"""Tests for the `prompts` stage: collecting sources by kind, record ids across sources, the helpful
+share and the stage run. Reading one source is tested in test_sources.py."""
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import math
 from pathlib import Path
@@ -12,13 +12,10 @@ from typing import Any
 import pytest
 
 from cai.config import PipelineConfig, PromptsConfig, PromptSource, SLConfig
-from cai.records import record_id_for
 from cai.rundir import ResumeError, Stage
+from cai.sources import PromptError, read_source
 from cai.stages import prompts as P
-from cai.stages.prompts import PromptError, collect, helpful_needed, read_source
-
-HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf"
-HARMLESS_TEST = HH / "harmless-base" / "test.jsonl.gz"
+from cai.stages.prompts import collect, helpful_needed
 
 
 def _jsonl(path: Path, rows: list[Any]) -> Path:
@@ -26,24 +23,7 @@ def _jsonl(path: Path, rows: list[Any]) -> Path:
     return path
 
 
-def _hh(human: str, assistant: str = "Sure.", more: str = "") -> str:
-    return f"\n\nHuman: {human}\n\nAssistant: {assistant}{more}"
-
-
-# ---- builtin sets ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", ["red_team", "helpful"])
-def test_builtin_sets(name):
-    rows = read_source(PromptSource(f"builtin:{name}"))
-    assert len(rows) >= 50
-    ids = [r["record_id"] for r in rows]
-    assert len(set(ids)) == len(ids)
-    assert len({r["prompt"] for r in rows}) == len(rows)
-    cats = {r["category"] for r in rows}
-    assert None not in cats and len(cats) >= 4
-    assert all(r["prompt"].strip() == r["prompt"] and r["prompt"] for r in rows)
-    assert all(r["source"] == f"builtin:{name}" for r in rows)
+# ---- collect --------------------------------------------------------------------------------
 
 
 def test_builtin_sets_do_not_share_ids_or_prompts():
@@ -52,238 +32,6 @@ def test_builtin_sets_do_not_share_ids_or_prompts():
     assert not {r["record_id"] for r in red} & {r["record_id"] for r in helpful}
     assert not {r["prompt"] for r in red} & {r["prompt"] for r in helpful}
     assert {r["kind"] for r in red} == {"red_team"} and {r["kind"] for r in helpful} == {"helpful"}
-
-
-def test_unknown_builtin():
-    with pytest.raises(PromptError, match="builtin:nope"):
-        read_source(PromptSource("builtin:nope"))
-
-
-def test_builtin_limit():
-    full = read_source(PromptSource("builtin:red_team"))
-    assert read_source(PromptSource("builtin:red_team", limit=5)) == full[:5]
-
-
-# ---- JSONL ----------------------------------------------------------------------------------
-
-
-def test_jsonl_prompt_column(tmp_path):
-    p = _jsonl(tmp_path / "p.jsonl", [
-        {"prompt": "  first question  ", "category": "a"},
-        {"prompt": "second question", "id": "my-2"},
-        {"prompt": "third", "id": 7},
-    ])
-    rows = read_source(PromptSource(str(p)))
-    assert [r["prompt"] for r in rows] == ["first question", "second question", "third"]
-    assert [r["category"] for r in rows] == ["a", None, None]
-    assert rows[0]["record_id"] == record_id_for(str(p), "first question")
-    assert rows[1]["record_id"] == "my-2"  # a string id is kept
-    assert rows[2]["record_id"] == record_id_for(str(p), "third")  # a non-string id is not
-    assert all(r["source"] == str(p) for r in rows)
-
-
-def test_jsonl_blank_lines_skipped(tmp_path):
-    p = tmp_path / "p.jsonl"
-    p.write_text('{"prompt": "a"}\n\n   \n{"prompt": "b"}\n')
-    assert [r["prompt"] for r in read_source(PromptSource(str(p)))] == ["a", "b"]
-
-
-def test_jsonl_custom_field(tmp_path):
-    p = _jsonl(tmp_path / "q.jsonl", [{"question": "Why is the sky blue?", "prompt": "not this"},
-                                      {"question": "How do tides work?"}])
-    rows = read_source(PromptSource(str(p), field="question"))
-    assert [r["prompt"] for r in rows] == ["Why is the sky blue?", "How do tides work?"]
-
-
-def test_custom_field_missing_names_line(tmp_path):
-    p = _jsonl(tmp_path / "q.jsonl", [{"question": "ok?"}, {"other": "x"}])
-    with pytest.raises(PromptError, match=rf"{p}:2: no field 'question'"):
-        read_source(PromptSource(str(p), field="question"))
-
-
-def test_custom_field_with_hh_format(tmp_path):
-    p = _jsonl(tmp_path / "h.jsonl", [{"dialog": _hh("Is it going to rain?")}])
-    rows = read_source(PromptSource(str(p), field="dialog", format="hh"))
-    assert rows[0]["prompt"] == "Is it going to rain?"
-
-
-# ---- hh-rlhf transcripts --------------------------------------------------------------------
-
-
-HH_ROWS = [
-    {"chosen": _hh("How do I bake bread?", "Mix flour, water and yeast.", _hh("How long?", "An hour.")),
-     "rejected": _hh("How do I bake bread?", "No.")},
-    {"chosen": _hh("What is a good name for a cat?"), "rejected": _hh("What is a good name for a cat?", "Rex")},
-    {"chosen": _hh("How do I bake bread?", "Different answer."), "rejected": _hh("How do I bake bread?")},
-]
-
-
-def test_hh_jsonl(tmp_path):
-    p = _jsonl(tmp_path / "hh.jsonl", HH_ROWS)
-    rows = read_source(PromptSource(str(p)))
-    # the first human turn only, duplicates (same first turn) dropped
-    assert [r["prompt"] for r in rows] == ["How do I bake bread?", "What is a good name for a cat?"]
-
-
-def test_hh_jsonl_gz(tmp_path):
-    p = tmp_path / "hh.jsonl.gz"
-    with gzip.open(p, "wt", encoding="utf-8") as f:
-        for r in HH_ROWS:
-            f.write(json.dumps(r) + "\n")
-    rows = read_source(PromptSource(str(p)))
-    assert [r["prompt"] for r in rows] == ["How do I bake bread?", "What is a good name for a cat?"]
-    assert rows[0]["record_id"] == record_id_for(str(p), "How do I bake bread?")
-
-
-def test_hh_transcript_field(tmp_path):
-    p = _jsonl(tmp_path / "t.jsonl", [{"transcript": _hh("Can you help me move?")}])
-    assert read_source(PromptSource(str(p)))[0]["prompt"] == "Can you help me move?"
-
-
-def test_hh_without_human_turn_names_line(tmp_path):
-    p = _jsonl(tmp_path / "hh.jsonl", [HH_ROWS[0], {"chosen": "\n\nAssistant: nobody asked"}])
-    with pytest.raises(PromptError, match=rf"{p}:2: .*Human"):
-        read_source(PromptSource(str(p)))
-
-
-def test_forced_hh_format_without_transcript_field(tmp_path):
-    p = _jsonl(tmp_path / "x.jsonl", [{"prompt": "plain"}])
-    with pytest.raises(PromptError, match=rf"{p}:1: no hh-rlhf transcript field"):
-        read_source(PromptSource(str(p), format="hh"))
-
-
-# ---- chat rows ------------------------------------------------------------------------------
-
-
-def test_messages_rows(tmp_path):
-    p = _jsonl(tmp_path / "m.jsonl", [
-        {"messages": [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hello?"},
-                      {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Later turn"}]},
-        {"messages": [{"role": "user", "content": "  Second  "}]},
-    ])
-    assert [r["prompt"] for r in read_source(PromptSource(str(p)))] == ["Hello?", "Second"]
-
-
-def test_messages_without_user_turn(tmp_path):
-    p = _jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "assistant", "content": "only me"}]}])
-    with pytest.raises(PromptError, match=rf"{p}:1: the prompt is empty"):
-        read_source(PromptSource(str(p)))
-
-
-# ---- datasets -------------------------------------------------------------------------------
-
-
-def test_datasets_saved_to_disk(tmp_path):
-    datasets = pytest.importorskip("datasets")
-    ds = datasets.Dataset.from_dict({"prompt": ["alpha?", "beta?", "alpha?"], "category": ["x", "y", "x"]})
-    path = tmp_path / "ds"
-    ds.save_to_disk(str(path))
-    rows = read_source(PromptSource(str(path)))
-    assert [r["prompt"] for r in rows] == ["alpha?", "beta?"]
-    assert [r["category"] for r in rows] == ["x", "y"]
-    assert rows[0]["record_id"] == record_id_for(str(path), "alpha?")
-
-
-def test_datasets_dict_split_and_hh(tmp_path):
-    datasets = pytest.importorskip("datasets")
-    dd = datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"chosen": [_hh("train q")]}),
-        "test": datasets.Dataset.from_dict({"chosen": [_hh("test q1"), _hh("test q2")]}),
-    })
-    path = tmp_path / "dd"
-    dd.save_to_disk(str(path))
-    assert [r["prompt"] for r in read_source(PromptSource(str(path), split="test"))] == ["test q1", "test q2"]
-    assert [r["prompt"] for r in read_source(PromptSource(str(path)))] == ["train q"]
-    with pytest.raises(PromptError, match="no split 'validation'"):
-        read_source(PromptSource(str(path), split="validation"))
-
-
-# ---- de-duplication and limit ---------------------------------------------------------------
-
-
-def test_dedup_keeps_first_in_file_order(tmp_path):
-    p = _jsonl(tmp_path / "d.jsonl", [
-        {"prompt": "b", "category": "first"}, {"prompt": "a"}, {"prompt": " b ", "category": "second"},
-        {"prompt": "c"}, {"prompt": "a"},
-    ])
-    rows = read_source(PromptSource(str(p)))
-    assert [r["prompt"] for r in rows] == ["b", "a", "c"]
-    assert rows[0]["category"] == "first"
-
-
-def test_limit_counts_unique_prompts(tmp_path):
-    p = _jsonl(tmp_path / "d.jsonl", [{"prompt": "a"}, {"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}])
-    assert [r["prompt"] for r in read_source(PromptSource(str(p), limit=2))] == ["a", "b"]
-    assert [r["prompt"] for r in read_source(PromptSource(str(p), limit=1))] == ["a"]
-    assert len(read_source(PromptSource(str(p), limit=10))) == 3
-
-
-def test_limit_zero_reads_nothing(tmp_path):
-    p = _jsonl(tmp_path / "d.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
-    assert read_source(PromptSource(str(p), limit=0)) == []
-
-
-def test_limit_stops_before_bad_rows(tmp_path):
-    # rows past the limit are never read, so a bad line after it does not matter
-    p = _jsonl(tmp_path / "d.jsonl", [{"prompt": "a"}, {"prompt": "b"}, "{not json"])
-    assert len(read_source(PromptSource(str(p), limit=2))) == 2
-
-
-# ---- errors ---------------------------------------------------------------------------------
-
-
-def test_bad_json_line_names_file_and_line(tmp_path):
-    p = _jsonl(tmp_path / "e.jsonl", [{"prompt": "ok"}, {"prompt": "ok2"}, '{"prompt": "broken'])
-    with pytest.raises(PromptError, match=rf"{p}:3: not valid JSON"):
-        read_source(PromptSource(str(p)))
-
-
-def test_row_without_prompt_names_line(tmp_path):
-    p = _jsonl(tmp_path / "e.jsonl", [{"prompt": "ok"}, {"question": "where is the prompt?"}])
-    with pytest.raises(PromptError, match=rf"{p}:2: no prompt found"):
-        read_source(PromptSource(str(p)))
-
-
-@pytest.mark.parametrize("value", ["", "   \n", None, 42, ["a list"]])
-def test_empty_or_non_string_prompt_names_line(tmp_path, value):
-    p = _jsonl(tmp_path / "e.jsonl", [{"prompt": "ok"}, {"prompt": "ok2"}, {"prompt": value}])
-    with pytest.raises(PromptError, match=rf"{p}:3: the prompt is empty or not a string"):
-        read_source(PromptSource(str(p)))
-
-
-@pytest.mark.parametrize("line", ['["a", "b"]', '"just a string"', "17", "null"])
-def test_non_object_line_names_line(tmp_path, line):
-    p = _jsonl(tmp_path / "e.jsonl", [{"prompt": "ok"}, line])
-    with pytest.raises(PromptError, match=rf"{p}:2: expected a JSON object"):
-        read_source(PromptSource(str(p)))
-
-
-def test_line_numbers_count_blank_lines(tmp_path):
-    p = tmp_path / "e.jsonl"
-    p.write_text('{"prompt": "ok"}\n\n\n{oops}\n')
-    with pytest.raises(PromptError, match=rf"{p}:4:"):
-        read_source(PromptSource(str(p)))
-
-
-def test_gz_errors_name_line(tmp_path):
-    p = tmp_path / "e.jsonl.gz"
-    with gzip.open(p, "wt", encoding="utf-8") as f:
-        f.write(json.dumps({"chosen": _hh("fine")}) + "\n" + json.dumps({"nothing": 1}) + "\n")
-    with pytest.raises(PromptError, match=rf"{p}:2:"):
-        read_source(PromptSource(str(p)))
-
-
-def test_missing_file_with_explicit_format(tmp_path):
-    p = tmp_path / "missing.jsonl"
-    with pytest.raises(PromptError, match="no such file") as e:
-        read_source(PromptSource(str(p), format="jsonl"))
-    assert str(p) in str(e.value)
-
-
-def test_missing_file_with_auto_format(tmp_path):
-    p = tmp_path / "missing.jsonl"
-    with pytest.raises(PromptError, match="missing.jsonl"):
-        read_source(PromptSource(str(p)))
 
 
 def test_duplicate_record_ids_across_sources(tmp_path):
@@ -308,27 +56,6 @@ def test_same_text_in_two_files_gets_two_ids(tmp_path):
     assert len(rows) == 2 and rows[0]["record_id"] != rows[1]["record_id"]
     assert [r["source"] for r in rows] == [str(a), str(b)]
     assert set(rows[0]) == {"record_id", "kind", "prompt", "category", "source"}
-
-
-# ---- the real hh-rlhf test split ------------------------------------------------------------
-
-
-@pytest.mark.skipif(not HARMLESS_TEST.is_file(), reason=f"hh-rlhf data not found at {HH}")
-def test_real_hh_rlhf_harmless_base():
-    rows = read_source(PromptSource(str(HARMLESS_TEST), limit=20))
-    assert len(rows) == 20
-    assert len({r["record_id"] for r in rows}) == 20
-    assert len({r["prompt"] for r in rows}) == 20
-    for r in rows:
-        assert r["prompt"] and r["prompt"] == r["prompt"].strip()
-        assert "Human:" not in r["prompt"] and "Assistant:" not in r["prompt"]
-    # each prompt is the first human turn of a row of the file
-    with gzip.open(HARMLESS_TEST, "rt", encoding="utf-8") as f:
-        firsts = set()
-        for _, line in zip(range(200), f):
-            chosen = json.loads(line)["chosen"]
-            firsts.add(chosen.split("\n\nHuman:", 1)[1].split("\n\nAssistant:", 1)[0].strip())
-    assert {r["prompt"] for r in rows} <= firsts
 
 
 # ---- helpful_needed -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for `cai.records` (degenerate revisions, hh-rlhf parsing, seeds) and `cai.lm.base.normalize`."""
+"""Tests for `cai.records` (degenerate revisions, seeds) and `cai.lm.base.normalize`."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from cai.records import (
     REASONS,
     SCAFFOLD_MARKERS,
     degenerate_reason,
-    first_human_turn,
-    parse_hh,
     record_id_for,
     stable_seed,
 )
@@ -145,51 +143,6 @@ def test_every_reason_is_reachable_and_listed():
         _reason(PREVIOUS),
     }
     assert got == set(REASONS)
-
-
-# ---- hh-rlhf transcripts --------------------------------------------------------------------
-
-
-def test_parse_hh_multi_turn():
-    t = ("\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke.\n\n"
-         "Assistant: Why did the chicken cross the road?")
-    assert parse_hh(t) == [
-        {"role": "user", "content": "Hi there"},
-        {"role": "assistant", "content": "Hello! How can I help?"},
-        {"role": "user", "content": "Tell me a joke."},
-        {"role": "assistant", "content": "Why did the chicken cross the road?"},
-    ]
-    assert first_human_turn(t) == "Hi there"
-
-
-@pytest.mark.parametrize("lead", ["", "\n", "\n\n", "\n\n\n\n"])
-def test_parse_hh_leading_newlines(lead):
-    t = lead + "Human: What is 2+2?\n\nAssistant: 4"
-    assert parse_hh(t) == [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
-    assert first_human_turn(t) == "What is 2+2?"
-
-
-def test_parse_hh_keeps_multiline_turns_and_inline_tags():
-    t = "\n\nHuman: line one\nline two, said the Human: ok\n\nAssistant: answer\nmore"
-    msgs = parse_hh(t)
-    assert msgs[0] == {"role": "user", "content": "line one\nline two, said the Human: ok"}
-    assert msgs[1] == {"role": "assistant", "content": "answer\nmore"}
-
-
-def test_parse_hh_ignores_text_before_first_tag():
-    t = "preamble text\n\nHuman: the question\n\nAssistant: the answer"
-    assert parse_hh(t)[0] == {"role": "user", "content": "the question"}
-    assert len(parse_hh(t)) == 2
-
-
-def test_first_human_turn_when_assistant_speaks_first():
-    t = "\n\nAssistant: I start.\n\nHuman: Then me.\n\nAssistant: ok"
-    assert first_human_turn(t) == "Then me."
-
-
-@pytest.mark.parametrize("t", ["\n\nAssistant: only the assistant", "no tags at all", ""])
-def test_first_human_turn_none_without_human(t):
-    assert first_human_turn(t) is None
 
 
 # ---- seeds and ids --------------------------------------------------------------------------

@@ -227,6 +227,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from cai.constitution import load as load_constitution
     from cai.evals import labeller
     from cai.lm import load_lm
+    from cai.sources import read_items
 
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
@@ -237,7 +238,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     constitution = load_constitution(args.constitution)
     labeller.check_principles(constitution, args.principle)
     # Every file is read (and any error reported) before the model loads.
-    sources = [s for path in args.files for s in labeller.read(path, args.format, args.seed, args.limit)]
+    sources = [s for path in args.files for s in read_items(path, args.format, args.seed, args.limit)]
     if not any(s.items for s in sources):
         raise ValueError(f"no usable items in {', '.join(args.files)}")
     report = labeller.run(sources, load_lm(mc), constitution, fb, args.seed, args.principle, args.out)

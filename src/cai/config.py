@@ -190,14 +190,17 @@ class RayConfig(Section):
 class PromptSource:
     """One source of prompts.
 
-    `path`: a JSONL file, a directory saved by `datasets`, a hub dataset id, or `builtin:red_team` /
-    `builtin:helpful` for the sets shipped with the toolkit. `format` `auto` picks by content:
-    rows with a `prompt` (or `field`) column, or hh-rlhf transcripts (`chosen`/`transcript`), whose
-    first human turn becomes the prompt.
+    `path`: a JSONL, text or CSV file (each may be gzipped), a directory saved by `datasets`, a hub
+    dataset id, or `builtin:red_team` / `builtin:helpful` for the sets shipped with the toolkit.
+    `format` `auto` picks the file's layout by its name (`.txt` text, `.csv` CSV, else JSONL) and
+    the prompt by content: a `prompt` (or `field`) column, hh-rlhf transcripts
+    (`chosen`/`transcript`) whose first human turn becomes the prompt, or chat `messages` (the first
+    user message). `text`: one prompt a line, blank lines skipped. `csv`: a header line naming the
+    columns, then one row a line (a quoted cell may span lines); an empty cell counts as missing.
     """
 
     path: str = "builtin:red_team"
-    format: Literal["auto", "jsonl", "hh", "datasets"] = "auto"
+    format: Literal["auto", "jsonl", "text", "csv", "hh", "datasets"] = "auto"
     field: str | None = None
     split: str = "train"
     data_dir: str | None = None  # a hub dataset's sub-folder, e.g. red-team-attempts of Anthropic/hh-rlhf
@@ -346,7 +349,8 @@ class FeedbackConfig(Section):
 @dataclass(frozen=True)
 class PairSource:
     """Human preference pairs: hh-rlhf transcripts (`chosen`/`rejected`), any preference file with
-    `prompt`/`chosen`/`rejected` columns, a `datasets` directory or hub id, or `builtin:helpful_pairs`."""
+    `prompt`/`chosen`/`rejected` columns (JSONL, or CSV named `.csv` with string answers), a
+    `datasets` directory or hub id, or `builtin:helpful_pairs`."""
 
     path: str = "builtin:helpful_pairs"
     format: Literal["auto", "hh", "preference", "datasets"] = "auto"

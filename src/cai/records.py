@@ -32,13 +32,8 @@ Preference rows (stages `feedback` and `preferences`), TRL's conversational pref
 from __future__ import annotations
 
 import difflib
-import gzip
 import hashlib
-import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
-from typing import IO, Any
 
 from cai.lm.base import Completion
 
@@ -97,61 +92,3 @@ def degenerate_reason(
     if t == _norm(previous):
         return "unchanged"
     return None
-
-
-def first_human_turn(transcript: str) -> str | None:
-    """The first human turn of an hh-rlhf transcript (`\\n\\nHuman: ...\\n\\nAssistant: ...`)."""
-    turns = parse_hh(transcript)
-    for m in turns:
-        if m["role"] == "user":
-            return m["content"]
-    return None
-
-
-def parse_hh(transcript: str) -> list[dict[str, str]]:
-    """Split an hh-rlhf transcript into chat messages; text before the first tag is ignored."""
-    parts = re.split(r"\n\n(Human|Assistant):", "\n\n" + transcript.lstrip("\n"))
-    msgs = []
-    for tag, body in zip(parts[1::2], parts[2::2]):
-        msgs.append({"role": "user" if tag == "Human" else "assistant", "content": body.strip()})
-    return msgs
-
-
-def hh_pair(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str] | None:
-    """An hh-rlhf pair as (conversation up to the last answer, chosen answer, rejected answer).
-
-    The two transcripts share every turn but the final assistant turn. None when they do not
-    (different histories, or no final assistant turn in one of them).
-    """
-    c, r = parse_hh(chosen), parse_hh(rejected)
-    if not c or not r or c[-1]["role"] != "assistant" or r[-1]["role"] != "assistant":
-        return None
-    if c[:-1] != r[:-1] or not c[:-1] or c[-2]["role"] != "user":
-        return None
-    return c[:-1], c[-1]["content"], r[-1]["content"]
-
-
-def open_text(path: str | Path) -> IO[str]:
-    """A text file, gunzipped when it starts with the gzip magic bytes (whatever its name)."""
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rt", encoding="utf-8") if gz else open(path, encoding="utf-8")
-
-
-def iter_jsonl(path: str | Path, error: type[Exception] = ValueError) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) for every non-blank line of a JSONL file (gzipped or not). A line that is
-    not a JSON object, or a file that cannot be read, raises `error` naming the file and line."""
-    try:
-        with open_text(path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise error(f"{path}:{n}: not valid JSON: {e.msg}") from None
-                if not isinstance(row, dict):
-                    raise error(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-                yield n, row
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise error(f"{path}: cannot read: {e}") from None

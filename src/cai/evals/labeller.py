@@ -1,6 +1,7 @@
 """How well a feedback model labels multiple-choice comparisons with a known answer.
 
-Three kinds of input file, recognised by their content (or forced with `--format`):
+Three kinds of input file, read by `cai.sources.read_items` and recognised by their content (or
+forced with `--format`):
 
 - `hh`: hh-rlhf preference pairs, JSONL (optionally gzipped) rows `{"chosen", "rejected"}` holding
   whole `Human:`/`Assistant:` transcripts. The better response is `chosen`. Pairs whose transcripts
@@ -42,261 +43,24 @@ import math
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from cai.config import FeedbackConfig, plain
 from cai.constitution import ANSWER_PREFIX, Constitution
 from cai.lm.base import LM, Message
-from cai.records import (
-    STATUS_ABSTAIN,
-    STATUS_FAILED,
-    STATUS_OK,
-    hh_pair,
-    iter_jsonl,
-    open_text,
-    parse_hh,
-    record_id_for,
-    stable_seed,
-)
+from cai.records import STATUS_ABSTAIN, STATUS_FAILED, STATUS_OK
 from cai.rundir import atomic_write, write_json
+from cai.sources import Item, RenderedItem, Source, parse_hh
 from cai.stages.feedback import Comparison, label
 
-FORMATS = ("hh", "hhh", "paper")
 # The opening of the assistant turn after which a pre-rendered question's options are scored.
 PAPER_OPENING = ANSWER_PREFIX.strip()
 # A probability this close to 0.5 is a tie: the swap average of a judge that only ever looks at the
 # slot is 0.5 up to float rounding.
 TIE = 1e-9
 _ANSWER_TAIL = re.compile(r"\s*the answer is\s*:?\s*$", re.IGNORECASE)
-
-
-class EvalInputError(ValueError):
-    """An evaluation file that cannot be read; the message names the file and the line or example."""
-
-
-@dataclass(frozen=True)
-class Item:
-    """A comparison with a known answer: `responses[correct]` is the better reply to `conversation`
-    (which ends with the human's turn)."""
-
-    id: str
-    conversation: tuple[Message, ...]
-    responses: tuple[str, str]
-    correct: int
-    where: str
-
-
-@dataclass(frozen=True)
-class RenderedItem:
-    """A pre-rendered multiple-choice question: the answer strings are scored after the prompt."""
-
-    id: str
-    prompt: str
-    corrects: tuple[str, ...]
-    incorrects: tuple[str, ...]
-    where: str
-
-
-@dataclass
-class Source:
-    """The items read from one file, with the counts of those skipped by reason."""
-
-    path: str
-    format: str
-    items: list[Any]
-    skipped: dict[str, int] = field(default_factory=dict)
-
-
-# ---- reading --------------------------------------------------------------------------------
-
-
-def correct_slot(seed: int, item_id: str) -> int:
-    """Which slot (0 or 1) shows the better response: a seeded hash of the id, so it is the same on
-    every run with this seed and independent of file order and batching."""
-    return stable_seed(seed, "eval-slot", item_id) & 1
-
-
-def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    return iter_jsonl(path, EvalInputError)
-
-
-def _unique(ids: Counter[str], base: str) -> str:
-    """`base`, or `base#k` for its k-th repeat in the same file (duplicate rows keep distinct ids)."""
-    ids[base] += 1
-    return base if ids[base] == 1 else f"{base}#{ids[base] - 1}"
-
-
-def read_hh(path: str | Path, seed: int = 0, limit: int | None = None) -> Source:
-    """hh-rlhf pairs as comparisons; the first `limit` usable pairs."""
-    path = Path(path)
-    out = Source(str(path), "hh", [])
-    skipped: Counter[str] = Counter()
-    ids: Counter[str] = Counter()
-    for n, row in _jsonl(path):
-        if limit is not None and len(out.items) >= limit:
-            break
-        chosen, rejected = row.get("chosen"), row.get("rejected")
-        if not isinstance(chosen, str) or not isinstance(rejected, str):
-            raise EvalInputError(f"{path}:{n}: an hh-rlhf row needs 'chosen' and 'rejected' strings")
-        pair = hh_pair(chosen, rejected)
-        if pair is None:
-            skipped["no_shared_history"] += 1
-            continue
-        conv, good, bad = pair
-        if good.strip() == bad.strip():
-            skipped["identical"] += 1
-            continue
-        iid = _unique(ids, record_id_for("hh", f"{chosen}\0{rejected}"))
-        slot = correct_slot(seed, iid)
-        responses = (good, bad) if slot == 0 else (bad, good)
-        out.items.append(Item(iid, tuple(conv), responses, slot, f"{path}:{n}"))
-    out.skipped = dict(skipped)
-    return out
-
-
-def hhh_conversation(text: str) -> list[Message]:
-    """A BIG-bench HHH input as chat turns: a `Human:`/`Assistant:` dialogue ending with the human
-    becomes its turns; anything else is one human turn."""
-    if text.lstrip().startswith("Human:"):
-        turns = parse_hh(text)
-        if turns and turns[-1]["role"] == "user" and all(t["content"] for t in turns):
-            return turns
-    return [{"role": "user", "content": text.strip()}]
-
-
-def _task_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("task.json") if p.is_file())
-
-
-def _json(path: Path) -> Any:
-    try:
-        with open_text(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise EvalInputError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-    except (UnicodeDecodeError, EOFError, OSError) as e:
-        raise EvalInputError(f"{path}: cannot read: {e}") from None
-
-
-def read_hhh(path: str | Path, seed: int = 0, limit: int | None = None) -> Source:
-    """One BIG-bench task file (two options per example) as comparisons; the first `limit` examples."""
-    path = Path(path)
-    data = _json(path)
-    examples = data.get("examples") if isinstance(data, dict) else None
-    if not isinstance(examples, list):
-        raise EvalInputError(f"{path}: a BIG-bench task file needs an 'examples' list")
-    out = Source(str(path), "hhh", [])
-    ids: Counter[str] = Counter()
-    for i, ex in enumerate(examples):
-        if limit is not None and len(out.items) >= limit:
-            break
-        where = f"{path}: examples[{i}]"
-        if not isinstance(ex, dict) or not isinstance(ex.get("input"), str) or not ex["input"].strip():
-            raise EvalInputError(f"{where}: needs a non-empty 'input' string")
-        scores = ex.get("target_scores")
-        if not isinstance(scores, dict) or len(scores) != 2:
-            got = len(scores) if isinstance(scores, dict) else type(scores).__name__
-            raise EvalInputError(f"{where}: 'target_scores' must map exactly two options to scores, got {got}")
-        (a, sa), (b, sb) = scores.items()
-        if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in (sa, sb)) or sa == sb:
-            raise EvalInputError(f"{where}: the two target scores must be different numbers, got {sa!r} and {sb!r}")
-        if not a.strip() or not b.strip():
-            raise EvalInputError(f"{where}: an option is empty")
-        good, bad = (a, b) if sa > sb else (b, a)
-        iid = _unique(ids, record_id_for("hhh", f"{ex['input']}\0{good}\0{bad}"))
-        slot = correct_slot(seed, iid)
-        responses = (good.strip(), bad.strip()) if slot == 0 else (bad.strip(), good.strip())
-        out.items.append(Item(iid, tuple(hhh_conversation(ex["input"])), responses, slot, where))
-    return out
-
-
-def read_paper(path: str | Path, limit: int | None = None) -> Source:
-    """Pre-rendered questions with their correct and incorrect answer strings; the first `limit`."""
-    path = Path(path)
-    out = Source(str(path), "paper", [])
-    ids: Counter[str] = Counter()
-    for n, row in _jsonl(path):
-        if limit is not None and len(out.items) >= limit:
-            break
-        prompt = row.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise EvalInputError(f"{path}:{n}: needs a non-empty 'prompt' string")
-        lists = {}
-        for key in ("corrects", "incorrects"):
-            v = row.get(key)
-            if not (isinstance(v, list) and v and all(isinstance(o, str) and o.strip() for o in v)):
-                raise EvalInputError(f"{path}:{n}: '{key}' must be a non-empty list of non-empty strings")
-            lists[key] = tuple(v)
-        if set(lists["corrects"]) & set(lists["incorrects"]):
-            raise EvalInputError(f"{path}:{n}: an option is listed as both correct and incorrect")
-        iid = _unique(ids, record_id_for("paper", prompt))
-        out.items.append(RenderedItem(iid, prompt, lists["corrects"], lists["incorrects"], f"{path}:{n}"))
-    return out
-
-
-def detect_format(path: str | Path) -> str:
-    """`hh`, `hhh` or `paper`, from the file's content (a directory holds `hhh` task files)."""
-    path = Path(path)
-    if path.is_dir():
-        return "hhh"
-    first = None
-    try:
-        with open_text(path) as f:
-            for line in f:
-                if line.strip():
-                    first = line
-                    break
-    except (UnicodeDecodeError, EOFError, OSError) as e:
-        raise EvalInputError(f"{path}: cannot read: {e}") from None
-    if first is None:
-        raise EvalInputError(f"{path}: the file is empty")
-    try:
-        row = json.loads(first)
-    except json.JSONDecodeError:
-        row = None  # not one object per line: a pretty-printed JSON document, perhaps a task file
-    if isinstance(row, dict):
-        if "examples" in row:
-            return "hhh"
-        if "chosen" in row and "rejected" in row:
-            return "hh"
-        if "prompt" in row and ("corrects" in row or "incorrects" in row):
-            return "paper"
-    elif first.lstrip().startswith("{"):
-        return "hhh"  # read_hhh reports it if it is not a task file after all
-    raise EvalInputError(f"{path}: cannot tell the format (expected hh-rlhf rows with chosen/rejected, a BIG-bench "
-                         f"task JSON with examples, or rows with prompt/corrects/incorrects); pass --format")
-
-
-def read(path: str | Path, fmt: str = "auto", seed: int = 0, limit: int | None = None) -> list[Source]:
-    """The items of one path, in format `fmt` (`auto` detects it). A directory gives one source per
-    BIG-bench task file under it that has examples; `limit` applies to each source."""
-    path = Path(path)
-    if not path.exists():
-        raise EvalInputError(f"{path}: no such file or directory")
-    if fmt not in ("auto", *FORMATS):
-        raise EvalInputError(f"{path}: unknown format '{fmt}' (use auto, {', '.join(FORMATS)})")
-    if fmt == "auto":
-        fmt = detect_format(path)
-    if path.is_dir():
-        if fmt != "hhh":
-            raise EvalInputError(f"{path}: a directory can only hold BIG-bench task files (format hhh)")
-        found = []
-        for task in _task_files(path):
-            data = _json(task)
-            # The parent task of a task with subtasks lists them but has no examples of its own.
-            if isinstance(data, dict) and "examples" in data:
-                found.append(read_hhh(task, seed, limit))
-        if not found:
-            raise EvalInputError(f"{path}: no task.json with 'examples' under this directory")
-        return found
-    if fmt == "hh":
-        return [read_hh(path, seed, limit)]
-    if fmt == "hhh":
-        return [read_hhh(path, seed, limit)]
-    return [read_paper(path, limit)]
 
 
 # ---- scoring (pure) --------------------------------------------------------------------------
