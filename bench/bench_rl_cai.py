@@ -2,7 +2,7 @@
 
 Three parts, each timed beside its naive twin on the same model, dtype and rows:
 
-1. Labelling (`feedback.label` on the HF back-end: batched, shared few-shot prefix computed once,
+1. Labelling (`judge.label` on the HF back-end: batched, shared few-shot prefix computed once,
    both options read off one pass) against a labeller that, per comparison, per order and per
    option, runs one plain forward pass of the transformers model over the whole templated prompt
    (the same `Constitution.choice_messages`, tokenised with `encode_chat`): no cache, no batching.
@@ -52,15 +52,25 @@ import torch.nn.functional as F
 import transformers
 from transformers import AutoTokenizer
 
+<<<<<<< HEAD
 from cai import reward
 from cai.batches import encode_pair, preference_pairs
+=======
+from cai import judge
+>>>>>>> judge
 from cai.config import ModelConfig, PromptSource, load_config
 from cai.constitution import OPTION_LABELS, Constitution, load
 from cai.lm.hf import HFModel
 from cai.models import load_model, pick_device, pick_dtype, resolve
+<<<<<<< HEAD
 from cai.records import record_id_for
 from cai.sources import hh_pair, read_source
 from cai.stages import feedback, pm, ppo
+=======
+from cai.records import hh_pair, record_id_for
+from cai.stages import pm, ppo
+from cai.stages.prompts import read_source
+>>>>>>> judge
 from cai.templating import encode_chat
 from cai.training import steps_for
 
@@ -71,7 +81,7 @@ FIXED_REPLIES = ("I can't help with that. If something difficult is going on, I'
                  "Sure. Here is a step-by-step answer to exactly what you asked for.")
 
 
-def load_comparisons(source: str, n: int, multi_turn: bool = False) -> tuple[list[feedback.Comparison], str]:
+def load_comparisons(source: str, n: int, multi_turn: bool = False) -> tuple[list[judge.Comparison], str]:
     """(`n` comparisons, where from): hh-rlhf pairs (conversation, chosen, rejected), single-turn
     unless `multi_turn` (the shape of the pipeline's pairs: one prompt, two answers), or red-team
     prompts with fixed replies."""
@@ -86,14 +96,14 @@ def load_comparisons(source: str, n: int, multi_turn: bool = False) -> tuple[lis
                     continue
                 conv, chosen, rejected = got
                 if chosen.strip() and rejected.strip() and chosen != rejected:
-                    out.append(feedback.Comparison(record_id_for(str(path), row["chosen"]), tuple(conv),
+                    out.append(judge.Comparison(record_id_for(str(path), row["chosen"]), tuple(conv),
                                                    (chosen, rejected)))
                 if len(out) >= n:
                     break
         turns = "multi-turn" if multi_turn else "single-turn"
         return out, f"{path.resolve()} ({turns} pairs)"
     rows = read_source(PromptSource("builtin:red_team", limit=n))
-    return [feedback.Comparison(r["record_id"], ({"role": "user", "content": r["prompt"]},), FIXED_REPLIES)
+    return [judge.Comparison(r["record_id"], ({"role": "user", "content": r["prompt"]},), FIXED_REPLIES)
             for r in rows], "builtin:red_team with two fixed replies"
 
 
@@ -137,7 +147,7 @@ class NaiveLabeller:
             self.tokens += ids.shape[1]
         return scores
 
-    def label(self, comparisons: Sequence[feedback.Comparison], cfg: Any, seed: int) -> list[float]:
+    def label(self, comparisons: Sequence[judge.Comparison], cfg: Any, seed: int) -> list[float]:
         """P(response 1 is better) per comparison, averaged over both orders and the drawn principles."""
         out = []
         for comp in comparisons:
@@ -146,14 +156,14 @@ class NaiveLabeller:
                 p_a = []
                 for opts in (comp.responses, comp.responses[::-1]):
                     msgs = self.constitution.choice_messages(comp.conversation, opts, pid, cfg.few_shot)
-                    p_a.append(feedback.option_probs(self.option_logprobs(msgs))[0])
-                ps.append(feedback.swap_average(p_a[0], 1.0 - p_a[1]))
+                    p_a.append(judge.option_probs(self.option_logprobs(msgs))[0])
+                ps.append(judge.swap_average(p_a[0], 1.0 - p_a[1]))
             out.append(sum(ps) / len(ps))
         return out
 
 
-def bench_labelling(cfg: Any, model_cfg: ModelConfig, constitution: Constitution, comps: list[feedback.Comparison],
-                    n_naive: int, rounds: int, warm: feedback.Comparison) -> dict[str, Any]:
+def bench_labelling(cfg: Any, model_cfg: ModelConfig, constitution: Constitution, comps: list[judge.Comparison],
+                    n_naive: int, rounds: int, warm: judge.Comparison) -> dict[str, Any]:
     fb = replace(cfg.feedback, chain_of_thought=False)  # the naive labeller scores options only
     lm = HFModel.from_config(replace(model_cfg, name=fb.model))
     model, tok = load_model(fb.model, model_cfg.dtype, model_cfg.device)
@@ -162,7 +172,7 @@ def bench_labelling(cfg: Any, model_cfg: ModelConfig, constitution: Constitution
           f"model {fb.model}, {lm.model.dtype}, {fb.few_shot} few-shot examples, {fb.principles} principle(s), "
           f"batch {lm.batch_size}")
 
-    feedback.label(lm, constitution, [warm], fb, cfg.seed)  # kernels and allocator, not timed
+    judge.label(lm, constitution, [warm], fb, cfg.seed)  # kernels and allocator, not timed
     naive.label([warm], fb, cfg.seed)
     st0 = dict(lm.stats)
     naive.tokens = 0
@@ -173,7 +183,7 @@ def bench_labelling(cfg: Any, model_cfg: ModelConfig, constitution: Constitution
     for k, (b_part, n_part) in enumerate(zip(chunks(comps, rounds), chunks(comps[:n_naive], rounds))):
         for side in (("batched", "naive") if k % 2 == 0 else ("naive", "batched")):
             if side == "batched":
-                out, dt = timed(lambda b_part=b_part: feedback.label(lm, constitution, b_part, fb, cfg.seed))
+                out, dt = timed(lambda b_part=b_part: judge.label(lm, constitution, b_part, fb, cfg.seed))
                 got += out
                 b_dt += dt
             else:
@@ -201,7 +211,7 @@ def bench_labelling(cfg: Any, model_cfg: ModelConfig, constitution: Constitution
 # ---- 2. preference model ------------------------------------------------------------------------
 
 
-def pm_rows(comps: Sequence[feedback.Comparison]) -> list[dict[str, Any]]:
+def pm_rows(comps: Sequence[judge.Comparison]) -> list[dict[str, Any]]:
     """Preference rows for `pm.train`: response 1 chosen with a hard label, all in the training split."""
     return [{"record_id": c.record_id, "prompt": list(c.conversation),
              "chosen": [{"role": "assistant", "content": c.responses[0]}],
@@ -237,7 +247,7 @@ def padded(lengths: Sequence[int], micro: int) -> int:
     return sum(2 * len(g) * max(max(p) for p in g) for g in (pairs[k: k + micro] for k in range(0, len(pairs), micro)))
 
 
-def bench_pm(cfg: Any, model_cfg: ModelConfig, comps: list[feedback.Comparison], steps: int, batch: int,
+def bench_pm(cfg: Any, model_cfg: ModelConfig, comps: list[judge.Comparison], steps: int, batch: int,
              rounds: int, tmp: Path, device: str) -> tuple[dict[str, Any], Path]:
     base = replace(cfg.pm, epochs=1.0, save_steps=10**9, report_to=[])
     tok = AutoTokenizer.from_pretrained(resolve(base.model))
@@ -390,7 +400,7 @@ def main() -> None:
     ap.add_argument("--config", default="configs/quickstart.yaml")
     ap.add_argument("--pairs", default="auto", help="'auto' (hh-rlhf harmless-base test when present), "
                     "'red_team', or a path to an hh-rlhf jsonl.gz file")
-    ap.add_argument("--comparisons", type=int, default=32, help="comparisons labelled by feedback.label")
+    ap.add_argument("--comparisons", type=int, default=32, help="comparisons labelled by judge.label")
     ap.add_argument("--naive-comparisons", type=int, default=4, help="of those, how many the naive labeller does")
     ap.add_argument("--rounds", type=int, default=2, help="labelling and reward scoring: alternate batched and naive "
                     "this many times")

@@ -48,8 +48,8 @@ def start_server(model: str, dtype: str, batch_size: int) -> tuple[subprocess.Po
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "cai.cli", "serve", model, "--port", str(port), "--dtype", dtype,
-                             "--batch-size", str(batch_size)], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "cai.cli", "serve", model, "--port", str(port), f"model.dtype={dtype}",
+                             f"model.batch_size={batch_size}"], stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:

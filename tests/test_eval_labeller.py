@@ -13,7 +13,7 @@ from cai.cli import main
 from cai.config import FeedbackConfig
 from cai.constitution import load as load_constitution
 from cai.evals import labeller as L
-from cai.stages.feedback import swap_average
+from cai.judge import swap_average
 
 
 def hh_row(i: int, good: str | None = None, bad: str | None = None, history: str = "") -> dict[str, str]:
@@ -169,7 +169,7 @@ def test_cli_oracle_and_position_biased_judges(monkeypatch, tmp_path, capsys):
     hh = write_jsonl(tmp_path / "pairs.jsonl", [hh_row(i) for i in range(8)])
     paper = write_jsonl(tmp_path / "paper.jsonl", [paper_row(i, i % 3 == 0) for i in range(6)])
     out = tmp_path / "rep" / "oracle.json"
-    assert run_cli(monkeypatch, OracleLM(), [str(hh), str(paper), "--out", str(out), "--few-shot", "1"]) == 0
+    assert run_cli(monkeypatch, OracleLM(), [str(hh), str(paper), "--out", str(out), "feedback.few_shot=1"]) == 0
     report = json.loads(out.read_text())
     hh_rep, paper_rep = report["files"]
     assert hh_rep["format"] == "hh" and hh_rep["n"] == 8 and hh_rep["accuracy"] == 1.0
@@ -203,7 +203,7 @@ def test_cli_errors_exit_2_before_loading_a_model(monkeypatch, tmp_path, capsys)
     good = write_jsonl(tmp_path / "good.jsonl", [hh_row(0)])
     assert run_cli(monkeypatch, NoModel(), [str(good), "--principle", "pref-nonsense"]) == 2
     assert "pref-nonsense" in capsys.readouterr().err
-    assert run_cli(monkeypatch, NoModel(), [str(good), "--principles", "0"]) == 2
+    assert run_cli(monkeypatch, NoModel(), [str(good), "feedback.principles=0"]) == 2
     assert "principles" in capsys.readouterr().err
 
 
@@ -215,7 +215,7 @@ def test_cli_with_the_real_tiny_model(monkeypatch, tmp_path, lm):
                       hh_row(1, good="Paris is the capital of France.", bad="The capital is Berlin.")])
     paper = write_jsonl(tmp_path / "paper.jsonl", [paper_row(0, True)])
     out = tmp_path / "real.json"
-    assert run_cli(monkeypatch, lm, [str(hh), str(paper), "--out", str(out), "--few-shot", "0"]) == 0
+    assert run_cli(monkeypatch, lm, [str(hh), str(paper), "--out", str(out), "feedback.few_shot=0"]) == 0
     reps = json.loads(out.read_text())["files"]
     assert [r["n"] for r in reps] == [2, 1]
     assert all(r["answered"] + r["abstained"] + r["failed"] == r["n"] for r in reps)
@@ -229,12 +229,35 @@ def test_cli_with_the_real_tiny_model(monkeypatch, tmp_path, lm):
             assert len(r["option_logprobs"]) == 2 and all(x < 0 for x in r["option_logprobs"])
 
 
+def test_cli_judge_is_the_feedback_config_on_any_backend(monkeypatch, tmp_path, capsys):
+    import cai.lm
+
+    seen = []
+    monkeypatch.setattr(cai.lm, "load_lm", lambda cfg: seen.append(cfg) or OracleLM())
+    hh = write_jsonl(tmp_path / "pairs.jsonl", [hh_row(i) for i in range(4)])
+    config = tmp_path / "judge.yaml"
+    config.write_text("seed: 5\nfeedback:\n  model: big-judge\n  few_shot: 0\nmodel:\n  name: policy\n")
+    out = tmp_path / "rep.json"
+    assert main(["eval", "labeller", str(hh), "-c", str(config), "model.backend=openai", "--out", str(out),
+                 "feedback.principles=2", "model.batch_size=3"]) == 0
+    [cfg] = seen
+    assert (cfg.name, cfg.backend, cfg.batch_size) == ("big-judge", "openai", 3)
+    report = json.loads(out.read_text())
+    assert report["seed"] == 5 and report["feedback"]["few_shot"] == 0 and report["feedback"]["principles"] == 2
+    assert report["files"][0]["accuracy"] == 1.0
+    assert main(["eval", "labeller", str(hh), "feedback.few_shots=1"]) == 2
+    assert "unknown key 'few_shots'" in capsys.readouterr().err
+    assert main(["eval", "labeller", "feedback.few_shot=1"]) == 2
+    assert "no FILE" in capsys.readouterr().err
+
+
 def test_feedback_config_from_cli_matches_the_stage_defaults():
     # The command's defaults are the feedback stage's, so its figures describe the pipeline's labels.
-    from cai.cli import build_parser
+    from cai.cli import build_parser, command_config
 
     args = build_parser().parse_args(["eval", "labeller", "x.jsonl"])
+    _, cfg = command_config(args, [*args.files, *args.overrides])
     d = FeedbackConfig()
-    assert (args.principles, args.few_shot, args.min_mass, args.chain_of_thought) == (
-        d.principles, d.few_shot, d.min_option_mass, d.chain_of_thought)
-    assert load_constitution(args.constitution).preference
+    assert (cfg.feedback.principles, cfg.feedback.few_shot, cfg.feedback.min_option_mass,
+            cfg.feedback.chain_of_thought) == (d.principles, d.few_shot, d.min_option_mass, d.chain_of_thought)
+    assert load_constitution(cfg.constitution).preference

@@ -63,6 +63,17 @@ def test_every_accelerate_launch_in_the_readme_names_a_shipped_config_and_a_vali
         assert (ROOT / rest[1]).is_file(), line
 
 
+def test_readme_model_commands_name_real_config_keys():
+    # chat, serve and eval take their settings as config overrides: a renamed key must fail here.
+    from cai.cli import split_overrides
+    from cai.config import load_config
+
+    lines = [ln for ln in _commands() if ln.startswith(("cai chat", "cai serve", "cai eval"))]
+    assert any("=" in ln for ln in lines)
+    for line in lines:
+        load_config(None, split_overrides(shlex.split(line)[1:])[1])
+
+
 def test_readme_constitution_commands_run(capsys):
     assert main(["constitution", "validate", "default"]) == 0
     assert main(["constitution", "show", "default"]) == 0

@@ -309,7 +309,7 @@ def test_cli_serves_until_interrupted(tiny_model_dir, capsys):
 
     t = threading.Thread(target=stop_when_up)
     t.start()
-    rc = main(["serve", tiny_model_dir, "--port", str(port), "--dtype", "float32"])
+    rc = main(["serve", tiny_model_dir, "--port", str(port), "model.dtype=float32"])
     t.join()
     out = capsys.readouterr()
     assert rc == 0 and seen.get("health") == 200

@@ -3,23 +3,28 @@
     cai run configs/quickstart.yaml [key=value ...] [--from STAGE] [--to STAGE]
     cai show runs/quickstart
     cai constitution validate|show|diff|convert ...
-    cai chat MODEL [-p PROMPT]
-    cai serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key-env NAME]
+    cai chat MODEL [-c CONFIG] [key=value ...] [-p PROMPT]
+    cai serve MODEL [-c CONFIG] [key=value ...] [--host 127.0.0.1] [--port 8000] [--api-key-env NAME]
     cai model fetch smollm2-135m
-    cai eval labeller FILE [FILE ...] --model smollm2-135m [--limit N]
+    cai eval labeller FILE [FILE ...] [-c CONFIG] [key=value ...] [--limit N]
+
+Every command that uses a model takes the config form of `cai run`: a YAML config (`-c`, or the
+defaults) with dotted `key=value` overrides laid over it, e.g. `model.backend=openai`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cai.config import ConfigError, FeedbackConfig, ModelConfig, load_config
+from cai.config import ConfigError, PipelineConfig, load_config
 from cai.constitution import ConstitutionError
 
 
@@ -28,16 +33,52 @@ def _short(text: Any, width: int = 160) -> str:
     return s if len(s) <= width else s[: width - 1] + "…"
 
 
+# ---- the config form -----------------------------------------------------------------------
+
+
+def split_overrides(words: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the other words, the key=value overrides), each in command-line order: a word containing
+    "=" that is not an existing path is an override, so paths and overrides may mix."""
+    rest: list[str] = []
+    overrides: list[str] = []
+    for w in words:
+        (overrides if "=" in w and not Path(w).exists() else rest).append(w)
+    return rest, overrides
+
+
+def command_config(args: argparse.Namespace, words: Sequence[str]) -> tuple[list[str], PipelineConfig]:
+    """A model command's positional words and its config: `-c CONFIG` (or the defaults) with the
+    key=value ones among `words` laid over it, unknown keys rejected."""
+    rest, overrides = split_overrides(words)
+    return rest, load_config(args.config, overrides)
+
+
+def _one_model(rest: list[str], command: str) -> str:
+    if len(rest) != 1:
+        raise ValueError(f"{command} takes one MODEL and key=value overrides, got {' '.join(rest) or 'no MODEL'}")
+    return rest[0]
+
+
+def _add_overrides(p: argparse.ArgumentParser, config_flag: bool = True) -> None:
+    """The key=value words of a command that uses a model (they may mix with its positional words
+    and follow its flags), and `-c/--config` unless the config is positional."""
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides of the config, e.g. model.backend=openai")
+    if config_flag:
+        p.add_argument("-c", "--config", help="YAML config (the defaults when omitted)")
+
+
 # ---- run / show ----------------------------------------------------------------------------
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from cai import pipeline
 
-    if args.config and "=" in args.config and not Path(args.config).exists():
-        args.overrides.insert(0, args.config)  # `cai run sl.rounds=2`: overrides on the defaults
-        args.config = None
-    cfg = load_config(args.config, args.overrides)
+    # `cai run sl.rounds=2`: overrides on the defaults
+    rest, overrides = split_overrides([*([args.config] if args.config else []), *args.overrides])
+    if len(rest) > 1:
+        raise ConfigError(f"cai run takes one config file and key=value overrides; '{rest[1]}' is neither")
+    cfg = load_config(rest[0] if rest else None, overrides)
     done = pipeline.run(cfg, start=args.start, stop=args.stop, allow_changed=args.allow_config_change)
     if os.environ.get("RANK", "0") != "0":  # under `accelerate launch` the main process reports
         return 0
@@ -173,10 +214,11 @@ def cmd_constitution(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from cai.config import ModelConfig, Sampling
+    from cai.config import Sampling
     from cai.lm import load_lm
 
-    lm = load_lm(ModelConfig(name=args.model, dtype=args.dtype, batch_size=1))
+    rest, cfg = command_config(args, [args.model, *args.overrides])
+    lm = load_lm(dataclasses.replace(cfg.model, name=_one_model(rest, "cai chat")))
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     history: list[dict[str, str]] = []
     prompts = [args.prompt] if args.prompt else None
@@ -193,7 +235,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if text.strip() in ("/exit", "/quit"):
                 return 0
         history.append({"role": "user", "content": text})
-        reply = lm.generate([history], sampling, seeds=[args.seed])[0][0].text
+        reply = lm.generate([history], sampling, seeds=[cfg.seed])[0][0].text
         history.append({"role": "assistant", "content": reply})
         print(reply if prompts is not None else f"model> {reply}", flush=True)
 
@@ -201,10 +243,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from cai.serve import serve
 
-    def ready(server) -> None:
-        print(f"serving {args.model} at {server.url} (Ctrl-C to stop)", flush=True)
+    rest, cfg = command_config(args, [args.model, *args.overrides])
+    model, mc = _one_model(rest, "cai serve"), cfg.model
+    if mc.backend != "hf":
+        raise ConfigError(f"model.backend: cai serve serves a transformers model in this process (hf), not "
+                          f"'{mc.backend}'; a {mc.backend} back-end is already a server or engine of its own")
 
-    serve(args.model, args.host, args.port, args.dtype, args.device, args.batch_size, args.api_key_env, ready=ready)
+    def ready(server) -> None:
+        print(f"serving {model} at {server.url} (Ctrl-C to stop)", flush=True)
+
+    serve(model, args.host, args.port, mc.dtype, mc.device, mc.batch_size, args.api_key_env,
+          max_length=mc.max_length, ready=ready)
     print("stopped", file=sys.stderr)
     return 0
 
@@ -223,25 +272,25 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from cai.config import PipelineConfig, validate
     from cai.constitution import load as load_constitution
     from cai.evals import labeller
     from cai.lm import load_lm
     from cai.sources import read_items
 
+    files, cfg = command_config(args, [*args.files, *args.overrides])
+    if not files:
+        raise ValueError("cai eval labeller: no FILE given (only key=value overrides)")
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
-    fb = FeedbackConfig(model=args.model, principles=args.principles, few_shot=args.few_shot,
-                        chain_of_thought=args.chain_of_thought, min_option_mass=args.min_mass)
-    mc = ModelConfig(name=args.model, batch_size=args.batch_size)
-    validate(PipelineConfig(model=mc, feedback=fb), "cai eval labeller")
-    constitution = load_constitution(args.constitution)
+    constitution = load_constitution(cfg.constitution)
     labeller.check_principles(constitution, args.principle)
     # Every file is read (and any error reported) before the model loads.
-    sources = [s for path in args.files for s in read_items(path, args.format, args.seed, args.limit)]
+    sources = [s for path in files for s in read_items(path, args.format, cfg.seed, args.limit)]
     if not any(s.items for s in sources):
-        raise ValueError(f"no usable items in {', '.join(args.files)}")
-    report = labeller.run(sources, load_lm(mc), constitution, fb, args.seed, args.principle, args.out)
+        raise ValueError(f"no usable items in {', '.join(files)}")
+    # The judge is the feedback stage's: its settings, and the model config under its model name.
+    lm = load_lm(dataclasses.replace(cfg.model, name=cfg.feedback.model))
+    report = labeller.run(sources, lm, constitution, cfg.feedback, cfg.seed, args.principle, args.out)
     print(labeller.table(report))
     if args.out:
         print(f"\nwrote {args.out} and {report['items_path']}")
@@ -256,8 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run the pipeline from a config")
-    r.add_argument("config", nargs="?", help="YAML config (defaults when omitted)")
-    r.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sl.rounds=2")
+    r.add_argument("config", nargs="?", metavar="CONFIG", help="YAML config (defaults when omitted)")
+    _add_overrides(r, config_flag=False)
     r.add_argument("--from", dest="start", help="first stage to run")
     r.add_argument("--to", dest="stop", help="last stage to run")
     r.add_argument("--allow-config-change", action="store_true",
@@ -285,22 +334,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_constitution)
 
     ch = sub.add_parser("chat", help="talk to a model (a name, a directory, or a run's sft/model)")
-    ch.add_argument("model")
+    ch.add_argument("model", metavar="MODEL",
+                    help="a name, a directory or a hub id; model.dtype, model.backend and the other model.* keys "
+                         "apply, and seed seeds the sampling")
+    _add_overrides(ch)
     ch.add_argument("-p", "--prompt", help="one prompt, print the answer and exit")
     ch.add_argument("--temperature", type=float, default=0.7)
     ch.add_argument("--top-p", type=float, default=0.9)
     ch.add_argument("--max-new-tokens", type=int, default=256)
-    ch.add_argument("--seed", type=int, default=0)
-    ch.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
     ch.set_defaults(func=cmd_chat)
 
     sv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (a preference model: /pooling)")
-    sv.add_argument("model", help="a name, a directory (a run's sft/model or pm/model) or a hub id")
+    sv.add_argument("model", metavar="MODEL",
+                    help="a name, a directory (a run's sft/model or pm/model) or a hub id; model.dtype, "
+                         "model.device, model.batch_size (rows decoded together) and model.max_length apply")
+    _add_overrides(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     sv.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    sv.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
-    sv.add_argument("--device", default="auto")
-    sv.add_argument("--batch-size", type=int, default=ModelConfig().batch_size, help="rows decoded together")
     sv.add_argument("--api-key-env", metavar="NAME", help="require 'Authorization: Bearer $NAME' on every route "
                                                           "but /health")
     sv.set_defaults(func=cmd_serve)
@@ -314,24 +364,21 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate models")
     esub = e.add_subparsers(dest="action", required=True)
     el = esub.add_parser("labeller", help="score a feedback model on multiple-choice comparison files: accuracy, "
-                                          "agreement between the two orders, calibration")
+                                          "agreement between the two orders, calibration",
+                         description="The judge is the feedback stage's, set by its config keys: feedback.model, "
+                                     "feedback.principles (drawn per item), feedback.few_shot, "
+                                     "feedback.chain_of_thought, feedback.min_option_mass, model.* "
+                                     "(model.backend, model.batch_size), seed (slot placement and principle "
+                                     "draws) and constitution.")
     el.add_argument("files", nargs="+", metavar="FILE",
                     help="hh-rlhf pairs (JSONL[.gz]), BIG-bench hhh task.json files or folders, or the "
                          "paper's prompt/corrects/incorrects JSONL")
-    el.add_argument("--model", default="smollm2-135m", help="feedback model: a name, a directory or a hub id")
+    _add_overrides(el)
     el.add_argument("--format", default="auto", choices=["auto", "hh", "hhh", "paper"])
     el.add_argument("--limit", type=int, help="items per file")
-    el.add_argument("--seed", type=int, default=0, help="slot placement and principle draws")
-    el.add_argument("--constitution", default="default")
     el.add_argument("--principle", action="append", metavar="ID",
                     help="use this preference principle for every item (repeat for an ensemble); "
-                         "default: drawn per item")
-    el.add_argument("--principles", type=int, default=FeedbackConfig().principles, help="principles drawn per item")
-    el.add_argument("--few-shot", type=int, default=FeedbackConfig().few_shot, help="worked examples before each question")
-    el.add_argument("--chain-of-thought", action="store_true")
-    el.add_argument("--min-mass", type=float, default=FeedbackConfig().min_option_mass,
-                    help="abstain when the options hold less probability than this")
-    el.add_argument("--batch-size", type=int, default=ModelConfig().batch_size)
+                         "default: feedback.principles drawn per item")
     el.add_argument("--out", help="write the report here as JSON, and the per-item rows beside it")
     e.set_defaults(func=cmd_eval)
     return p
@@ -340,9 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # `cai run CONFIG --from pm rl.method=dpo`: overrides may come after the flags too.
-    if extra and args.command == "run" and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides += extra
+    overrides = getattr(args, "overrides", None)  # None for the commands that use no model
+    # `cai run CONFIG --from pm rl.method=dpo`: overrides (and positional words) may follow the flags;
+    # each command tells them apart with split_overrides.
+    if extra and overrides is not None and not any(e.startswith("-") for e in extra):
+        overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from cai.lm.base import BackendError, BudgetExhausted

@@ -15,7 +15,7 @@ forced with `--format`):
 - `paper`: pre-rendered questions, JSONL rows `{"prompt", "corrects", "incorrects"}`, where the
   prompt already lists the options and the two lists hold the answer strings (" (A)", " (B)").
 
-`hh` and `hhh` comparisons go through the feedback stage's own labeller (`stages/feedback.label`),
+`hh` and `hhh` comparisons go through the judge the feedback stage labels with (`cai/judge.py`),
 with the constitution's principles, few-shot examples, both option orders and abstention, so the
 figures describe the labels the pipeline would produce. Which slot holds the better response is
 decided by a seeded hash of the item's id, so a judge that always picks the first slot cannot
@@ -33,7 +33,7 @@ two orders pick the same response, averaged per item), mean P(correct), expected
 of P(the response in slot 1 is better) against whether it is, and position bias (mean P(A) over
 all scored orders; 0.5 is none).
 
-    cai eval labeller ../shared/data/hh-rlhf/harmless-base/test.jsonl.gz --model smollm2-135m --limit 200
+    cai eval labeller ../shared/data/hh-rlhf/harmless-base/test.jsonl.gz feedback.model=smollm2-135m --limit 200
 """
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ from typing import Any
 
 from cai.config import FeedbackConfig, plain
 from cai.constitution import ANSWER_PREFIX, Constitution
+from cai.judge import Comparison, label
 from cai.lm.base import LM, Message
 from cai.records import STATUS_ABSTAIN, STATUS_FAILED, STATUS_OK
 from cai.rundir import atomic_write, write_json
 from cai.sources import Item, RenderedItem, Source, parse_hh
-from cai.stages.feedback import Comparison, label
 
 # The opening of the assistant turn after which a pre-rendered question's options are scored.
 PAPER_OPENING = ANSWER_PREFIX.strip()
@@ -71,7 +71,7 @@ def _hit(p_correct: float) -> float:
 
 
 def comparison_rows(items: Sequence[Item], labels: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per-item result rows from the feedback labeller's results for `items` (in the same order).
+    """Per-item result rows from the judge's results for `items` (in the same order).
 
     `p_first` is P(the response in slot 1 is better), `p_correct` P(the better one is), `hit` 1, 0.5
     (a tie) or 0; all None unless the judge answered.
