@@ -30,18 +30,15 @@ import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
-from tqdm import tqdm
-
-from cai.cluster import map_chunks, restore_order
 from cai.config import FeedbackConfig, PipelineConfig, Sampling, fingerprint, plain
 from cai.constitution import ANSWER_PREFIX, OPTION_LABELS, Constitution
 from cai.lm.base import LM, Completion, Message
 from cai.records import SCAFFOLD_MARKERS, STATUS_ABSTAIN, STATUS_FAILED, STATUS_OK, stable_seed
 from cai.rundir import Stage
+from cai.stages.chunked import run_chunks
 
 NAME = "feedback"
 
@@ -259,20 +256,7 @@ def run(cfg: PipelineConfig, lm_factory: Callable[[], LM], constitution: Constit
     settings = plain({"feedback": cfg.feedback, "seed": cfg.seed, "constitution_hash": constitution.hash,
                       "inputs": inputs_fp})
     stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
-    done = {r["record_id"] for r in stage.rows()}
-    todo = [p for p in pairs if p["record_id"] not in done]
-    stage.write_manifest("running", count(stage.rows()), constitution_hash=constitution.hash)
-    if todo:
-        bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="feedback", unit="pair")
-        size = cfg.feedback.chunk_size
-        work = functools.partial(label_chunk, constitution=constitution, cfg=cfg.feedback, seed=cfg.seed)
-        todo_chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
-        with closing(map_chunks(todo_chunks, work, lm_factory, cfg.ray, name=NAME)) as results:
-            for _, rows in results:
-                stage.append(rows)
-                bar.update(len(rows))
-        bar.close()
-    restore_order(stage, [p["record_id"] for p in pairs])
-    rows = stage.rows()
-    stage.write_manifest("complete", count(rows), constitution_hash=constitution.hash)
+    work = functools.partial(label_chunk, constitution=constitution, cfg=cfg.feedback, seed=cfg.seed)
+    run_chunks(stage, pairs, work, lm_factory, cfg.ray, chunk_size=cfg.feedback.chunk_size, count=count, unit="pair",
+               manifest={"constitution_hash": constitution.hash})
     return stage
