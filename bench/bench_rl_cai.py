@@ -52,25 +52,15 @@ import torch.nn.functional as F
 import transformers
 from transformers import AutoTokenizer
 
-<<<<<<< HEAD
-from cai import reward
+from cai import judge, reward
 from cai.batches import encode_pair, preference_pairs
-=======
-from cai import judge
->>>>>>> judge
 from cai.config import ModelConfig, PromptSource, load_config
 from cai.constitution import OPTION_LABELS, Constitution, load
 from cai.lm.hf import HFModel
 from cai.models import load_model, pick_device, pick_dtype, resolve
-<<<<<<< HEAD
 from cai.records import record_id_for
 from cai.sources import hh_pair, read_source
-from cai.stages import feedback, pm, ppo
-=======
-from cai.records import hh_pair, record_id_for
 from cai.stages import pm, ppo
-from cai.stages.prompts import read_source
->>>>>>> judge
 from cai.templating import encode_chat
 from cai.training import steps_for
 

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from cai import pipeline
-from cai.cluster import ClusterError, restore_order
+from cai.cluster import ClusterError
 from cai.config import load_config
 from cai.lm.base import BudgetExhausted, Completion
-from cai.rundir import Stage
 
 ray = pytest.importorskip("ray")
 
@@ -191,18 +190,6 @@ def test_the_real_back_end_on_ray_matches_one_process_and_the_driver_loads_no_mo
     monkeypatch.setattr(HFModel, "from_config", no_model_here)  # the workers import their own copy
     pipeline.run(_cfg(tmp_path / "ray", *extra, "ray.enabled=true"), stop="sl_generate")
     assert _text(tmp_path / "ray", "sl_generate") == _text(tmp_path / "one", "sl_generate")
-
-
-def test_restore_order_moves_lines_into_input_order(tmp_path):
-    st = Stage(tmp_path, "s", "fp", {})
-    rows = [{"record_id": f"r{i}", "text": "a\u2028b é"} for i in range(4)]
-    st.append([rows[2], rows[0], {"record_id": "other"}, rows[3], rows[1]])
-    restore_order(st, [r["record_id"] for r in rows])
-    assert [r["record_id"] for r in st.rows()] == ["r0", "r1", "r2", "r3", "other"]
-    assert st.rows()[:4] == rows
-    before = st.rows_path.stat().st_ino
-    restore_order(st, [r["record_id"] for r in rows])
-    assert st.rows_path.stat().st_ino == before  # already in order: not rewritten
 
 
 def test_ray_missing_names_the_extra(tmp_path, monkeypatch):

@@ -94,3 +94,16 @@ def test_pairs_sets_aside_identical_and_degenerate_samples():
     rows = [{"record_id": f"r{i}", "kind": "red_team", "prompt": "q"} for i in range(3)]
     out = process_chunk(rows, Two(), PairsConfig(sampling=Sampling(max_new_tokens=4)), seed=0)
     assert [r["status"] for r in out] == ["set_aside", "ok", "ok"] and out[0]["reason"] == "identical"
+
+
+def test_pairs_fails_when_every_pair_is_set_aside(tmp_path, scripted):
+    from cai.rundir import StageError
+    from cai.stages import pairs
+
+    cfg = _cfg(tmp_path, pairs={"chunk_size": 2})
+    rows = [{"record_id": f"r{i}", "kind": "red_team", "prompt": f"q{i}"} for i in range(3)]
+    with pytest.raises(StageError, match=r"every pair was set aside \(\{'identical': 3\}\).*temperature"):
+        pairs.run(cfg, lambda: scripted(lambda conv, seed: "same"), rows, "in-fp", "model-fp")
+    st = pairs.Stage.view(cfg.run_dir, "pairs")
+    assert st.manifest()["status"] == "failed" and st.manifest()["counts"]["set_aside"] == 3
+    assert len(st.rows()) == 3

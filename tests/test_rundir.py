@@ -289,3 +289,15 @@ def test_sl_export_run_all_dropped(tmp_path):
     cfg = PipelineConfig(run_dir=str(tmp_path / "run"))
     with pytest.raises(RuntimeError, match="every row was dropped"):
         sl_export.run(cfg, [_sl_row("r1", "red_team", "dropped", "empty")], "in")
+
+
+def test_restore_order_moves_lines_into_input_order(tmp_path):
+    st = Stage(tmp_path, "s", "fp", {})
+    rows = [{"record_id": f"r{i}", "text": "a\u2028b é"} for i in range(4)]
+    st.append([rows[2], rows[0], {"record_id": "other"}, rows[3], rows[1]])
+    st.restore_order([r["record_id"] for r in rows])
+    assert [r["record_id"] for r in st.rows()] == ["r0", "r1", "r2", "r3", "other"]
+    assert st.rows()[:4] == rows
+    before = st.rows_path.stat().st_ino
+    st.restore_order([r["record_id"] for r in rows])
+    assert st.rows_path.stat().st_ino == before  # already in order: not rewritten

@@ -1,7 +1,7 @@
 """Run a data stage's chunks in this process, or spread over Ray workers (`ray.enabled`).
 
-The data stages (sl_generate, pairs, feedback) cut their records into chunks and pass them to
-`map_chunks` with a picklable `work(lm, rows, on_call) -> rows` function and a picklable
+The data stages' chunk loop (cai/stages/chunked.py) cuts their records into chunks and passes
+them to `map_chunks` with a picklable `work(lm, rows, on_call) -> rows` function and a picklable
 `lm_factory`. Without Ray the chunks run here, in order, on one back-end. With Ray,
 `ray.num_workers` actors each build their own back-end once, from `lm_factory`, and take one chunk
 at a time; each finished chunk comes back to this process as soon as it is done, and only this
@@ -25,7 +25,6 @@ RAY_ADDRESS or one started on this machine with `ray start`, and otherwise start
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -33,7 +32,7 @@ from typing import Any
 
 from cai.config import RayConfig
 from cai.lm.base import LM
-from cai.rundir import Stage, StageError, atomic_write
+from cai.rundir import StageError
 
 Row = dict[str, Any]
 # work(lm, rows, on_call) -> finished rows; on_call (None on Ray) is called after each model call.
@@ -128,16 +127,3 @@ def _on_ray(chunks: Sequence[list[Row]], work: Work, lm_factory: Callable[[], LM
         for w in workers:
             ray.kill(w)
 
-
-def restore_order(stage: Stage, record_ids: Sequence[str]) -> None:
-    """Rewrite the stage's rows file in `record_ids` order (rows of other ids last, as they are)
-    when chunks landed out of order, as they do on Ray. The file, and with it the content hash that
-    downstream stages are fingerprinted with and the order they train in, is then the same as a
-    single-process run's. Lines are moved, never re-serialised; the rewrite is atomic."""
-    if not stage.rows_path.exists():
-        return
-    lines = [line for line in stage.rows_path.read_bytes().split(b"\n") if line.strip()]
-    pos = {rid: k for k, rid in enumerate(record_ids)}
-    ordered = sorted(lines, key=lambda line: pos.get(json.loads(line)["record_id"], len(pos)))
-    if ordered != lines:
-        atomic_write(stage.rows_path, b"".join(line + b"\n" for line in ordered).decode("utf-8"))

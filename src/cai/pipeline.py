@@ -6,15 +6,17 @@
     cai run configs/quickstart.yaml --from pairs        # RL-CAI on a finished SL-CAI run
     cai run configs/quickstart.yaml rl.method=dpo       # DPO instead of preference model + PPO
 
-Each stage reads the previous stage's rows from the run directory and is fingerprinted with their
-content hash, so changing an upstream input is noticed downstream.
+Each stage reads an earlier stage's rows from the run directory (`INPUTS`) and is fingerprinted
+with their content hash, followed by the fingerprints of the trained models it builds on, so
+changing an upstream input is noticed downstream. `_run_stage` calls each stage with what it
+reads and, for a generating stage, its model; the generating stages hold one back-end at a time
+(`_Models`), and it is freed before any other stage runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,28 +26,40 @@ import yaml
 
 from cai import constitution as constitution_mod
 from cai.config import PipelineConfig, to_dict
-from cai.lm import load_lm
-from cai.lm.base import LM
+from cai.constitution import Constitution
+from cai.lm import LM, load_lm
 from cai.rundir import Stage, atomic_write
+from cai.stages import dpo, feedback, pairs, pm, ppo, preferences, prompts, sft, sl_export, sl_generate
 
 STAGES = ("prompts", "sl_generate", "sl_export", "sft", "pairs", "feedback", "preferences", "pm", "ppo", "dpo")
 # Under `accelerate launch` these run on every process; the others on the main process only.
 TRAINING = ("sft", "pm", "ppo", "dpo")
 # Stages that only run under one RL method (`rl.method`); DPO needs no preference model.
 ONLY_FOR = {"pm": "ppo", "ppo": "ppo", "dpo": "dpo"}
+# Stages that generate with a back-end built here; any other stage runs with none held.
+GENERATING = ("sl_generate", "pairs", "feedback")
+# What each stage reads: the earlier stage whose rows are its input, then the trained models (stages
+# of this run) it builds on, whose fingerprints join those rows' content hash in its inputs fingerprint.
+INPUTS = {
+    "sl_generate": ("prompts",), "sl_export": ("sl_generate",), "sft": ("sl_export",),
+    "pairs": ("prompts",), "feedback": ("pairs",), "preferences": ("feedback",), "pm": ("preferences",),
+    "ppo": ("prompts", "sft", "pm"), "dpo": ("preferences", "sft"),
+}
 
 
 class PipelineError(RuntimeError):
     pass
 
 
-def _previous(cfg: PipelineConfig, name: str) -> tuple[list[dict[str, Any]], str]:
-    """Rows and content hash of a finished earlier stage, read from the run directory."""
-    st = Stage.view(cfg.run_dir, name)
+def _inputs(cfg: PipelineConfig, rows_of: str, *models: str) -> tuple[list[dict[str, Any]], str]:
+    """The rows of the finished stage `rows_of`, and the fingerprint a stage reading them is
+    given: their content hash, then the fingerprint of each trained model (a stage of this run) it
+    builds on, joined by ':'."""
+    st = Stage.view(cfg.run_dir, rows_of)
     m = st.manifest()
     if not m or m.get("status") != "complete":
-        raise PipelineError(f"stage '{name}' has not completed in {cfg.run_dir}; run it first (drop --from)")
-    return st.rows(), st.content_hash()
+        raise PipelineError(f"stage '{rows_of}' has not completed in {cfg.run_dir}; run it first (drop --from)")
+    return st.rows(), ":".join([st.content_hash(), *(_trained(cfg, name)[1] for name in models)])
 
 
 def _trained(cfg: PipelineConfig, name: str) -> tuple[str, str]:
@@ -77,6 +91,61 @@ def select(start: str | None, stop: str | None, method: str = "ppo") -> list[str
     return [s for s in STAGES[i : j + 1] if ONLY_FOR.get(s, method) == method]
 
 
+class _Models:
+    """The generating stages' back-ends, one held at a time (the next model, or a training stage,
+    may need the memory). `lm_factory`, when given, replaces every model (tests use a scripted one)."""
+
+    def __init__(self, cfg: PipelineConfig, lm_factory: Callable[[], LM] | None):
+        self.cfg, self.lm_factory = cfg, lm_factory
+        self.held: dict[str, LM] = {}
+
+    def factory(self, name: str) -> Callable[[], LM]:
+        """A factory for the back-end over model `name`."""
+        if self.cfg.ray.enabled:  # a picklable factory: each Ray worker builds its own; this process loads none
+            return self.lm_factory or functools.partial(load_lm, dataclasses.replace(self.cfg.model, name=name))
+
+        def make() -> LM:
+            if name not in self.held:
+                self.release()
+                self.held[name] = self.lm_factory() if self.lm_factory else load_lm(
+                    dataclasses.replace(self.cfg.model, name=name))
+            return self.held[name]
+        return make
+
+    def release(self) -> None:
+        """Drop the held back-end, so its memory can be reclaimed."""
+        self.held.clear()
+
+
+def _run_stage(name: str, cfg: PipelineConfig, models: _Models, constitution: Constitution, allow_changed: bool,
+               on_chunk: Callable[[int], None] | None) -> Stage:
+    """Run stage `name` on its inputs (`INPUTS`) and, for a generating stage, its model."""
+    if name == "prompts":
+        return prompts.run(cfg, allow_changed)
+    rows, fp = _inputs(cfg, *INPUTS[name])
+    if name == "sl_generate":
+        return sl_generate.run(cfg, models.factory(cfg.model.name), constitution, rows, fp, allow_changed, on_chunk)
+    if name == "sl_export":
+        return sl_export.run(cfg, rows, fp, allow_changed)
+    if name == "sft":
+        return sft.run(cfg, rows, fp, allow_changed)
+    if name == "pairs":
+        model, model_fp = policy_model(cfg, cfg.pairs.model)
+        return pairs.run(cfg, models.factory(model), rows, fp, model_fp, allow_changed)
+    if name == "feedback":
+        model, _ = policy_model(cfg, cfg.feedback.model)
+        return feedback.run(cfg, models.factory(model), constitution, rows, fp, allow_changed)
+    if name == "preferences":
+        return preferences.run(cfg, rows, fp, allow_changed)
+    if name == "pm":
+        return pm.run(cfg, rows, fp, allow_changed)
+    if name == "ppo":
+        return ppo.run(cfg, rows, fp, _trained(cfg, "sft")[0], _trained(cfg, "pm")[0], allow_changed)
+    if name == "dpo":
+        return dpo.run(cfg, rows, fp, _trained(cfg, "sft")[0], allow_changed)
+    raise PipelineError(f"unknown stage '{name}'")  # pragma: no cover - select() checks names
+
+
 def run(cfg: PipelineConfig, start: str | None = None, stop: str | None = None, allow_changed: bool = False,
         lm_factory: Callable[[], LM] | None = None, on_chunk: Callable[[int], None] | None = None) -> dict[str, Stage]:
     """Run the selected stages in order; returns each stage's folder. `lm_factory`, when given,
@@ -87,20 +156,7 @@ def run(cfg: PipelineConfig, start: str | None = None, stop: str | None = None, 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     constitution.save(run_dir / "constitution.yaml")
-    held: dict[str, LM] = {}
-
-    def lm_for(name: str) -> Callable[[], LM]:
-        """A factory for the back-end over model `name`; one model is held at a time."""
-        if cfg.ray.enabled:  # a picklable factory: each Ray worker builds its own; this process loads none
-            return lm_factory or functools.partial(load_lm, dataclasses.replace(cfg.model, name=name))
-
-        def make() -> LM:
-            if name not in held:
-                held.clear()
-                held[name] = lm_factory() if lm_factory else load_lm(dataclasses.replace(cfg.model, name=name))
-            return held[name]
-        return make
-
+    models = _Models(cfg, lm_factory)
     done: dict[str, Stage] = {}
     # Under `accelerate launch` (WORLD_SIZE > 1) every process runs this loop: training stages on
     # all of them, data stages on the main one while the others wait, then read its rows.
@@ -114,45 +170,9 @@ def run(cfg: PipelineConfig, start: str | None = None, stop: str | None = None, 
             barrier.wait()
             done[name] = Stage.view(cfg.run_dir, name)
             continue
-        stage = importlib.import_module(f"cai.stages.{name}")  # late: training stages import torch
-        if name == "prompts":
-            done[name] = stage.run(cfg, allow_changed)
-        elif name == "sl_generate":
-            rows, fp = _previous(cfg, "prompts")
-            done[name] = stage.run(cfg, lm_for(cfg.model.name), constitution, rows, fp, allow_changed, on_chunk)
-        elif name == "sl_export":
-            rows, fp = _previous(cfg, "sl_generate")
-            done[name] = stage.run(cfg, rows, fp, allow_changed)
-        elif name == "sft":
-            held.clear()  # free the inference model before training
-            rows, fp = _previous(cfg, "sl_export")
-            done[name] = stage.run(cfg, rows, fp, allow_changed)
-        elif name == "pairs":
-            rows, fp = _previous(cfg, "prompts")
-            model, model_fp = policy_model(cfg, cfg.pairs.model)
-            done[name] = stage.run(cfg, lm_for(model), rows, fp, model_fp, allow_changed)
-        elif name == "feedback":
-            rows, fp = _previous(cfg, "pairs")
-            model, _ = policy_model(cfg, cfg.feedback.model)
-            done[name] = stage.run(cfg, lm_for(model), constitution, rows, fp, allow_changed)
-        elif name == "preferences":
-            rows, fp = _previous(cfg, "feedback")
-            done[name] = stage.run(cfg, rows, fp, allow_changed)
-        elif name == "pm":
-            held.clear()
-            rows, fp = _previous(cfg, "preferences")
-            done[name] = stage.run(cfg, rows, fp, allow_changed)
-        elif name == "ppo":
-            held.clear()
-            rows, fp = _previous(cfg, "prompts")
-            policy, policy_fp = policy_model(cfg, "sft")
-            reward, reward_fp = _trained(cfg, "pm")
-            done[name] = stage.run(cfg, rows, f"{fp}:{policy_fp}:{reward_fp}", policy, reward, allow_changed)
-        elif name == "dpo":
-            held.clear()
-            rows, fp = _previous(cfg, "preferences")
-            policy, policy_fp = policy_model(cfg, "sft")
-            done[name] = stage.run(cfg, rows, f"{fp}:{policy_fp}", policy, allow_changed)
+        if name not in GENERATING:
+            models.release()  # one model at a time: a training stage loads its own
+        done[name] = _run_stage(name, cfg, models, constitution, allow_changed, on_chunk)
         # The resolved config is saved once a stage has accepted it.
         atomic_write(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         if barrier is not None:

@@ -22,7 +22,7 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,7 @@ class Stage:
         return list(read_jsonl(self.rows_path)) if self.rows_path.exists() else []
 
     def done_ids(self) -> set[str]:
+        """The record ids whose rows are written (a resumed stage skips them)."""
         return {r["record_id"] for r in self.rows()}
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
@@ -153,6 +154,19 @@ class Stage:
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
+
+    def restore_order(self, record_ids: Sequence[str]) -> None:
+        """Rewrite the rows file in `record_ids` order (rows of other ids last, as they are) when
+        chunks landed out of order, as they do on Ray. The file, and with it the content hash that
+        downstream stages are fingerprinted with and the order they train in, is then the same as a
+        single-process run's. Lines are moved, never re-serialised; the rewrite is atomic."""
+        if not self.rows_path.exists():
+            return
+        lines = [line for line in self.rows_path.read_bytes().split(b"\n") if line.strip()]
+        pos = {rid: k for k, rid in enumerate(record_ids)}
+        ordered = sorted(lines, key=lambda line: pos.get(json.loads(line)["record_id"], len(pos)))
+        if ordered != lines:
+            atomic_write(self.rows_path, b"".join(line + b"\n" for line in ordered).decode("utf-8"))
 
     def write_manifest(self, status: str, counts: dict[str, Any], **extra: Any) -> None:
         write_json(self.manifest_path, {

@@ -18,18 +18,15 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Callable
-from contextlib import closing
 from typing import Any
 
-from tqdm import tqdm
-
-from cai.cluster import map_chunks, restore_order
 from cai.config import FeedbackConfig, PipelineConfig, fingerprint, plain
 from cai.constitution import Constitution
 from cai.judge import Comparison, label
 from cai.lm.base import LM
 from cai.records import STATUS_ABSTAIN, STATUS_FAILED, STATUS_OK
 from cai.rundir import Stage
+from cai.stages.chunked import run_chunks
 
 NAME = "feedback"
 
@@ -94,20 +91,7 @@ def run(cfg: PipelineConfig, lm_factory: Callable[[], LM], constitution: Constit
     settings = plain({"feedback": cfg.feedback, "seed": cfg.seed, "constitution_hash": constitution.hash,
                       "inputs": inputs_fp})
     stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
-    done = {r["record_id"] for r in stage.rows()}
-    todo = [p for p in pairs if p["record_id"] not in done]
-    stage.write_manifest("running", count(stage.rows()), constitution_hash=constitution.hash)
-    if todo:
-        bar = tqdm(total=len(pairs), initial=len(pairs) - len(todo), desc="feedback", unit="pair")
-        size = cfg.feedback.chunk_size
-        work = functools.partial(label_chunk, constitution=constitution, cfg=cfg.feedback, seed=cfg.seed)
-        todo_chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
-        with closing(map_chunks(todo_chunks, work, lm_factory, cfg.ray, name=NAME)) as results:
-            for _, rows in results:
-                stage.append(rows)
-                bar.update(len(rows))
-        bar.close()
-    restore_order(stage, [p["record_id"] for p in pairs])
-    rows = stage.rows()
-    stage.write_manifest("complete", count(rows), constitution_hash=constitution.hash)
+    work = functools.partial(label_chunk, constitution=constitution, cfg=cfg.feedback, seed=cfg.seed)
+    run_chunks(stage, pairs, work, lm_factory, cfg.ray, chunk_size=cfg.feedback.chunk_size, count=count, unit="pair",
+               manifest={"constitution_hash": constitution.hash})
     return stage

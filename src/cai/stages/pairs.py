@@ -15,16 +15,13 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Callable
-from contextlib import closing
 from typing import Any
 
-from tqdm import tqdm
-
-from cai.cluster import map_chunks, restore_order
 from cai.config import PairsConfig, PipelineConfig, fingerprint, plain
 from cai.lm.base import LM, Completion
 from cai.records import SCAFFOLD_MARKERS, STATUS_OK, STATUS_SET_ASIDE, stable_seed
-from cai.rundir import Stage, StageError
+from cai.rundir import Stage
+from cai.stages.chunked import run_chunks
 
 NAME = "pairs"
 
@@ -73,6 +70,15 @@ def pair_chunk(lm: LM, rows: list[dict[str, Any]], on_call: Callable[[], None] |
     return [{**r, "model": lm.name, "seed": seed} for r in process_chunk(rows, lm, cfg, seed)]
 
 
+def all_set_aside(rows: list[dict[str, Any]]) -> str | None:
+    """Why the stage fails when no pair is left to label, or None."""
+    if any(r["status"] == STATUS_OK for r in rows):
+        return None
+    return (f"{NAME}: every pair was set aside ({count(rows)['set_aside_by_reason']}); nothing to "
+            "label. For 'identical', raise pairs.sampling.temperature; for 'truncated', raise "
+            "pairs.sampling.max_new_tokens or set pairs.set_aside_truncated=false.")
+
+
 def run(cfg: PipelineConfig, lm_factory: Callable[[], LM], inputs: list[dict[str, Any]], inputs_fp: str,
         model_fp: str, allow_changed: bool = False) -> Stage:
     """Sample pairs for the prompt rows of the kinds in `pairs.kinds`, here or on Ray workers
@@ -81,25 +87,7 @@ def run(cfg: PipelineConfig, lm_factory: Callable[[], LM], inputs: list[dict[str
     prompts = [r for r in inputs if r["kind"] in cfg.pairs.kinds]
     settings = plain({"pairs": cfg.pairs, "seed": cfg.seed, "inputs": inputs_fp, "model": model_fp})
     stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
-    done = {r["record_id"] for r in stage.rows()}
-    todo = [r for r in prompts if r["record_id"] not in done]
-    stage.write_manifest("running", count(stage.rows()))
-    if todo:
-        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="pairs", unit="prompt")
-        size = cfg.pairs.chunk_size
-        work = functools.partial(pair_chunk, cfg=cfg.pairs, seed=cfg.seed)
-        todo_chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
-        with closing(map_chunks(todo_chunks, work, lm_factory, cfg.ray, name=NAME)) as results:
-            for _, rows in results:
-                stage.append(rows)
-                bar.update(len(rows))
-        bar.close()
-    restore_order(stage, [r["record_id"] for r in prompts])
-    rows = stage.rows()
-    if not any(r["status"] == STATUS_OK for r in rows):
-        stage.write_manifest("failed", count(rows))
-        raise StageError(f"{NAME}: every pair was set aside ({count(rows)['set_aside_by_reason']}); nothing to "
-                         "label. For 'identical', raise pairs.sampling.temperature; for 'truncated', raise "
-                         "pairs.sampling.max_new_tokens or set pairs.set_aside_truncated=false.")
-    stage.write_manifest("complete", count(rows))
+    work = functools.partial(pair_chunk, cfg=cfg.pairs, seed=cfg.seed)
+    run_chunks(stage, prompts, work, lm_factory, cfg.ray, chunk_size=cfg.pairs.chunk_size, count=count,
+               unit="prompt", refuse=all_set_aside)
     return stage

@@ -8,8 +8,9 @@ not replace the answer; it is recorded with its reason. Helpfulness prompts get 
 from the same model (zero rounds).
 
 Records are processed in fixed chunks of `sl.chunk_size`, all steps of a chunk batched together,
-and each finished chunk is appended to the run directory, so a killed run resumes at the next chunk.
-With `ray.enabled` the chunks are spread over Ray workers (cai/cluster.py); the rows are the same.
+and each finished chunk is appended to the run directory, so a killed run resumes at the next chunk
+(cai/stages/chunked.py). With `ray.enabled` the chunks are spread over Ray workers (cai/cluster.py);
+the rows are the same.
 
     cai run configs/quickstart.yaml --to sl_generate
 """
@@ -19,17 +20,14 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Callable
-from contextlib import closing
 from typing import Any
 
-from tqdm import tqdm
-
-from cai.cluster import map_chunks, restore_order
 from cai.config import PipelineConfig, SLConfig, fingerprint, model_identity, plain
 from cai.constitution import Constitution
 from cai.lm.base import LM, Program, run_programs
 from cai.records import STATUS_DEGENERATE, STATUS_DROPPED, STATUS_OK, degenerate_reason, stable_seed
 from cai.rundir import Stage
+from cai.stages.chunked import run_chunks
 
 NAME = "sl_generate"
 
@@ -93,10 +91,6 @@ def calls_per_chunk(rows: list[dict[str, Any]], rounds: int) -> int:
     return sum(1 + (2 * rounds if r["kind"] == "red_team" else 0) for r in rows)
 
 
-def chunks(rows: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
-    return [rows[i : i + size] for i in range(0, len(rows), size)]
-
-
 def count(rows: list[dict[str, Any]]) -> dict[str, Any]:
     degenerate = Counter(rd["reason"] for r in rows for rd in r["rounds"] if rd["status"] != STATUS_OK)
     dropped = Counter(r["reason"] for r in rows if r["status"] == STATUS_DROPPED)
@@ -126,31 +120,9 @@ def run(cfg: PipelineConfig, lm_factory: Callable[[], LM], constitution: Constit
     settings = plain({"sl": cfg.sl, "model": model_identity(cfg.model), "seed": cfg.seed,
                       "constitution_hash": constitution.hash, "inputs": inputs_fp})
     stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
-    existing = stage.rows()
-    done = {r["record_id"] for r in existing}
-    todo_chunks = [todo for c in chunks(inputs, cfg.sl.chunk_size)
-                   if (todo := [r for r in c if r["record_id"] not in done])]
-    stage.write_manifest("running", count(existing), constitution_hash=constitution.hash)
-    if todo_chunks:
-        bar = tqdm(total=len(inputs), initial=len(done & {r["record_id"] for r in inputs}),
-                   desc="sl_generate", unit="prompt")
-        total = [calls_per_chunk(todo, cfg.sl.rounds) for todo in todo_chunks]
-        made = [0] * len(todo_chunks)
-
-        def tick(i: int) -> None:  # model calls within a chunk (only in this process)
-            made[i] += 1
-            if made[i] % 8 == 0 or made[i] == total[i]:
-                bar.set_postfix_str(f"chunk {i + 1}/{len(todo_chunks)}: {made[i]}/{total[i]} model calls")
-
-        work = functools.partial(generate_chunk, constitution=constitution, cfg=cfg.sl, seed=cfg.seed)
-        with closing(map_chunks(todo_chunks, work, lm_factory, cfg.ray, tick, NAME)) as results:
-            for i, done_rows in results:
-                stage.append(done_rows)
-                bar.update(len(done_rows))
-                if on_chunk is not None:
-                    on_chunk(i)
-        bar.close()
-    restore_order(stage, [r["record_id"] for r in inputs])
-    rows = stage.rows()
-    stage.write_manifest("complete", count(rows), constitution_hash=constitution.hash)
+    work = functools.partial(generate_chunk, constitution=constitution, cfg=cfg.sl, seed=cfg.seed)
+    # Stable chunks: a resumed run batches each prompt with the same neighbours as an uninterrupted one.
+    run_chunks(stage, inputs, work, lm_factory, cfg.ray, chunk_size=cfg.sl.chunk_size, count=count, unit="prompt",
+               manifest={"constitution_hash": constitution.hash}, stable_chunks=True,
+               calls=functools.partial(calls_per_chunk, rounds=cfg.sl.rounds), on_chunk=on_chunk)
     return stage
