@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Install, then run SL-CAI end to end on the embedded SmolLM2-135M with the quickstart config:
-# prompts -> critique/revision -> export -> fine-tune. Extra arguments go to `cai run`
-# (e.g. `bash scripts/quickstart.sh sl.rounds=2`). Run it again to resume; finished stages are kept.
+# Install, then run the whole pipeline on the embedded SmolLM2-135M with the quickstart config:
+# SL-CAI (prompts -> critique/revision -> export -> fine-tune), then RL-CAI (pairs -> AI feedback ->
+# preference mix -> preference model -> PPO), and print what the run holds. Extra arguments go to
+# `cai run` (e.g. `bash scripts/quickstart.sh sl.rounds=2`, or `rl.method=dpo`). Run it again to
+# resume; finished stages are kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -88,6 +88,19 @@ def test_nested_override_sets_value():
     assert cfg.sl.critique.temperature == 0.0 and isinstance(cfg.sl.critique.temperature, float)
 
 
+def test_exponent_without_a_dot_is_a_number_in_overrides_and_files(tmp_path):
+    # YAML 1.1 reads 2e-5 as a string; the README's `pm.learning_rate=2e-5` must still work.
+    cfg = load_config(None, ["pm.learning_rate=2e-5", "sft.learning_rate=3.5e-6"])
+    assert (cfg.pm.learning_rate, cfg.sft.learning_rate) == (2e-5, 3.5e-6)
+    assert isinstance(cfg.pm.learning_rate, float)
+    cfg = load_config(_write(tmp_path, {"rl": {"dpo": {"learning_rate": "5e-7"}}}))
+    assert cfg.rl.dpo.learning_rate == 5e-7
+    with pytest.raises(ConfigError, match="expected a number, got 'fast'"):
+        load_config(None, ["pm.learning_rate=fast"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_config(None, ["sl.rounds=1e3"])  # an int field does not take a float spelling
+
+
 def test_nested_override_keeps_sibling_defaults():
     default = SLConfig().critique
     cfg = load_config(None, ["sl.critique.temperature=0"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,57 @@ def test_every_accelerate_launch_in_the_readme_names_a_shipped_config_and_a_vali
         rest = args[args.index("cai.cli") + 1:]
         parser.parse_args(rest)
         assert (ROOT / rest[1]).is_file(), line
+
+
+def _cai_run_lines() -> list[list[str]]:
+    """The argument lists of every `cai run` in the README, also those inside `accelerate launch`."""
+    out = []
+    for line in _commands():
+        args = shlex.split(line)
+        if args[:2] == ["cai", "run"]:
+            out.append(args[1:])
+        elif args[:2] == ["accelerate", "launch"] and "cai.cli" in args:
+            out.append(args[args.index("cai.cli") + 1:])
+    return out
+
+
+def test_every_cai_run_in_the_readme_loads_its_config_and_names_real_stages(monkeypatch):
+    # Through the config loader, not just argparse: a renamed or mistyped key fails here.
+    from cai.cli import parse_args, run_config
+    from cai.pipeline import select
+
+    monkeypatch.chdir(ROOT)  # the README's paths are relative to the repository
+    runs = _cai_run_lines()
+    assert len(runs) >= 9
+    for argv in runs:
+        args = parse_args(argv)
+        cfg = run_config(args)
+        assert select(args.start, args.stop, cfg.rl.method), argv
+
+
+def test_a_mistyped_key_in_a_cai_run_line_would_fail_that_check(monkeypatch):
+    from cai.cli import parse_args, run_config
+    from cai.config import ConfigError
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ConfigError, match="unknown key 'round'"):
+        run_config(parse_args(["run", "configs/quickstart.yaml", "sl.round=2", "--to", "sl_export"]))
+
+
+def test_every_python_bench_line_names_a_script_and_its_flags():
+    lines = [shlex.split(ln) for ln in _commands() if ln.startswith("python bench/")]
+    assert len(lines) >= 3
+    helps: dict[str, str] = {}
+    for args in lines:
+        script = ROOT / args[1]
+        assert script.is_file(), args
+        if args[1] not in helps:
+            proc = subprocess.run([sys.executable, str(script), "--help"], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=300)
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            helps[args[1]] = proc.stdout
+        for flag in (a.split("=")[0] for a in args[2:] if a.startswith("--")):
+            assert re.search(rf"(^|[\s,\[]){re.escape(flag)}([\s,=\]]|$)", helps[args[1]], re.M), (args, flag)
 
 
 def test_readme_model_commands_name_real_config_keys():

@@ -71,14 +71,19 @@ def _add_overrides(p: argparse.ArgumentParser, config_flag: bool = True) -> None
 # ---- run / show ----------------------------------------------------------------------------
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from cai import pipeline
-
-    # `cai run sl.rounds=2`: overrides on the defaults
+def run_config(args: argparse.Namespace) -> PipelineConfig:
+    """The config of a parsed `cai run`: its CONFIG file (or the defaults, as in `cai run
+    sl.rounds=2`) with its key=value overrides laid over it."""
     rest, overrides = split_overrides([*([args.config] if args.config else []), *args.overrides])
     if len(rest) > 1:
         raise ConfigError(f"cai run takes one config file and key=value overrides; '{rest[1]}' is neither")
-    cfg = load_config(rest[0] if rest else None, overrides)
+    return load_config(rest[0] if rest else None, overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cai import pipeline
+
+    cfg = run_config(args)
     done = pipeline.run(cfg, start=args.start, stop=args.stop, allow_changed=args.allow_config_change)
     if os.environ.get("RANK", "0") != "0":  # under `accelerate launch` the main process reports
         return 0
@@ -384,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line as `main` reads it (argparse exits on an unknown command or flag)."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     overrides = getattr(args, "overrides", None)  # None for the commands that use no model
@@ -394,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from cai.lm.base import BackendError, BudgetExhausted
     from cai.models import ModelError
     from cai.pipeline import PipelineError
