@@ -33,8 +33,13 @@ TIMES = {"rollout_s", "update_s", "train_runtime", "train_samples_per_second", "
 # rounding (~1e-7 relative per operation), which a few optimiser steps carry along but do not
 # amplify much (Adam normalises the update). 1e-4 relative is far above that and far below any
 # real difference: a process training on the wrong rows, or a loss normalised by the local instead
-# of the global token count, moves these figures by percents.
-REL, ABS = 1e-4, 1e-6
+# of the global token count, moves these figures by percents. DPO's implicit rewards are beta times
+# differences of summed log-probabilities (~1e2 in float32, rounding ~1e-5), so near zero they agree
+# to ~1e-6 in absolute terms, not relative ones.
+REL, ABS = 1e-4, 1e-5
+# At DPO's first step the policy is the reference: every margin is float noise around 0, so the
+# share with a positive margin (ties half) is noise too, whatever the processes.
+NOISE = {("dpo", 0, "reward_accuracy")}
 
 
 def pipeline_config(run_dir: Path, model: str) -> dict:
@@ -44,10 +49,12 @@ def pipeline_config(run_dir: Path, model: str) -> dict:
     return {
         "run_dir": str(run_dir), "seed": 3,
         "model": {"name": model, "device": "cpu", "dtype": "float32", "batch_size": 8},
-        "prompts": {"red_team": [{"path": "builtin:red_team", "limit": 8}],
-                    "helpful": [{"path": "builtin:helpful", "limit": 4}]},
-        "sl": {"rounds": 1, "few_shot": 1, "response": {"max_new_tokens": 8}, "critique": {"max_new_tokens": 8},
-               "revision": {"max_new_tokens": 8}, "helpful_fraction": 0.5},
+        "prompts": {"red_team": [{"path": "builtin:red_team", "limit": 12}],
+                    "helpful": [{"path": "builtin:helpful", "limit": 6}]},
+        # Enough prompts, with room for their answers to end (the model ends a turn at 0.3 a token), that
+        # SFT's 3 steps of 4 rows fit in the export's first epoch: see the check in `runs`.
+        "sl": {"rounds": 1, "few_shot": 1, "response": {"max_new_tokens": 32}, "critique": {"max_new_tokens": 8},
+               "revision": {"max_new_tokens": 32}, "helpful_fraction": 0.5},
         "sft": {"batch_size": 4, "max_steps": 3, "learning_rate": 1e-3, "warmup_ratio": 0.0, "bf16": False,
                 "save_steps": 100},
         "pairs": {"model": model, "sampling": {"max_new_tokens": 8}},
@@ -114,7 +121,8 @@ def _mismatches(name: str, one: list[dict], two: list[dict]) -> list[str]:
         if set(a) != set(b):
             out.append(f"{name} row {k}: keys {sorted(set(a) ^ set(b))} differ")
         out += [f"{name} row {k} {key}: {a[key]!r} vs {b[key]!r}" for key in sorted(set(a) & set(b) - TIMES)
-                if isinstance(a[key], (int, float)) and not _close(float(a[key]), float(b[key]))]
+                if isinstance(a[key], (int, float)) and (name, k, key) not in NOISE
+                and not _close(float(a[key]), float(b[key]))]
     return out
 
 
@@ -151,6 +159,11 @@ def runs(tiny_model_dir, tmp_path_factory):
                 torch.set_num_threads(threads)
         out[n] = run_dir
     out["trained_rows"] = {k: int((tmp / f"rows-{k}").read_text()) for k in ("one", "rank0", "rank1")}
+    # At an epoch's end TRL's SFT loader gives one process a short batch where accelerate pads two
+    # processes' batches (its even_batches): the runs match only if SFT never reaches a short batch.
+    exported = json.loads((out[1] / "sl_export" / "manifest.json").read_text())["counts"]["exported"]
+    assert exported >= 12 or exported % 4 == 0, f"the SL-CAI export has {exported} rows: SFT's 3 steps of 4 " \
+                                                "would reach a short last batch"
     return out
 
 
