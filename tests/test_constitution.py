@@ -12,7 +12,8 @@ import yaml
 
 from cai import constitution as C
 from cai.cli import main
-from cai.constitution import CATEGORIES, ROLES, SCHEMA, ConstitutionError
+from cai.constitution import CATEGORIES, SCHEMA, ConstitutionError
+from cai.lm.base import ROLES
 
 DEFAULT_PATH = C.builtin_path("default")
 DEFAULT_DATA: dict[str, Any] = yaml.safe_load(DEFAULT_PATH.read_text())

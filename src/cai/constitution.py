@@ -33,11 +33,10 @@ from typing import Any
 
 import yaml
 
-from cai.lm.base import Conversation, Message
+from cai.lm.base import ROLES, Conversation, Message
 
 SCHEMA = "cai.constitution/v1"
 CATEGORIES = ("harm", "honesty", "helpfulness", "meta")
-ROLES = ("system", "user", "assistant")
 # The feedback model's answer is scored as the option letter after ANSWER_PREFIX + "(".
 ANSWER_PREFIX = "The answer is: "
 COT_PREFIX = "Let's think step by step: "

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from cai.config import PairSource, PromptSource
-from cai.lm.base import Conversation, Message
+from cai.lm.base import ROLES, Conversation, Message
 from cai.records import record_id_for, stable_seed
 
 Row = dict[str, Any]
@@ -325,7 +325,6 @@ def read_prompts(sources: Sequence[PromptSource]) -> list[Row]:
 
 # ---- preference pairs -------------------------------------------------------------------------
 
-ROLES = ("system", "user", "assistant")
 
 
 def _messages(where: str, name: str, value: Any) -> Conversation:

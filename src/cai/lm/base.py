@@ -27,6 +27,7 @@ from cai.config import Sampling
 # A chat message {"role": "system" | "user" | "assistant", "content": text}; the one definition.
 Message = dict[str, str]
 Conversation = list[Message]
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)

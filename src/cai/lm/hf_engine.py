@@ -112,7 +112,8 @@ def _use_prefix(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
         _PREFIX.reset(token)
 
 
-def _lcp(seqs: Sequence[Sequence[int]]) -> int:
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all of `seqs` share."""
     first = seqs[0]
     n = min(len(s) for s in seqs)
     for i in range(n):
@@ -230,7 +231,7 @@ class HFEngine:
         """The cached prefix sharing the most leading tokens with `tokens`, and how many it shares."""
         best, best_n = None, 0
         for p in self._prefixes.values():
-            n = _lcp([p.tokens, tokens])
+            n = common_prefix([p.tokens, tokens])
             if n > best_n:
                 best, best_n = p, n
         return best, best_n
@@ -282,7 +283,7 @@ class HFEngine:
         """
         if not self.prefix_sharing:
             return 0
-        lcp = _lcp(rows) if len(rows) > 1 else self._cached_match(rows[0])[1]
+        lcp = common_prefix(rows) if len(rows) > 1 else self._cached_match(rows[0])[1]
         lcp = min(lcp, min(len(r) for r in rows) - keep)
         return lcp if lcp >= self.min_prefix else 0
 

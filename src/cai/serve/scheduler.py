@@ -48,14 +48,6 @@ class _Work:
     pending: int = 0  # generation: requests not finished yet
 
 
-def _lcp_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 def _short_tails(a: int, b: int, shared: int) -> bool:
     """Whether two prompts of lengths a and b sharing `shared` leading tokens batch well together."""
     room = max(shared, JOIN_TAIL)
@@ -213,6 +205,8 @@ class Scheduler:
             k += n
 
     def _generate(self, first: _Work) -> None:
+        from cai.lm.hf_engine import common_prefix
+
         p0 = first.payload[0].prompt
 
         def fits_first(w: _Work) -> bool:
@@ -221,7 +215,7 @@ class Scheduler:
             if w is first:
                 return True
             p = w.payload[0].prompt
-            return _short_tails(len(p0), len(p), _lcp_len(p0, p))
+            return _short_tails(len(p0), len(p), common_prefix([p0, p]))
 
         works = self._pop(fits_first)
         owner = {id(r): w for w in works for r in w.payload}

@@ -32,6 +32,7 @@ from cai import reward
 from cai.batches import row_counts, split_rows
 from cai.config import PipelineConfig, PMConfig, fingerprint, plain
 from cai.rundir import Stage
+from cai.stages.trained import model_saved, run_training
 
 NAME = "pm"
 
@@ -178,18 +179,14 @@ def evaluate(scorer: Any, pairs: Sequence[dict[str, Any]], batch_size: int, pad_
 def run(cfg: PipelineConfig, inputs: list[dict[str, Any]], inputs_fp: str, allow_changed: bool = False) -> Stage:
     settings = plain({"pm": cfg.pm, "seed": cfg.seed, "inputs": inputs_fp})
     stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
-    if stage.complete() and (stage.dir / "model" / "config.json").exists():
+    if model_saved(stage):
         return stage
-    from cai.distributed import distributed_state
-
     counts = row_counts(inputs, *split_rows(inputs, NAME))
-    main = distributed_state(cfg.model.device).is_main_process  # the only process that writes
-    if main:
-        stage.write_manifest("running", counts)
-    result = train(inputs, cfg.pm, stage.dir, seed=cfg.seed, device=cfg.model.device)
-    if main:
-        stage.write_manifest("complete", {**counts, "steps": result["steps"]},
-                             eval=result["eval"], first_loss=result["first_loss"], last_loss=result["last_loss"],
-                             model_dir=str(stage.dir / "model"), resumed_from=result["resumed_from"],
-                             bf16=result["bf16"])
-    return stage
+
+    def finish(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {**counts, "steps": result["steps"]}, {
+            "eval": result["eval"], "first_loss": result["first_loss"], "last_loss": result["last_loss"],
+            "model_dir": str(stage.dir / "model"), "resumed_from": result["resumed_from"], "bf16": result["bf16"]}
+
+    return run_training(stage, cfg.model.device, counts,
+                        lambda: train(inputs, cfg.pm, stage.dir, seed=cfg.seed, device=cfg.model.device), finish)

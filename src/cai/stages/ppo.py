@@ -3,9 +3,10 @@
 The policy and a frozen reference both start as the SL-CAI model (`<run>/sft/model`). Each step:
 
 1. Rollout: a batch of prompts (a seeded order, `training.batch_order`) is templated with the
-   chat template, left-padded, and answered by the current policy with `model.generate` (KV cache,
-   temperature / top-p from `rl.ppo.response`). The torch seed is set from (seed, step) before
-   sampling, so step k draws the same responses however often the run was stopped and resumed.
+   chat template, left-padded, and answered by the current policy (`generate` below: a KV-cache
+   loop over the sampler that generation shares, `cai.lm.sampling`, with temperature / top-p from
+   `rl.ppo.response`). Each response has its own generator seeded by (seed, step, position), so
+   step k draws the same responses however often the run was stopped and resumed.
 2. Reward: the preference model scores each (prompt, response); the score is clipped to
    +-`reward_clip` and, for a response cut off at `max_new_tokens` (no end-of-turn token), lowered
    by `missing_eos_penalty` (0 by default: truncated answers are kept as they are). Each response
@@ -62,7 +63,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,6 +73,7 @@ from cai.lm.base import Message
 from cai.records import stable_seed
 from cai.reward import RewardFn, load_reward
 from cai.rundir import Stage, StageError
+from cai.stages.trained import model_saved, run_training
 
 NAME = "ppo"
 
@@ -381,27 +382,25 @@ def run(cfg: PipelineConfig, prompt_rows: list[dict[str, Any]], inputs_fp: str, 
     settings = plain({"ppo": cfg.rl.ppo, "seed": cfg.seed, "inputs": inputs_fp, "policy": str(policy_dir),
                       "reward": str(reward_dir)})
     stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
-    if stage.complete() and (stage.dir / "model" / "config.json").exists():
+    if model_saved(stage):
         return stage
     prompts = [[{"role": "user", "content": r["prompt"]}] for r in prompt_rows]
     if not prompts:
         raise StageError("ppo: the prompts stage has no rows to train on")
-    from cai.distributed import distributed_state, process_device
 
-    state = distributed_state(cfg.model.device)
-    if state.is_main_process:  # the only process that writes
-        stage.write_manifest("running", {"prompts": len(prompts)})
-    # Every process scores its own rollouts, with its own copy of the preference model.
-    reward_fn = load_reward(reward_dir, process_device(cfg.model.device), cfg.rl.ppo.max_length)
-    result = train(policy_dir, prompts, reward_fn, cfg.rl.ppo, stage.dir, seed=cfg.seed,
-                   device=cfg.model.device)
-    rows = result["metrics"]
-    if state.is_main_process:
-        stage.write_manifest("complete", {
-            "prompts": len(prompts), "steps": result["steps"],
-            "first_reward": rows[0]["reward"] if rows else None, "last_reward": rows[-1]["reward"] if rows else None,
-            "last_kl": rows[-1]["kl"] if rows else None,
-        }, model_dir=result["model_dir"], resumed_from=result["resumed_from"], kl_coef=result["kl_coef"])
-        # The final model is saved; the checkpoint (policy plus optimiser state) is no longer needed.
-        shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
-    return stage
+    def train_here() -> dict[str, Any]:
+        from cai.distributed import process_device
+
+        # Every process scores its own rollouts, with its own copy of the preference model.
+        reward_fn = load_reward(reward_dir, process_device(cfg.model.device), cfg.rl.ppo.max_length)
+        return train(policy_dir, prompts, reward_fn, cfg.rl.ppo, stage.dir, seed=cfg.seed, device=cfg.model.device)
+
+    def finish(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        rows = result["metrics"]
+        return {"prompts": len(prompts), "steps": result["steps"],
+                "first_reward": rows[0]["reward"] if rows else None,
+                "last_reward": rows[-1]["reward"] if rows else None, "last_kl": rows[-1]["kl"] if rows else None}, {
+            "model_dir": result["model_dir"], "resumed_from": result["resumed_from"], "kl_coef": result["kl_coef"]}
+
+    # Once the final model is saved, the checkpoint (policy plus optimiser state) is no longer needed.
+    return run_training(stage, cfg.model.device, {"prompts": len(prompts)}, train_here, finish, drop_checkpoints=True)

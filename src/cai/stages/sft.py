@@ -23,6 +23,7 @@ from typing import Any
 
 from cai.config import ModelConfig, PipelineConfig, SFTConfig, fingerprint, plain
 from cai.rundir import Stage
+from cai.stages.trained import run_training
 
 NAME = "sft"
 
@@ -127,19 +128,13 @@ def _bf16_ok(device: str) -> bool:
 def run(cfg: PipelineConfig, inputs: list[dict[str, Any]], inputs_fp: str, allow_changed: bool = False) -> Stage:
     settings = plain({"sft": cfg.sft, "model": cfg.model.name, "seed": cfg.seed, "inputs": inputs_fp})
     stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
-    if stage.complete() and (stage.dir / "model" / "config.json").exists():
-        return stage
-    from cai.distributed import distributed_state
 
-    main = distributed_state(cfg.model.device).is_main_process  # the only process that writes
-    if main:
-        stage.write_manifest("running", {"train_rows": len(inputs)})
-    result = train(cfg.model, inputs, cfg.sft, stage.dir, seed=cfg.seed)
-    if main:
-        losses = [h["loss"] for h in result["log"]]
-        stage.write_manifest("complete", {
-            "train_rows": len(inputs), "steps": result["global_step"],
-            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-        }, model_dir=str(stage.dir / "model"), resumed_from=result["resumed_from"], bf16=result["bf16"])
+    def finish(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         (stage.dir / "train_log.json").write_text(json.dumps(result["log"], indent=1))
-    return stage
+        losses = [h["loss"] for h in result["log"]]
+        return {"train_rows": len(inputs), "steps": result["global_step"],
+                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}, {
+            "model_dir": str(stage.dir / "model"), "resumed_from": result["resumed_from"], "bf16": result["bf16"]}
+
+    return run_training(stage, cfg.model.device, {"train_rows": len(inputs)},
+                        lambda: train(cfg.model, inputs, cfg.sft, stage.dir, seed=cfg.seed), finish)
