@@ -289,3 +289,12 @@ class Progress:
                 "last_loss": losses[-1] if losses else None,
                 "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                 "bf16": self.acc.mixed_precision == "bf16"}
+
+
+def finished(result: dict[str, Any], counts: dict[str, Any], model_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The complete manifest of a stage trained with `Progress` (pm, dpo), as (counts, other
+    fields) from what `Progress.result` returned: the row counts with the steps; the held-out
+    evaluation, first and last loss, the saved model, the checkpoint resumed from, bf16."""
+    return {**counts, "steps": result["steps"]}, {
+        "eval": result["eval"], "first_loss": result["first_loss"], "last_loss": result["last_loss"],
+        "model_dir": str(model_dir), "resumed_from": result["resumed_from"], "bf16": result["bf16"]}

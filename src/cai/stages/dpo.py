@@ -260,11 +260,11 @@ def run(cfg: PipelineConfig, inputs: list[dict[str, Any]], inputs_fp: str, polic
         return stage
     counts = row_counts(inputs, *split_rows(inputs, NAME))
 
+    from cai.checkpoints import finished
+
     def finish(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        return {**counts, "steps": result["steps"]}, {
-            "eval": result["eval"], "first_loss": result["first_loss"], "last_loss": result["last_loss"],
-            "model_dir": str(stage.dir / "model"), "policy_dir": str(policy_dir),
-            "resumed_from": result["resumed_from"], "bf16": result["bf16"]}
+        done, extra = finished(result, counts, stage.dir / "model")
+        return done, {**extra, "policy_dir": str(policy_dir)}
 
     return run_training(stage, cfg.model.device, counts, lambda: train(
         inputs, cfg.rl.dpo, policy_dir, stage.dir, seed=cfg.seed, device=cfg.model.device), finish)

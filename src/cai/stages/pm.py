@@ -183,10 +183,8 @@ def run(cfg: PipelineConfig, inputs: list[dict[str, Any]], inputs_fp: str, allow
         return stage
     counts = row_counts(inputs, *split_rows(inputs, NAME))
 
-    def finish(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        return {**counts, "steps": result["steps"]}, {
-            "eval": result["eval"], "first_loss": result["first_loss"], "last_loss": result["last_loss"],
-            "model_dir": str(stage.dir / "model"), "resumed_from": result["resumed_from"], "bf16": result["bf16"]}
+    from cai.checkpoints import finished
 
     return run_training(stage, cfg.model.device, counts,
-                        lambda: train(inputs, cfg.pm, stage.dir, seed=cfg.seed, device=cfg.model.device), finish)
+                        lambda: train(inputs, cfg.pm, stage.dir, seed=cfg.seed, device=cfg.model.device),
+                        lambda result: finished(result, counts, stage.dir / "model"))
