@@ -21,7 +21,7 @@ from cai.config import PromptSource, Sampling, load_config
 from cai.constitution import load
 from cai.lm.base import Completion
 from cai.lm.hf import HFModel
-from cai.models import load_model
+from cai.models import cpu_description, load_model
 from cai.sources import read_source
 from cai.stages.sl_generate import process_chunk
 
@@ -72,9 +72,13 @@ def main() -> None:
     ap.add_argument("--naive-prompts", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--dtype", default=None, help="model dtype (default: the config's; auto = bf16 where the CPU "
+                    "has it natively, else float32); float32 on a bf16 CPU stands in for one without")
     args = ap.parse_args()
 
     cfg = load_config(args.config)
+    if args.dtype:
+        cfg = replace(cfg, model=replace(cfg.model, dtype=args.dtype))
     sl = replace(cfg.sl, rounds=args.rounds)
     constitution = load(cfg.constitution)
     rows = [{**r, "kind": "red_team"} for r in read_source(PromptSource("builtin:red_team", limit=args.prompts))]
@@ -83,6 +87,7 @@ def main() -> None:
     lm = HFModel.from_config(replace(cfg.model, batch_size=args.batch_size))
     naive_model, naive_tok = load_model(cfg.model.name, cfg.model.dtype)
     naive = NaiveLM(naive_model, naive_tok)
+    print(cpu_description())
     print(f"model {cfg.model.name}, dtype {lm.model.dtype}, {torch.get_num_threads()} threads, "
           f"{args.rounds} rounds, {sl.few_shot} few-shot examples")
 

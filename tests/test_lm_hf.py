@@ -65,8 +65,12 @@ def test_greedy_generation_matches_transformers_generate(lm32):
     got = lm32.generate(convs, Sampling(temperature=0, max_new_tokens=24))
     for conv, comps in zip(convs, got):
         ids = torch.tensor([lm32.encode(conv)])
-        ref = lm32.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
-                                  do_sample=False)
+        lm32.model.set_attn_implementation("sdpa")  # the library's own attention and cache as reference
+        try:
+            ref = lm32.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                      do_sample=False)
+        finally:
+            lm32.model.set_attn_implementation("cai_prefix")
         text = lm32.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True).strip()
         assert comps[0].text == text
     assert lm32.stats["prefix_tokens_reused"] > 0
@@ -110,3 +114,53 @@ def test_forward_passes_use_no_argument_transformers_is_removing(lm32):
         lm32.generate(_critique_convs(2), Sampling(temperature=0, max_new_tokens=4))
         lm32.score_options([[{"role": "user", "content": "Say A or B."}]], [["A", " B then"]])
         lm32.engine.prompt_logprobs([lm32.encode([{"role": "user", "content": "Hi"}])])
+
+
+def test_prompt_logprobs_match_a_plain_forward_exactly(lm32):
+    """The engine's prefill (shared prefix, grouped-query heads folded, padding) against the
+    library's attention, in fp32."""
+    rows = [lm32.encode(c) for c in _critique_convs(2)] + [lm32.encode([{"role": "user", "content": "Hi"}])]
+    got = lm32.engine.prompt_logprobs(rows)
+    lm32.model.set_attn_implementation("sdpa")
+    try:
+        for row, lps in zip(rows, got):
+            with torch.no_grad():
+                ref = lm32.model(torch.tensor([row])).logits.float().log_softmax(-1)[0]
+            want = [None] + [float(ref[j, t]) for j, t in enumerate(row[1:])]
+            assert lps[0] is None
+            # the cascade merge sums in another order: 2.8e-5 measured, before and after the folded heads
+            assert max(abs(a - b) for a, b in zip(lps[1:], want[1:])) < 1e-4
+    finally:
+        lm32.model.set_attn_implementation("cai_prefix")
+
+
+def test_the_key_value_buffer_grows_selects_and_trims_like_concatenation():
+    from cai.lm.hf_engine import _BufferLayer, _cache, _merge, _trim
+
+    torch.manual_seed(0)
+    layer, ref_k = _BufferLayer(), torch.randn(3, 2, 5, 4)
+    layer.update(ref_k, ref_k + 1)
+    for _ in range(150):  # past the first buffer's room: it is copied into a larger one
+        k = torch.randn(3, 2, 1, 4)
+        got_k, got_v = layer.update(k, k + 1)
+        ref_k = torch.cat([ref_k, k], 2)
+        assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_k + 1)
+    layer.batch_select_indices(torch.tensor([0, 2]))
+    ref_k = ref_k[[0, 2]]
+    assert torch.equal(layer.keys, ref_k)
+    cache = _cache([layer])
+    valid = torch.ones(2, ref_k.shape[2], dtype=torch.bool)
+    valid[:, :7] = False
+    cache, valid = _trim(cache, valid)
+    assert valid.shape[1] == ref_k.shape[2] - 7 and torch.equal(cache.layers[0].keys, ref_k[:, :, 7:])
+    k = torch.randn(2, 2, 1, 4)
+    assert torch.equal(cache.layers[0].update(k, k)[0], torch.cat([ref_k[:, :, 7:], k], 2))
+    # joining a shorter batch: left-padded with zeros (masked), rows stacked
+    other, short = _BufferLayer(), torch.randn(1, 2, 3, 4)
+    other.update(short, short)
+    merged, mask = _merge(cache, torch.ones(2, cache.layers[0].keys.shape[2], dtype=torch.bool),
+                          _cache([other]), torch.ones(1, 3, dtype=torch.bool))
+    width = mask.shape[1]
+    keys = merged.layers[0].keys
+    assert keys.shape == (3, 2, width, 4) and torch.equal(keys[2, :, width - 3:], short[0])
+    assert not keys[2, :, : width - 3].any() and mask[2].sum() == 3

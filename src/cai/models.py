@@ -182,6 +182,18 @@ def cpu_has_bf16() -> bool:
     return False
 
 
+def cpu_description() -> str:
+    """The CPU's model name, core count and bf16 support, as the benchmarks print it."""
+    name = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    bf16 = "native bf16 (AVX-512 BF16 or AMX)" if cpu_has_bf16() else "no native bf16"
+    return f"{name}, {os.cpu_count()} cores, {bf16}"
+
+
 def pick_device(requested: str) -> str:
     import torch
 

@@ -32,7 +32,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, DynamicCache
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -74,23 +75,30 @@ def prefix_attention(module, query, key, value, attention_mask, scaling=None, dr
     two parts are attended separately and merged with their log-sum-exps (as in cascade attention).
     """
     prefix = _PREFIX.get()
-    if not prefix:
+    b, h, q, d = query.shape
+    if not prefix and (torch.is_grad_enabled() or query.device.type != "cpu"
+                       or (attention_mask is None and q > 1)):
+        # Training, other devices, and implicit causal masks take the library's attention.
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
-    pk, pv = prefix[module.layer_idx]
-    b, h, q, d = query.shape
     hkv = key.shape[1]
     g = h // hkv
     scale = scaling if scaling is not None else d ** -0.5
+    # Per-row part: each kv head's g query heads folded into its query axis, so the keys and values
+    # are read where the cache holds them (expanding them per query head copied the cache g times
+    # per layer and step). Query row j*q + i is head j of the group at position i: the mask repeats.
+    qr = query.reshape(b, hkv, g * q, d)
+    mask = attention_mask if attention_mask is None or q == 1 else attention_mask.repeat(1, 1, g, 1)
+    out_r, lse_r = _attend(qr, key, value, mask, scale)
+    out_r, lse_r = out_r.reshape(b, h, q, d), lse_r.reshape(b, h, q)
+    if not prefix:
+        return out_r.to(query.dtype).transpose(1, 2).contiguous(), None
+    pk, pv = prefix[module.layer_idx]
     # Shared part: fold (batch, group, q) into one query axis, so each kv head's prefix is read once.
     qf = query.reshape(b, hkv, g * q, d).transpose(0, 1).reshape(1, hkv, b * g * q, d)
     out_p, lse_p = _attend(qf, pk, pv, None, scale)
     out_p = out_p.reshape(hkv, b, g * q, d).transpose(0, 1).reshape(b, h, q, d)
     lse_p = lse_p.reshape(hkv, b, g * q).transpose(0, 1).reshape(b, h, q)
-    # Per-row part (grouped-query heads expanded; these keys are short).
-    k = key[:, :, None].expand(b, hkv, g, key.shape[2], d).reshape(b, h, key.shape[2], d)
-    v = value[:, :, None].expand(b, hkv, g, value.shape[2], d).reshape(b, h, value.shape[2], d)
-    out_r, lse_r = _attend(query, k, v, attention_mask, scale)
     m = torch.maximum(lse_p, lse_r)
     w_p = torch.exp(lse_p - m)[..., None]
     w_r = torch.exp(lse_r - m)[..., None]
@@ -177,27 +185,92 @@ class _Request:
     finish: str | None = None
 
 
-def _trim(cache: DynamicCache, valid: torch.Tensor):
+class _BufferLayer(DynamicLayer):
+    """A layer's keys and values in a buffer with room to grow, written in place.
+
+    transformers' dynamic cache concatenates the whole cache with each new token, copying every
+    layer's keys and values at every decode step; here a step writes one column. The live columns
+    are `buf[:, :, start:end]`: `start` moves right when leading columns are padding in every row
+    (`trim`), so dropping them copies nothing. When the buffer is full it is copied once into one
+    with half as much room again."""
+
+    def set(self, kbuf: torch.Tensor, vbuf: torch.Tensor, end: int) -> _BufferLayer:
+        """Take buffers whose first `end` columns are live."""
+        self._k, self._v, self.start, self.end = kbuf, vbuf, 0, end
+        self.device, self.dtype, self.is_initialized = kbuf.device, kbuf.dtype, True
+        self._views()
+        return self
+
+    def _fill(self, keys: torch.Tensor, values: torch.Tensor, room: int) -> None:
+        b, h, n, d = keys.shape
+        kbuf, vbuf = keys.new_empty(b, h, n + room, d), values.new_empty(b, h, n + room, d)
+        kbuf[:, :, :n] = keys
+        vbuf[:, :, :n] = values
+        self.set(kbuf, vbuf, n)
+
+    def _views(self) -> None:
+        self.keys = self._k[:, :, self.start : self.end]
+        self.values = self._v[:, :, self.start : self.end]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n = key_states.shape[2]
+        if not self.is_initialized:
+            self._fill(key_states, value_states, max(64, n // 2))
+            return self.keys, self.values
+        if self.end + n > self._k.shape[2]:
+            live = self.end + n - self.start
+            self._fill(self.keys, self.values, max(64, live // 2) + n)
+        self._k[:, :, self.end : self.end + n] = key_states
+        self._v[:, :, self.end : self.end + n] = value_states
+        self.end += n
+        self._views()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._k, self._v = self._k[indices], self._v[indices]
+        self._views()
+
+    def trim(self, start: int) -> None:
+        self.start += start
+        self._views()
+
+
+def _cache(layers: Sequence[_BufferLayer] | None = None) -> Cache:
+    if layers is None:
+        return Cache(layer_class_to_replicate=_BufferLayer)
+    return Cache(layers=list(layers))
+
+
+def _trim(cache: Cache, valid: torch.Tensor):
     """Drop leading cache columns that are padding in every row (left by rows that have finished),
-    so attention and cache growth do not pay for them."""
+    so attention does not pay for them."""
     start = int(valid.any(0).long().argmax())
     if start == 0:
         return cache, valid
-    layers = [(layer.keys[:, :, start:], layer.values[:, :, start:]) for layer in cache.layers]
-    return DynamicCache(ddp_cache_data=layers), valid[:, start:]
+    for layer in cache.layers:
+        layer.trim(start)
+    return cache, valid[:, start:]
 
 
-def _merge(cache: DynamicCache, valid: torch.Tensor, other: DynamicCache, other_valid: torch.Tensor):
-    """Join two running batches: left-pad the shorter cache (padding is masked out) and stack them."""
+def _merge(cache: Cache, valid: torch.Tensor, other: Cache, other_valid: torch.Tensor):
+    """Join two running batches: left-pad the shorter cache (padding is masked out, and zero, since
+    a masked NaN would still poison the weighted sum) and stack them into one buffer with room."""
     la, lb = valid.shape[1], other_valid.shape[1]
     width = max(la, lb)
+    rows = valid.shape[0]
     layers = []
     for a, b in zip(cache.layers, other.layers):
-        k = torch.cat([F.pad(a.keys, (0, 0, width - la, 0)), F.pad(b.keys, (0, 0, width - lb, 0))])
-        v = torch.cat([F.pad(a.values, (0, 0, width - la, 0)), F.pad(b.values, (0, 0, width - lb, 0))])
-        layers.append((k, v))
+        pair = []
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+            buf = x.new_empty(rows + y.shape[0], x.shape[1], width + max(64, width // 2), x.shape[3])
+            for r0, part in ((0, x), (rows, y)):
+                r1, pad = r0 + part.shape[0], width - part.shape[2]
+                buf[r0:r1, :, :pad] = 0
+                buf[r0:r1, :, pad:width] = part
+            pair.append(buf)
+        layers.append(_BufferLayer().set(*pair, width))
     mask = torch.cat([F.pad(valid, (width - la, 0), value=False), F.pad(other_valid, (width - lb, 0), value=False)])
-    return DynamicCache(ddp_cache_data=layers), mask
+    return _cache(layers), mask
 
 
 class HFEngine:
@@ -253,7 +326,7 @@ class HFEngine:
                     input_ids=new,
                     position_ids=torch.arange(start, len(tokens), device=self.device)[None],
                     attention_mask=self._causal(torch.ones(1, new.shape[1], dtype=torch.bool, device=self.device)),
-                    cache=DynamicCache(), use_cache=True, logits_to_keep=1,
+                    cache=_cache(), use_cache=True, logits_to_keep=1,
                 )
             kv = [(layer.keys, layer.values) for layer in out.cache.layers]
             if kv_prev:
@@ -304,7 +377,7 @@ class HFEngine:
         pos = (valid.long().cumsum(1) - 1).clamp(min=0) + lcp
         with _use_prefix(prefix):
             out = self.model(input_ids=ids, attention_mask=self._causal(valid), position_ids=pos,
-                             cache=DynamicCache(), use_cache=True, logits_to_keep=keep)
+                             cache=_cache(), use_cache=True, logits_to_keep=keep)
         self.stats["prompt_tokens"] += sum(len(r) for r in rows)
         self.stats["prefix_tokens_reused"] += lcp * (len(rows) - 1)
         return out.logits, out.cache, valid, pos[:, -1] + 1, prefix
