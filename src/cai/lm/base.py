@@ -20,9 +20,12 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from cai.config import Sampling
+
+if TYPE_CHECKING:
+    from cai.journal import Journal
 
 # A chat message {"role": "system" | "user" | "assistant", "content": text}; the one definition.
 Message = dict[str, str]
@@ -60,6 +63,11 @@ Request = tuple[Sequence[Message], Sampling, int]
 Program = Generator[Request, Completion, Any]
 
 
+# Called after each finished model call with the tokens it generated; `replayed` when the call's
+# completion came from a journal (cai/journal.py) rather than the model.
+OnCall = Callable[..., None]
+
+
 @runtime_checkable
 class RunsPrograms(Protocol):
     """A back-end that can interleave programs itself, sending a program's next request as soon
@@ -67,15 +75,35 @@ class RunsPrograms(Protocol):
     does not: in measurements here, lockstep steps decoded as fast, since most requests of a step
     run to the same token limit and finish together."""
 
-    def run_programs(self, programs: Sequence[Program], on_done: Callable[[], None] | None = None) -> None: ...
+    def run_programs(self, programs: Sequence[Program], on_done: OnCall | None = None) -> None: ...
 
 
-def run_programs(lm: LM, programs: Sequence[Program], on_done: Callable[[], None] | None = None) -> None:
+def run_programs(lm: LM, programs: Sequence[Program], on_done: OnCall | None = None,
+                 journal: Journal | None = None) -> None:
     """Run programs to completion: interleaved by the back-end when it can, else in lockstep, one
-    `generate` call per step for all programs that wait with the same sampling settings."""
+    `generate` call per step for all programs that wait with the same sampling settings.
+
+    With a `journal`, requests it holds are answered from it and every finished call is written to
+    it (one line per lockstep step), so a killed run resumes at its last finished step."""
+    if journal is not None:
+        from cai.journal import journaled
+
+        replay = None if on_done is None else (lambda c: on_done(0, replayed=True))
+        programs = journaled(programs, journal, replay)
     if isinstance(lm, RunsPrograms):
         lm.run_programs(programs, on_done)
         return
+    if journal is not None:
+        journal.batched = True
+    try:
+        _lockstep(lm, programs, on_done, journal)
+    finally:
+        if journal is not None:  # a step cut short by an error is not kept: steps land whole
+            journal.discard()
+            journal.batched = False
+
+
+def _lockstep(lm: LM, programs: Sequence[Program], on_done: OnCall | None, journal: Journal | None) -> None:
     waiting: dict[int, Request] = {}
     for i, prog in enumerate(programs):
         with contextlib.suppress(StopIteration):  # a program may need no model at all
@@ -89,11 +117,13 @@ def run_programs(lm: LM, programs: Sequence[Program], on_done: Callable[[], None
             comps = lm.generate([waiting[i][0] for i in ids], sampling, seeds=[waiting[i][2] for i in ids])
             for i, c in zip(ids, comps):
                 if on_done is not None:
-                    on_done()
+                    on_done(c[0].num_tokens)
                 try:
                     waiting[i] = programs[i].send(c[0])
                 except StopIteration:
                     del waiting[i]
+            if journal is not None:
+                journal.commit()
 
 
 def normalize(logprobs: Sequence[float]) -> list[float]:

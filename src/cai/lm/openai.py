@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 
 from cai.config import ModelConfig, Sampling
-from cai.lm.base import BackendError, BudgetExhausted, Completion, Message, Program, Request
+from cai.lm.base import BackendError, BudgetExhausted, Completion, Message, OnCall, Program, Request
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +373,7 @@ class OpenAIModel:
                        for i, c in enumerate(conversations)), store)
         return out
 
-    def run_programs(self, programs: Sequence[Program], on_done: Callable[[], None] | None = None) -> None:
+    def run_programs(self, programs: Sequence[Program], on_done: OnCall | None = None) -> None:
         """Run programs interleaved: each program's next request is sent as soon as its previous
         one is answered, up to `max_concurrency` requests in flight."""
         steps = [0] * len(programs)
@@ -383,11 +383,12 @@ class OpenAIModel:
             return self._chat_job(i, conversation, sampling, 1, seed, f"program {i}, request {steps[i]}")
 
         def advance(i: int, choices: list[tuple[str, str, int]]) -> list[_Job]:
+            completion = self._completions(choices)[0]
             if on_done is not None:
-                on_done()
+                on_done(completion.num_tokens)
             steps[i] += 1
             try:
-                return [job(i, programs[i].send(self._completions(choices)[0]))]
+                return [job(i, programs[i].send(completion))]
             except StopIteration:
                 return []
 

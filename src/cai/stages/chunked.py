@@ -20,6 +20,7 @@ with their own settings, then hand `run_chunks` their input records and a pickla
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import closing
 from typing import Any
@@ -88,13 +89,7 @@ def _map(stage: Stage, todo: list[list[Row]], total: int, work: Work, lm_factory
     with tqdm(total=total, initial=total - left, desc=desc, unit=unit) as bar:
         tick = None
         if calls is not None:
-            want = [calls(chunk) for chunk in todo]
-            made = [0] * len(todo)
-
-            def tick(i: int) -> None:
-                made[i] += 1
-                if made[i] % 8 == 0 or made[i] == want[i]:
-                    bar.set_postfix_str(f"chunk {i + 1}/{len(todo)}: {made[i]}/{want[i]} model calls")
+            tick = _CallProgress(bar, [calls(chunk) for chunk in todo])
 
         with closing(map_chunks(todo, work, lm_factory, ray_cfg, tick, stage.name)) as results:
             for i, rows in results:
@@ -102,3 +97,40 @@ def _map(stage: Stage, todo: list[list[Row]], total: int, work: Work, lm_factory
                 bar.update(len(rows))
                 if on_chunk is not None:
                     on_chunk(i)
+
+
+class _CallProgress:
+    """Model calls as they finish, shown beside the record count: the chunk's calls, tokens per
+    second, and the time left at the rate of this run's calls so far (calls answered from a
+    journal count as done, not towards the rate). Records land a chunk at a time; this moves with
+    every call."""
+
+    def __init__(self, bar: tqdm, want: list[int]):
+        self.bar, self.want = bar, want
+        self.made = [0] * len(want)
+        self.fresh = self.tokens = 0
+        self.start = time.monotonic()
+        self.shown = 0.0
+
+    def __call__(self, i: int, tokens: int = 0, replayed: bool = False) -> None:
+        self.made[i] += 1
+        if not replayed:
+            self.fresh += 1
+            self.tokens += tokens
+        now = time.monotonic()
+        if now - self.shown < 0.5 and self.made[i] < self.want[i]:
+            return
+        self.shown = now
+        parts = [f"chunk {i + 1}/{len(self.want)}: {self.made[i]}/{self.want[i]} calls"]
+        elapsed = now - self.start
+        if self.fresh and elapsed > 0:
+            if self.tokens:
+                parts.append(f"{self.tokens / elapsed:.1f} tok/s")
+            todo = sum(self.want) - sum(self.made)
+            parts.append(f"~{_clock(todo * elapsed / self.fresh)} left")
+        self.bar.set_postfix_str(", ".join(parts))
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"

@@ -8,8 +8,9 @@ not replace the answer; it is recorded with its reason. Helpfulness prompts get 
 from the same model (zero rounds).
 
 Records are processed in fixed chunks of `sl.chunk_size`, all steps of a chunk batched together,
-and each finished chunk is appended to the run directory, so a killed run resumes at the next chunk
-(cai/stages/chunked.py). With `ray.enabled` the chunks are spread over Ray workers (cai/cluster.py);
+and each finished chunk is appended to the run directory (cai/stages/chunked.py); within a chunk,
+each finished step (an answer, critique or revision for every prompt of the chunk) goes to a
+journal (cai/journal.py), so a killed run resumes at the step it was in and loses at most that one. With `ray.enabled` the chunks are spread over Ray workers (cai/cluster.py);
 the rows are the same.
 
     cai run configs/quickstart.yaml --to sl_generate
@@ -24,7 +25,9 @@ from typing import Any
 
 from cai.config import PipelineConfig, SLConfig, fingerprint, model_identity, plain
 from cai.constitution import Constitution
-from cai.lm.base import LM, Program, run_programs
+from cai.journal import FILE as JOURNAL
+from cai.journal import Journal
+from cai.lm.base import LM, OnCall, Program, run_programs
 from cai.records import STATUS_DEGENERATE, STATUS_DROPPED, STATUS_OK, degenerate_reason, stable_seed
 from cai.rundir import Stage
 from cai.stages.chunked import run_chunks
@@ -74,16 +77,17 @@ def finalize(row: dict[str, Any], rounds: int) -> dict[str, Any]:
 
 
 def process_chunk(rows: list[dict[str, Any]], lm: LM, constitution: Constitution, cfg: SLConfig,
-                  seed: int, on_call: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+                  seed: int, on_call: OnCall | None = None, journal: Journal | None = None) -> list[dict[str, Any]]:
     """The SL-CAI core for one chunk of prompt rows: pure apart from the model calls.
 
     Each prompt's chain runs as a program (`record_program`); the programs advance in lockstep, one
     batched call per step, unless the back-end interleaves them itself. `on_call` is called after
-    each finished model call (for progress display).
+    each finished model call (for progress display). With a `journal` (cai/journal.py), finished
+    calls are kept as they come and a resumed chunk starts after its last finished step.
     """
     out = [{k: r[k] for k in ("record_id", "kind", "prompt", "category", "source")} for r in rows]
     scaffold = constitution.scaffold_phrases()
-    run_programs(lm, [record_program(o, constitution, cfg, seed, scaffold) for o in out], on_call)
+    run_programs(lm, [record_program(o, constitution, cfg, seed, scaffold) for o in out], on_call, journal)
     return [finalize(o, cfg.rounds) for o in out]
 
 
@@ -105,11 +109,12 @@ def count(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def generate_chunk(lm: LM, rows: list[dict[str, Any]], on_call: Callable[[], None] | None, *,
-                   constitution: Constitution, cfg: SLConfig, seed: int) -> list[dict[str, Any]]:
+def generate_chunk(lm: LM, rows: list[dict[str, Any]], on_call: OnCall | None, *,
+                   constitution: Constitution, cfg: SLConfig, seed: int,
+                   journal: Journal | None = None) -> list[dict[str, Any]]:
     """One chunk's finished rows with their provenance, as a Ray worker or this process makes them."""
     extra = {"constitution_hash": constitution.hash, "model": lm.name, "seed": seed}
-    return [{**row, **extra} for row in process_chunk(rows, lm, constitution, cfg, seed, on_call)]
+    return [{**row, **extra} for row in process_chunk(rows, lm, constitution, cfg, seed, on_call, journal)]
 
 
 def run(cfg: PipelineConfig, lm_factory: Callable[[], LM], constitution: Constitution,
@@ -120,9 +125,15 @@ def run(cfg: PipelineConfig, lm_factory: Callable[[], LM], constitution: Constit
     settings = plain({"sl": cfg.sl, "model": model_identity(cfg.model), "seed": cfg.seed,
                       "constitution_hash": constitution.hash, "inputs": inputs_fp})
     stage = Stage(cfg.run_dir, NAME, fingerprint(settings), settings, allow_changed)
-    work = functools.partial(generate_chunk, constitution=constitution, cfg=cfg.sl, seed=cfg.seed)
+    # The journal keeps each finished step of a chunk, so a kill loses at most the step in flight
+    # (not on Ray, whose workers need not share the run directory: there a kill loses the chunks
+    # in flight).
+    journal = None if cfg.ray.enabled else Journal(stage.dir / JOURNAL, stage.fingerprint)
+    work = functools.partial(generate_chunk, constitution=constitution, cfg=cfg.sl, seed=cfg.seed, journal=journal)
     # Stable chunks: a resumed run batches each prompt with the same neighbours as an uninterrupted one.
     run_chunks(stage, inputs, work, lm_factory, cfg.ray, chunk_size=cfg.sl.chunk_size, count=count, unit="prompt",
                manifest={"constitution_hash": constitution.hash}, stable_chunks=True,
                calls=functools.partial(calls_per_chunk, rounds=cfg.sl.rounds), on_chunk=on_chunk)
+    if journal is not None:
+        journal.remove()
     return stage

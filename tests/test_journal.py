@@ -1,0 +1,153 @@
+"""The journal of finished model calls: a kill inside a chunk loses at most the step in flight."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cai import pipeline
+from cai.config import Sampling, load_config
+from cai.journal import FILE, Journal
+from cai.lm.base import Completion, run_programs
+from cai.stages.chunked import _CallProgress
+
+
+class Killed(Exception):
+    pass
+
+
+def _cfg(tmp_path, name, *extra):
+    # one chunk of 4 red-team prompts and 2 helpful ones, 3 rounds: 7 lockstep steps
+    return load_config(None, [f"run_dir={tmp_path / name}", "prompts.red_team=[{path: 'builtin:red_team', limit: 4}]",
+                              "sl.rounds=3", "sl.few_shot=1", "sl.chunk_size=48", "sl.helpful_fraction=0.34", *extra])
+
+
+def _dying(base, after_calls):
+    """A model that is killed when asked for its `after_calls`+1-th batch."""
+
+    class Dying(base):
+        def generate(self, conversations, sampling, n=1, seeds=None):
+            if len(self.calls) == after_calls:
+                raise Killed
+            return super().generate(conversations, sampling, n, seeds)
+
+    return Dying
+
+
+def test_a_kill_inside_a_chunk_resumes_at_the_step_it_was_in(tmp_path, scripted):
+    whole = _cfg(tmp_path, "whole")
+    full = scripted()
+    pipeline.run(whole, stop="sl_generate", lm_factory=lambda: full)
+    expected = (tmp_path / "whole" / "sl_generate" / "rows.jsonl").read_bytes()
+    assert len(full.calls) == 7 and not (tmp_path / "whole" / "sl_generate" / FILE).exists()
+
+    broken = _cfg(tmp_path, "broken")
+    dying = _dying(scripted, 4)()
+    with pytest.raises(Killed):
+        pipeline.run(broken, stop="sl_generate", lm_factory=lambda: dying)
+    folder = tmp_path / "broken" / "sl_generate"
+    assert not (folder / "rows.jsonl").exists() or not (folder / "rows.jsonl").read_text()
+    steps = (folder / FILE).read_text().splitlines()[1:]
+    assert [len(json.loads(s)) for s in steps] == [len(full.calls[k][0]) for k in range(4)]
+
+    resumed = scripted()
+    pipeline.run(broken, stop="sl_generate", lm_factory=lambda: resumed)
+    # only the three steps the kill cut off are asked again, each with the whole chunk's requests
+    assert [c[0] for c in resumed.calls] == [c[0] for c in full.calls[4:]]
+    assert (folder / "rows.jsonl").read_bytes() == expected
+    assert not (folder / FILE).exists()
+
+
+def test_a_kill_inside_a_chunk_of_the_real_model_resumes_to_the_same_rows(tmp_path, lm):
+    tiny = ("sl.rounds=2", "sl.response.max_new_tokens=10", "sl.critique.max_new_tokens=8",
+            "sl.revision.max_new_tokens=10", "sl.helpful_fraction=0")
+    pipeline.run(_cfg(tmp_path, "whole", *tiny), stop="sl_generate", lm_factory=lambda: lm)
+    expected = (tmp_path / "whole" / "sl_generate" / "rows.jsonl").read_bytes()
+
+    calls = []
+
+    class Dying:
+        name = lm.name
+
+        def generate(self, conversations, sampling, n=1, seeds=None):
+            if len(calls) == 3:
+                raise Killed
+            calls.append(len(conversations))
+            return lm.generate(conversations, sampling, n, seeds)
+
+        def score_options(self, contexts, options):
+            return lm.score_options(contexts, options)
+
+    broken = _cfg(tmp_path, "broken", *tiny)
+    with pytest.raises(Killed):
+        pipeline.run(broken, stop="sl_generate", lm_factory=Dying)
+    pipeline.run(broken, stop="sl_generate", lm_factory=lambda: lm)
+    assert (tmp_path / "broken" / "sl_generate" / "rows.jsonl").read_bytes() == expected
+
+
+def _program(prompt, steps=3):
+    text = prompt
+    for k in range(steps):
+        c = yield [{"role": "user", "content": text}], Sampling(max_new_tokens=5), k
+        text = c.text
+
+
+def test_a_torn_last_line_is_dropped_and_another_fingerprint_is_ignored(tmp_path, scripted):
+    path = tmp_path / FILE
+    journal = Journal(path, "fp1")
+    first = scripted()
+    run_programs(first, [_program("a"), _program("b")], journal=journal)
+    assert len(first.calls) == 3 and len(path.read_text().splitlines()) == 4
+    with open(path, "a") as f:
+        f.write('[["abc", "cut')  # a kill in the middle of a write
+
+    again = scripted()
+    replayed = []
+    run_programs(again, [_program("a"), _program("b"), _program("c")], lambda *a, **kw: replayed.append(kw),
+                 journal=Journal(path, "fp1"))
+    # a and b are answered from the journal (6 calls); only c reaches the model
+    assert len(again.calls) == 3 and all(len(c[0]) == 1 for c in again.calls)
+    assert sum(1 for r in replayed if r.get("replayed")) == 6
+    assert path.read_text().endswith("\n")
+
+    other = scripted()
+    run_programs(other, [_program("a")], journal=Journal(path, "fp2"))
+    assert len(other.calls) == 3
+    assert json.loads(path.read_text().splitlines()[0]) == {"fingerprint": "fp2"}
+
+
+def test_a_step_cut_short_by_an_error_is_not_kept(tmp_path, scripted):
+    path = tmp_path / FILE
+
+    def prog():
+        c = yield [{"role": "user", "content": "x"}], Sampling(max_new_tokens=5), 0
+        raise ValueError(c.text)
+
+    with pytest.raises(ValueError):
+        run_programs(scripted(), [_program("a"), prog()], journal=Journal(path, "fp"))
+    assert path.read_text().splitlines()[1:] == []
+
+
+def test_progress_shows_calls_tokens_per_second_and_time_left():
+    class Bar:
+        text = ""
+
+        def set_postfix_str(self, s):
+            self.text = s
+
+    bar = Bar()
+    tick = _CallProgress(bar, [4, 4])
+    tick(0, 0, replayed=True)
+    assert "left" not in bar.text  # nothing measured yet
+    for _ in range(3):
+        tick(0, 20)
+    assert bar.text.startswith("chunk 1/2: 4/4 calls") and "tok/s" in bar.text and "left" in bar.text
+
+
+def test_completions_round_trip_through_the_file(tmp_path):
+    j = Journal(tmp_path / FILE, "fp")
+    req = ([{"role": "user", "content": "é"}], Sampling(), 7)
+    j.add(req, Completion("réponse", "length", 3))
+    assert Journal(tmp_path / FILE, "fp").get(req) == Completion("réponse", "length", 3)
+    assert Journal(tmp_path / FILE, "fp").get((req[0], Sampling(), 8)) is None
