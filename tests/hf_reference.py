@@ -50,10 +50,14 @@ class HFReference:
         import torch
 
         hf = self.hf
-        with torch.no_grad():
-            x = torch.tensor([hf.encode(conv)], device=hf.device)
-            gen = hf.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
-                                    do_sample=False)[0, x.shape[1]:].tolist()
+        hf.model.set_attn_implementation("sdpa")  # plain attention, as transformers ships it
+        try:
+            with torch.no_grad():
+                x = torch.tensor([hf.encode(conv)], device=hf.device)
+                gen = hf.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens,
+                                        do_sample=False)[0, x.shape[1]:].tolist()
+        finally:
+            hf.model.set_attn_implementation("cai_prefix")
         for k, t in enumerate(gen):
             if t in hf.eos_ids:
                 return gen[: k + 1]

@@ -185,11 +185,15 @@ def test_openai_backend_generates_on_vllm_serve(served, hf_ref, vllm_server):
           f"{tokens / secs:.1f} tok/s")
 
 
-def test_openai_backend_scores_options_through_prompt_logprobs(served, hf_ref):
+def test_openai_backend_scores_options_through_prompt_logprobs_and_echo(served, hf_ref, vllm_server):
     contexts, options = _scoring_cases()
-    got = served.score_options(contexts, options)
     want = hf_ref.score_options(contexts, options)
-    diff = max(abs(x - y) for g, w in zip(got, want) for x, y in zip(g, w))
-    print(f"OpenAI back-end on vllm serve, prompt_logprobs: largest option log-prob difference {diff:.2e} nats")
-    for g, w in zip(got, want):
-        assert g == pytest.approx(w, abs=1e-3)
+    got = served.score_options(contexts, options)  # model.openai.scoring: prompt_logprobs
+    with load_lm(ModelConfig(name="smollm2-135m", backend="openai",
+                             openai=OpenAIConfig(base_url=vllm_server[0], scoring="echo"))) as echo:
+        got_echo = echo.score_options(contexts, options)
+    for mode, scores in (("prompt_logprobs", got), ("echo", got_echo)):
+        diff = max(abs(x - y) for g, w in zip(scores, want) for x, y in zip(g, w))
+        print(f"OpenAI back-end on vllm serve, scoring {mode}: largest option log-prob difference {diff:.2e} nats")
+        for g, w in zip(scores, want):
+            assert g == pytest.approx(w, abs=1e-3)
