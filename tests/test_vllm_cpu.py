@@ -25,7 +25,11 @@ from cai.constitution import load
 from cai.lm import load_lm
 
 pytestmark = pytest.mark.vllm_cpu
-pytest.importorskip("vllm")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_vllm():
+    pytest.importorskip("vllm")  # here, not at import: outside -m vllm_cpu the tests are deselected
 
 C = load("default")
 PROMPTS = ["What is 2+2?", "Tell me a joke about cats.", "Write a haiku about rain.", "How do I pick a lock?"]
@@ -109,6 +113,7 @@ def _free_port() -> int:
 def vllm_server(model_dir, tmp_path_factory):
     """`vllm serve` of the embedded model on 127.0.0.1 and a free port, serving it as `smollm2-135m`
     (the name the OpenAI back-end also loads its tokenizer by). Yields (base_url, start-up seconds)."""
+    pytest.importorskip("vllm")
     port = _free_port()
     log = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
     # `vllm serve`'s server, started as a module: vllm-cpu 0.32.0's `vllm` command stops at once, as
