@@ -3,6 +3,7 @@ scripted model for checking exactly what stages send."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,3 +96,71 @@ def tiny_model_dir(model_dir, tmp_path_factory) -> str:
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id).save_pretrained(out)
     return str(out)
+
+
+# ---- a real vLLM engine and the transformers reference (tests marked gpu / vllm_cpu) -------------
+
+
+def _transformers_fits_the_project() -> bool:
+    """Whether the installed transformers is one the project's transformers back-end runs on (not
+    so in vLLM's CPU venv, whose vllm-cpu pins an older one)."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    try:
+        reqs = [Requirement(r) for r in importlib.metadata.requires("constitutional-ai") or []]
+    except importlib.metadata.PackageNotFoundError:
+        return True
+    spec = next((r.specifier for r in reqs if r.name == "transformers"), None)
+    return spec is None or spec.contains(importlib.metadata.version("transformers"), prereleases=True)
+
+
+@pytest.fixture(scope="session")
+def vllm_lm(model_dir):
+    """The vLLM back-end on a real engine in fp32: on a CUDA GPU, or on vLLM's CPU build.
+    `startup_s` holds the seconds `load_lm` took."""
+    import time
+
+    pytest.importorskip("vllm")
+    import torch
+    from vllm.platforms import current_platform
+
+    from cai.config import ModelConfig, VLLMConfig
+    from cai.lm import load_lm
+
+    if torch.cuda.is_available():
+        v = VLLMConfig(gpu_memory_utilization=0.3, max_model_len=4096, enforce_eager=True)
+    elif current_platform.is_cpu():
+        # 1 GiB of KV cache holds ~23k tokens of this model; the engine's default is larger.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        v = VLLMConfig(max_model_len=2048, enforce_eager=True)
+    else:
+        pytest.skip(f"needs a CUDA GPU or vLLM's CPU build (vLLM's platform here: {current_platform})")
+    t0 = time.perf_counter()
+    lm = load_lm(ModelConfig(name=model_dir, backend="vllm", dtype="float32", vllm=v))
+    lm.startup_s = time.perf_counter() - t0
+    yield lm
+    with contextlib.suppress(Exception):  # the engine process; left alone, vLLM ends it at exit
+        lm.llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture(scope="session")
+def hf_ref(model_dir):
+    """The transformers back-end in fp32 as a reference (tests/hf_reference.py): in process where
+    its transformers fits, else in the Python named by CAI_HF_PYTHON (default: the project's main
+    venv, .venv/bin/python)."""
+    import torch
+    from hf_reference import HFReference, SubprocessReference
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if _transformers_fits_the_project():
+        yield HFReference(model_dir, device)
+        return
+    python = os.environ.get("CAI_HF_PYTHON") or str(ROOT / ".venv" / "bin" / "python")
+    if not Path(python).is_file():
+        pytest.skip(f"the transformers back-end needs transformers >= 5.24 (here an older one, pinned by vLLM): "
+                    f"set CAI_HF_PYTHON to the main venv's python (no {python})")
+    ref = SubprocessReference(python, model_dir, str(ROOT / "src"))
+    yield ref
+    ref.close()

