@@ -21,6 +21,7 @@ from cai.config import PromptSource, Sampling, load_config
 from cai.constitution import load
 from cai.lm.base import Completion
 from cai.lm.hf import HFModel
+from cai.models import _bf16_speed_ratio as bf16_speed
 from cai.models import cpu_description, load_model
 from cai.sources import read_source
 from cai.stages.sl_generate import process_chunk
@@ -87,7 +88,7 @@ def main() -> None:
     lm = HFModel.from_config(replace(cfg.model, batch_size=args.batch_size))
     naive_model, naive_tok = load_model(cfg.model.name, cfg.model.dtype)
     naive = NaiveLM(naive_model, naive_tok)
-    print(cpu_description())
+    print(f"{cpu_description()}; bf16 matrix products {bf16_speed():.2f}x fp32's speed")
     print(f"model {cfg.model.name}, dtype {lm.model.dtype}, {torch.get_num_threads()} threads, "
           f"{args.rounds} rounds, {sl.few_shot} few-shot examples")
 

@@ -68,7 +68,7 @@ def lm32(model_dir):
 
 @pytest.fixture(scope="session")
 def lm(model_dir):
-    """The real tiny model as the pipeline runs it (bf16 where the CPU has it)."""
+    """The real tiny model as the pipeline runs it (bf16 where the CPU runs it fast, else fp32)."""
     from cai.config import ModelConfig
     from cai.lm.hf import HFModel
 

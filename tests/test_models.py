@@ -73,3 +73,25 @@ def test_remote_code_stays_off_by_default(model_dir, monkeypatch):
 
     load_model(model_dir)
     assert seen["trust_remote_code"] is False and seen["use_safetensors"] is True
+
+
+def test_auto_dtype_on_a_cpu_takes_bf16_only_where_it_measures_faster(monkeypatch, tmp_path):
+    import torch
+
+    from cai import models
+
+    monkeypatch.setenv("CAI_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    measured = []
+    monkeypatch.setattr(models, "_bf16_speed_ratio", lambda: measured.append(1) or 0.65)
+    assert models.pick_dtype("auto", "cpu") == torch.float32
+    assert models.pick_dtype("auto", "cpu") == torch.float32 and len(measured) == 1  # kept, not measured again
+    (tmp_path / "cpu-dtype.json").unlink()
+    monkeypatch.setattr(models, "_bf16_speed_ratio", lambda: 4.7)
+    assert models.pick_dtype("auto", "cpu") == torch.bfloat16
+    assert models.pick_dtype("bfloat16", "cpu") == torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)  # emulated bf16 is never picked
+    assert models.pick_dtype("auto", "cpu") == torch.float32
+    (tmp_path / "cpu-dtype.json").write_text("{not json")  # a damaged file is measured again
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    assert models.pick_dtype("auto", "cpu") == torch.bfloat16

@@ -120,9 +120,9 @@ def train(model_cfg: ModelConfig, rows: list[dict[str, Any]], cfg: SFTConfig, ou
 def _bf16_ok(device: str) -> bool:
     import torch
 
-    from cai.models import cpu_has_bf16
+    from cai.models import cpu_bf16_pays
 
-    return torch.cuda.is_bf16_supported() if device.startswith("cuda") else cpu_has_bf16()
+    return torch.cuda.is_bf16_supported() if device.startswith("cuda") else cpu_bf16_pays()
 
 
 def run(cfg: PipelineConfig, inputs: list[dict[str, Any]], inputs_fp: str, allow_changed: bool = False) -> Stage:
