@@ -151,3 +151,12 @@ def test_completions_round_trip_through_the_file(tmp_path):
     j.add(req, Completion("réponse", "length", 3))
     assert Journal(tmp_path / FILE, "fp").get(req) == Completion("réponse", "length", 3)
     assert Journal(tmp_path / FILE, "fp").get((req[0], Sampling(), 8)) is None
+
+
+def test_a_damaged_journal_is_started_again_with_a_warning(tmp_path, scripted):
+    path = tmp_path / FILE
+    path.write_text(json.dumps({"fingerprint": "fp"}) + "\n" + '{"not": "a step"}\n')
+    lm = scripted()
+    with pytest.warns(UserWarning, match="calls will be made again"):
+        run_programs(lm, [_program("a")], journal=Journal(path, "fp"))
+    assert len(lm.calls) == 3 and len(path.read_text().splitlines()) == 4

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,11 +73,16 @@ class Journal:
             lines = lines[:-1]
             with open(self.path, "r+b") as f:
                 f.truncate(sum(len(line) + 1 for line in lines))
-        for line in lines[1:]:
-            if not line.strip():
-                continue
-            for key, text, finish, num in json.loads(line):
-                self._done[key] = Completion(text, finish, num)
+        try:
+            for line in lines[1:]:
+                if line.strip():
+                    for key, text, finish, num in json.loads(line):
+                        self._done[key] = Completion(text, finish, num)
+        except (ValueError, TypeError):  # damaged by hand or by a disk: start again, the rows stand
+            warnings.warn(f"{self.path}: not a journal this version can read; its calls will be made again",
+                          stacklevel=2)
+            self._done = {}
+            self._start()
         return self._done
 
     def _start(self) -> None:

@@ -103,14 +103,13 @@ class _CallProgress:
     """Model calls as they finish, shown beside the record count: the chunk's calls, tokens per
     second, and the time left at the rate of this run's calls so far (calls answered from a
     journal count as done, not towards the rate). Records land a chunk at a time; this moves with
-    every call."""
+    every call (a lockstep step's calls all finish together, so the last of them is what stays shown)."""
 
     def __init__(self, bar: tqdm, want: list[int]):
         self.bar, self.want = bar, want
         self.made = [0] * len(want)
         self.fresh = self.tokens = 0
         self.start = time.monotonic()
-        self.shown = 0.0
 
     def __call__(self, i: int, tokens: int = 0, replayed: bool = False) -> None:
         self.made[i] += 1
@@ -118,9 +117,6 @@ class _CallProgress:
             self.fresh += 1
             self.tokens += tokens
         now = time.monotonic()
-        if now - self.shown < 0.5 and self.made[i] < self.want[i]:
-            return
-        self.shown = now
         parts = [f"chunk {i + 1}/{len(self.want)}: {self.made[i]}/{self.want[i]} calls"]
         elapsed = now - self.start
         if self.fresh and elapsed > 0:
