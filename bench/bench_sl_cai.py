@@ -107,6 +107,34 @@ def main() -> None:
     st = lm.stats
     print(f"prefix tokens reused: {st['prefix_tokens_reused']} of {st['prompt_tokens']} prompt tokens; "
           f"prefill {st['prefill_s']:.1f}s, decode {st['decode_s']:.1f}s over {st['decode_steps']} steps")
+    roofline(lm.model, st)
+
+
+def roofline(model, st) -> None:
+    """What a decode step costs against what this machine can do: the weights read once per step at
+    the measured memory bandwidth, and the step's matrix work at the measured matrix-product speed."""
+    dtype = next(model.parameters()).dtype
+    big = torch.ones(64 << 20)  # 256 MB of fp32
+    big.sum()
+    t = time.perf_counter()
+    for _ in range(5):
+        big.sum()
+    bandwidth = 5 * big.numel() * 4 / (time.perf_counter() - t)
+    a, w = torch.randn(512, 576, dtype=dtype), torch.randn(1536, 576, dtype=dtype)
+    torch.nn.functional.linear(a, w)
+    t = time.perf_counter()
+    for _ in range(10):
+        torch.nn.functional.linear(a, w)
+    flops = 10 * 2 * 512 * 576 * 1536 / (time.perf_counter() - t)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters())
+    steps = max(st["decode_steps"], 1)
+    rows = st["generated_tokens"] / steps  # mean rows per step (end-of-sequence tokens are not counted)
+    per_step = st["decode_s"] / steps
+    memory, compute = weights / bandwidth, 2 * params * rows / flops
+    print(f"roofline: {bandwidth / 1e9:.1f} GB/s read, {flops / 1e9:.0f} GFLOP/s ({dtype}); a decode step "
+          f"took {per_step * 1000:.0f} ms at ~{rows:.0f} rows, against {memory * 1000:.0f} ms to read the weights "
+          f"and {compute * 1000:.0f} ms of matrix work ({per_step / max(memory, compute):.1f}x the larger)")
 
 
 if __name__ == "__main__":
