@@ -160,3 +160,44 @@ def test_a_damaged_journal_is_started_again_with_a_warning(tmp_path, scripted):
     with pytest.warns(UserWarning, match="calls will be made again"):
         run_programs(lm, [_program("a")], journal=Journal(path, "fp"))
     assert len(lm.calls) == 3 and len(path.read_text().splitlines()) == 4
+
+
+def test_a_back_end_that_interleaves_programs_journals_each_call_as_it_comes(tmp_path, scripted):
+    class Interleaving:
+        """Advances one program at a time, one request at a time, as a concurrent HTTP back-end may."""
+
+        name = "interleaving"
+
+        def __init__(self):
+            self.inner = scripted()
+
+        def generate(self, conversations, sampling, n=1, seeds=None):
+            return self.inner.generate(conversations, sampling, n, seeds)
+
+        def score_options(self, contexts, options):
+            return self.inner.score_options(contexts, options)
+
+        def run_programs(self, programs, on_done=None):
+            for p in programs:
+                try:
+                    req = next(p)
+                    while True:
+                        c = self.generate([req[0]], req[1], seeds=[req[2]])[0][0]
+                        if on_done is not None:
+                            on_done(c.num_tokens)
+                        req = p.send(c)
+                except StopIteration:
+                    pass
+
+    path = tmp_path / FILE
+    first = Interleaving()
+    with pytest.raises(Killed):
+        def dying():
+            yield from _program("b", 2)
+            raise Killed
+
+        run_programs(first, [_program("a"), dying()], journal=Journal(path, "fp"))
+    assert [len(json.loads(s)) for s in path.read_text().splitlines()[1:]] == [1] * 5
+    again = Interleaving()
+    run_programs(again, [_program("a"), _program("b")], journal=Journal(path, "fp"))
+    assert len(again.inner.calls) == 1  # only b's third call was never made
