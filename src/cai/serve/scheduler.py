@@ -256,6 +256,9 @@ class Scheduler:
             if w.pending == 0:
                 w.future.set_result([q.results for q in w.payload])
 
+        # Recorded before any answer goes out (requests that join update it in place), so a client
+        # that has its answer finds the run that made it in `runs`.
+        self.runs.append(stat)
         try:
             self.engine.run_requests([r for w in works for r in w.payload], admit, done)
         except Exception as e:  # noqa: BLE001
@@ -263,5 +266,3 @@ class Scheduler:
                 if not w.future.done():
                     w.future.set_exception(e)
             raise
-        finally:
-            self.runs.append(stat)
