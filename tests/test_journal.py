@@ -124,9 +124,13 @@ def test_a_step_cut_short_by_an_error_is_not_kept(tmp_path, scripted):
         c = yield [{"role": "user", "content": "x"}], Sampling(max_new_tokens=5), 0
         raise ValueError(c.text)
 
+    journal = Journal(path, "fp")
     with pytest.raises(ValueError):
-        run_programs(scripted(), [_program("a"), prog()], journal=Journal(path, "fp"))
+        run_programs(scripted(), [_program("a"), prog()], journal=journal)
     assert path.read_text().splitlines()[1:] == []
+    again = scripted()  # the same journal object, in the same process: nothing of that step is replayed
+    run_programs(again, [_program("a")], journal=journal)
+    assert len(again.calls) == 3
 
 
 def test_progress_shows_calls_tokens_per_second_and_time_left():

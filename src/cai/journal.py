@@ -95,9 +95,8 @@ class Journal:
 
     def add(self, request: Request, completion: Completion) -> None:
         """Keep a finished call; written at once, or with its step at `commit` while `batched`."""
-        key = request_key(request)
-        self._load()[key] = completion
-        self._pending.append([key, completion.text, completion.finish_reason, completion.num_tokens])
+        self._load()
+        self._pending.append([request_key(request), completion.text, completion.finish_reason, completion.num_tokens])
         if not self.batched:
             self.commit()
 
@@ -106,6 +105,9 @@ class Journal:
         if not self._pending:
             return
         line = json.dumps(self._pending, ensure_ascii=False) + "\n"
+        done = self._load()
+        for key, text, finish, num in self._pending:  # replayed from now on, in this process too
+            done[key] = Completion(text, finish, num)
         self._pending = []
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
