@@ -27,15 +27,15 @@ T = TypeVar("T")
 
 def accelerator(bf16: bool, device: str = "auto") -> Any:
     """An `accelerate.Accelerator` with bf16 autocast where the hardware runs it fast (on a CPU,
-    `models.cpu_bf16_pays`). Under `accelerate launch` it spans the launched processes, with the
+    `models.bf16_fast`). Under `accelerate launch` it spans the launched processes, with the
     launch config's DDP / FSDP / DeepSpeed setup."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from cai.models import cpu_bf16_pays, pick_device
+    from cai.models import bf16_fast, pick_device
 
     dev = pick_device(device)
-    ok = torch.cuda.is_bf16_supported() if dev.startswith("cuda") else cpu_bf16_pays()
+    ok = bf16_fast(dev)
     distributed_state(device)
     # accelerate keeps one process-wide state and refuses a second Accelerator with another
     # precision; stages run one after another in a process (a pipeline, the tests), each with its

@@ -50,7 +50,6 @@ class Journal:
         self._done: dict[str, Completion] | None = None
         self._pending: list[list[Any]] = []
         self.batched = False  # True while a lockstep loop commits each step itself
-        self.replayed = 0
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "fingerprint": self.fingerprint}
@@ -127,7 +126,6 @@ class Journal:
         while True:
             completion = self.get(request)
             if completion is not None:
-                self.replayed += 1
                 if on_replay is not None:
                     on_replay(completion)
             else:

@@ -232,6 +232,14 @@ def _bf16_speed_ratio() -> float:
     return min(ratios)
 
 
+def bf16_fast(device: str) -> bool:
+    """Whether bf16 runs fast on `device` (a resolved device name): CUDA's own answer, or
+    `cpu_bf16_pays` on a CPU. Training's bf16 autocast and `pick_dtype` follow it."""
+    import torch
+
+    return torch.cuda.is_bf16_supported() if device.startswith("cuda") else cpu_bf16_pays()
+
+
 def cpu_has_bf16() -> bool:
     with contextlib.suppress(OSError):
         flags = Path("/proc/cpuinfo").read_text()

@@ -57,7 +57,7 @@ def train(model_cfg: ModelConfig, rows: list[dict[str, Any]], cfg: SFTConfig, ou
 
     from cai.checkpoints import save_model
     from cai.distributed import distributed_state, per_process, process_device, sharded
-    from cai.models import load_model, pick_device
+    from cai.models import bf16_fast, load_model, pick_device
 
     state = distributed_state(model_cfg.device)
     per_device = per_process(cfg.batch_size, state, "sft.batch_size")
@@ -66,7 +66,7 @@ def train(model_cfg: ModelConfig, rows: list[dict[str, Any]], cfg: SFTConfig, ou
                             model_cfg.trust_remote_code, model_class=AutoModelForCausalLM)
     model.train()
     device = pick_device(model_cfg.device)
-    use_bf16 = cfg.bf16 and _bf16_ok(device)
+    use_bf16 = cfg.bf16 and bf16_fast(device)
     args = TRLConfig(
         output_dir=str(out_dir / "checkpoints"),
         num_train_epochs=cfg.epochs,
@@ -115,14 +115,6 @@ def train(model_cfg: ModelConfig, rows: list[dict[str, Any]], cfg: SFTConfig, ou
     state.wait_for_everyone()
     return {"log": [h for h in trainer.state.log_history if "loss" in h], "resumed_from": ckpt,
             "global_step": trainer.state.global_step, "bf16": use_bf16}
-
-
-def _bf16_ok(device: str) -> bool:
-    import torch
-
-    from cai.models import cpu_bf16_pays
-
-    return torch.cuda.is_bf16_supported() if device.startswith("cuda") else cpu_bf16_pays()
 
 
 def run(cfg: PipelineConfig, inputs: list[dict[str, Any]], inputs_fp: str, allow_changed: bool = False) -> Stage:
