@@ -261,3 +261,14 @@ def test_feedback_config_from_cli_matches_the_stage_defaults():
     assert (cfg.feedback.principles, cfg.feedback.few_shot, cfg.feedback.min_option_mass,
             cfg.feedback.chain_of_thought) == (d.principles, d.few_shot, d.min_option_mass, d.chain_of_thought)
     assert load_constitution(cfg.constitution).preference
+
+
+def test_wilson_interval_matches_the_closed_form_and_stays_in_range():
+    from cai.evals.stats import wilson
+
+    lo, hi = wilson(31, 50)
+    assert abs(lo - 0.48150) < 1e-4 and abs(hi - 0.74137) < 1e-4
+    assert wilson(0, 10)[0] < 1e-12 and wilson(10, 10)[1] == 1.0
+    assert wilson(0, 0) is None
+    with pytest.raises(ValueError):
+        wilson(11, 10)
