@@ -307,10 +307,16 @@ def test_cli_serves_until_interrupted(tiny_model_dir, capsys):
                 time.sleep(0.1)
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
 
+    # A shell starts background jobs with SIGINT ignored, and Python then keeps it ignored: give
+    # this test Ctrl-C's usual handler, whoever launched it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     t = threading.Thread(target=stop_when_up)
     t.start()
-    rc = main(["serve", tiny_model_dir, "--port", str(port), "model.dtype=float32"])
-    t.join()
+    try:
+        rc = main(["serve", tiny_model_dir, "--port", str(port), "model.dtype=float32"])
+    finally:
+        t.join()
+        signal.signal(signal.SIGINT, previous)
     out = capsys.readouterr()
     assert rc == 0 and seen.get("health") == 200
     assert f"at http://127.0.0.1:{port}/v1" in out.out and "stopped" in out.err
