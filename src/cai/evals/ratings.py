@@ -16,12 +16,13 @@ The ridge λ = `RIDGE` = 1e-6 per squared logit is a Gaussian prior with a stand
 1000 logits: it moves a rating by about λθ / (Fisher information) logits, under 0.01 Elo even for a
 model rated from a single comparison and around 1e-5 Elo with hundreds, but it keeps separable data
 finite (a model that always wins with p = 1 gets a rating a few thousand Elo points above its
-opponents instead of infinity).
+opponents instead of infinity; that number, and its interval, reflect the ridge and the amount of
+data, not a measured strength: read it as "wins every comparison").
 
 Length control (`length_control=True`) adds β·x to Δ with the covariate
-x = log(len_a + 1) - log(len_b + 1): antisymmetric (swapping a and b flips its sign), scale-free (the
-log of the length ratio, so characters or tokens give the same fit) and +1 so an empty answer is
-finite. β is fitted jointly with the ratings, which are then the ratings at equal length, and
+x = log(len_a + 1) - log(len_b + 1): antisymmetric (swapping a and b flips its sign), scale-free for lengths
+well above 1 (the log of the length ratio: characters or words give nearly the same β) and finite
+for an empty answer (the +1). β is fitted jointly with the ratings, which are then the ratings at equal length, and
 `length_coef` = β·ELO is the Elo advantage of an answer e ≈ 2.7 times as long as its opponent's.
 
 Intervals come from a seeded bootstrap over groups (prompts): each of `n_boot` replicates draws the
