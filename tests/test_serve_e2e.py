@@ -84,3 +84,34 @@ def test_labels_match_in_process(chatty_dir, served, scoring, cot):
             assert (go["cot_ab"], go["cot_ba"], go["status"]) == (wo["cot_ab"], wo["cot_ba"], wo["status"])
             for k in ("p_ab", "p_ba", "mass_ab", "mass_ba"):
                 assert go[k] == pytest.approx(wo[k], abs=1e-4)
+
+
+def test_eval_models_runs_against_cai_serve_through_the_openai_back_end(chatty_dir, served, tmp_path, capsys):
+    # `cai eval models` with every model call over loopback HTTP: the served model answers and judges,
+    # and a file of stored answers is rated beside it.
+    import json
+    from pathlib import Path
+
+    from cai.cli import main
+
+    red = tmp_path / "red.jsonl"
+    red.write_text("".join(json.dumps({"id": f"r{i}", "category": c, "prompt": p}) + "\n"
+                           for i, (c, p) in enumerate(zip(["theft", "harassment"], PROMPTS[:2]))))
+    helpful = tmp_path / "helpful.jsonl"
+    helpful.write_text(json.dumps({"id": "h0", "category": "fun", "prompt": PROMPTS[2]}) + "\n")
+    stored = tmp_path / "stored.jsonl"
+    stored.write_text("".join(json.dumps({"prompt": p, "response": "I can't help with that."}) + "\n"
+                              for p in PROMPTS[:3]))
+    run_dir = tmp_path / "run"
+    code = main(["eval", "models", f"run_dir={run_dir}", "model.backend=openai", f"model.name={chatty_dir}",
+                 f"model.openai.base_url={served.url}", f"feedback.model={chatty_dir}", "feedback.few_shot=0",
+                 "feedback.min_option_mass=0.0", f"eval.models=[base, {stored}]",
+                 f"eval.red_team=[{{path: {red}}}]", f"eval.helpful=[{{path: {helpful}}}]",
+                 "eval.sampling.max_new_tokens=8", "eval.bootstrap=100"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "harmlessness Elo" in out and "judge card" in out
+    s = json.loads((Path(run_dir) / "eval" / "summary.json").read_text())
+    assert s["models"] == ["base", str(stored)]
+    assert s["ratings"]["harmless"]["judgements"] == 2 and s["ratings"]["helpful"]["judgements"] == 1
+    assert s["harm"]["scored"] == 4  # two red-team prompts, two models

@@ -7,6 +7,7 @@
     cai serve MODEL [-c CONFIG] [key=value ...] [--host 127.0.0.1] [--port 8000] [--api-key-env NAME]
     cai model fetch smollm2-135m
     cai eval labeller FILE [FILE ...] [-c CONFIG] [key=value ...] [--limit N]
+    cai eval models [CONFIG] [key=value ...]
 
 Every command that uses a model takes the config form of `cai run`: a YAML config (`-c`, or the
 defaults) with dotted `key=value` overrides laid over it, e.g. `model.backend=openai`.
@@ -131,7 +132,8 @@ def _sample(stage: str, row: dict[str, Any]) -> list[str]:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from cai.pipeline import STAGES
+    from cai.evals.suite import render
+    from cai.pipeline import FOLDERS, STAGES
     from cai.rundir import Stage
 
     run = Path(args.run)
@@ -143,7 +145,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if cfg_path.exists():
         print(f"config: {cfg_path}")
     for name in STAGES:
-        st = Stage.view(run, name)
+        st = Stage.view(run, FOLDERS.get(name, name))
         m = st.manifest()
         if m is None:
             continue
@@ -162,6 +164,9 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"   -- {row.get('record_id')} ({row.get('kind', '')})")
             for line in _sample(name, row):
                 print(textwrap.indent(line, "      "))
+    summary = run / "eval" / "summary.json"
+    if summary.exists():
+        print("\n" + render(json.loads(summary.read_text())))
     return 0
 
 
@@ -276,6 +281,18 @@ def cmd_model(args: argparse.Namespace) -> int:
 # ---- eval ----------------------------------------------------------------------------------
 
 
+def cmd_eval_models(args: argparse.Namespace) -> int:
+    from cai import pipeline
+    from cai.evals.suite import render
+
+    cfg = run_config(args)
+    pipeline.evaluate_models(cfg, allow_changed=args.allow_config_change)
+    summary = Path(cfg.run_dir) / "eval" / "summary.json"
+    print("\n" + render(json.loads(summary.read_text())))
+    print(f"\nwrote {summary}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from cai.constitution import load as load_constitution
     from cai.evals import labeller
@@ -385,7 +402,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="use this preference principle for every item (repeat for an ensemble); "
                          "default: feedback.principles drawn per item")
     el.add_argument("--out", help="write the report here as JSON, and the per-item rows beside it")
-    e.set_defaults(func=cmd_eval)
+    el.set_defaults(func=cmd_eval)
+    em = esub.add_parser("models", help="evaluate the models of eval.models on held-out prompts: Elo with "
+                                        "intervals, harm by category, failure, evasiveness, the judge card",
+                         description="The run's evaluate stage on its own (eval.enabled need not be true): "
+                                     "eval.models (base, sl_cai, rl_cai, model names or folders, files of "
+                                     "answers), eval.judge (default feedback.model), eval.per_category, "
+                                     "eval.samples; results in RUN_DIR/eval/summary.json.")
+    em.add_argument("config", nargs="?", metavar="CONFIG", help="YAML config (defaults when omitted)")
+    _add_overrides(em, config_flag=False)
+    em.add_argument("--allow-config-change", action="store_true",
+                    help="resume even though the evaluation's config or inputs changed")
+    em.set_defaults(func=cmd_eval_models)
     return p
 
 

@@ -206,6 +206,7 @@ class PromptSource:
     split: str = "train"
     data_dir: str | None = None  # a hub dataset's sub-folder, e.g. red-team-attempts of Anthropic/hh-rlhf
     limit: int | None = None
+    category: str | None = None  # the category of the rows that name none (e.g. one per Do-Not-Answer file)
 
 
 @dataclass(frozen=True)
@@ -465,6 +466,54 @@ class RLConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig(Section):
+    """The evaluation of a run's models (stages/evaluate.py): held-out prompts answered by each
+    model in `models`, answers compared pairwise by the judge in both orders (harmlessness on
+    red-team prompts, helpfulness on helpfulness prompts) and fitted to Elo ratings with bootstrap
+    intervals; harm 0-4, failure, evasiveness and over-refusal rates; a judge card.
+
+    `models`: `base` (the run's `model.name`), `sl_cai` (this run's sft model), `rl_cai` (its ppo or
+    dpo policy, by `rl.method`), any model name, folder or hub id (run with the `model.*` settings),
+    or a JSONL file of stored answers (`prompt` or `messages`, `response` or `responses`, optional
+    `category`). The first model is the rating anchor (Elo 0). `judge` None is `feedback.model`,
+    asked with the `feedback.*` question settings. `per_category` keeps at most that many prompts of
+    each category and kind (a quick subset); `reward_model` None is the run's preference model when
+    it has one; `judge_check` files (hh-rlhf pairs, BIG-bench HHH) measure the judge's accuracy
+    (`judge_check_limit` items each)."""
+
+    enabled: bool = False
+    models: list[str] = field(default_factory=lambda: ["base", "sl_cai", "rl_cai"])
+    judge: str | None = None
+    red_team: list[PromptSource] = field(default_factory=lambda: [PromptSource("builtin:eval_red_team")])
+    helpful: list[PromptSource] = field(default_factory=lambda: [PromptSource("builtin:eval_helpful")])
+    per_category: int | None = None
+    samples: int = 1
+    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.9, max_new_tokens=128))
+    harmless_principles: list[str] = field(default_factory=lambda: ["pref-harm-general"])
+    helpful_principles: list[str] = field(default_factory=lambda: ["pref-helpful-direct"])
+    failure_threshold: float = 2.0
+    bootstrap: int = 1000
+    reward_model: str | None = None
+    judge_check: list[str] = field(default_factory=list)
+    judge_check_limit: int = 100
+    chunk_size: int = 32
+
+    def checks(self, at: str) -> list[tuple[bool, str]]:
+        return [
+            (len(self.models) >= 1, f"{at}.models must name at least one model"),
+            (len(set(self.models)) == len(self.models), f"{at}.models names a model twice"),
+            (self.per_category is None or self.per_category >= 1, f"{at}.per_category must be >= 1 when set"),
+            (self.samples >= 1, f"{at}.samples must be >= 1"),
+            (bool(self.harmless_principles) and bool(self.helpful_principles),
+             f"{at}.harmless_principles and {at}.helpful_principles must each name at least one principle"),
+            (0.0 <= self.failure_threshold <= 4.0, f"{at}.failure_threshold must be in [0, 4]"),
+            (self.bootstrap >= 100, f"{at}.bootstrap must be >= 100"),
+            (self.judge_check_limit >= 1, f"{at}.judge_check_limit must be >= 1"),
+            (self.chunk_size >= 1, f"{at}.chunk_size must be >= 1"),
+        ]
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     run_dir: str = "runs/quickstart"
     constitution: str = "default"
@@ -478,6 +527,7 @@ class PipelineConfig:
     preferences: PreferencesConfig = field(default_factory=PreferencesConfig)
     pm: PMConfig = field(default_factory=PMConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 

@@ -5,6 +5,7 @@
     cai run configs/quickstart.yaml --to sl_export      # stop before training
     cai run configs/quickstart.yaml --from pairs        # RL-CAI on a finished SL-CAI run
     cai run configs/quickstart.yaml rl.method=dpo       # DPO instead of preference model + PPO
+    cai run configs/quickstart.yaml --from evaluate     # only the evaluation (eval.enabled: true)
 
 Each stage reads an earlier stage's rows from the run directory (`INPUTS`) and is fingerprinted
 with their content hash, followed by the fingerprints of the trained models it builds on, so
@@ -29,15 +30,30 @@ from cai.config import PipelineConfig, to_dict
 from cai.constitution import Constitution
 from cai.lm import LM, load_lm
 from cai.rundir import Stage, atomic_write
-from cai.stages import dpo, feedback, pairs, pm, ppo, preferences, prompts, sft, sl_export, sl_generate
+from cai.stages import (
+    dpo,
+    evaluate,
+    feedback,
+    pairs,
+    pm,
+    ppo,
+    preferences,
+    prompts,
+    sft,
+    sl_export,
+    sl_generate,
+)
 
-STAGES = ("prompts", "sl_generate", "sl_export", "sft", "pairs", "feedback", "preferences", "pm", "ppo", "dpo")
+STAGES = ("prompts", "sl_generate", "sl_export", "sft", "pairs", "feedback", "preferences", "pm", "ppo", "dpo",
+          "evaluate")
+# A stage's folder in the run directory, where it is not the stage's name.
+FOLDERS = {"evaluate": evaluate.FOLDER}
 # Under `accelerate launch` these run on every process; the others on the main process only.
 TRAINING = ("sft", "pm", "ppo", "dpo")
 # Stages that only run under one RL method (`rl.method`); DPO needs no preference model.
 ONLY_FOR = {"pm": "ppo", "ppo": "ppo", "dpo": "dpo"}
 # Stages that generate with a back-end built here; any other stage runs with none held.
-GENERATING = ("sl_generate", "pairs", "feedback")
+GENERATING = ("sl_generate", "pairs", "feedback", "evaluate")
 # What each stage reads: the earlier stage whose rows are its input, then the trained models (stages
 # of this run) it builds on, whose fingerprints join those rows' content hash in its inputs fingerprint.
 INPUTS = {
@@ -78,17 +94,21 @@ def policy_model(cfg: PipelineConfig, name: str) -> tuple[str, str]:
     return _trained(cfg, "sft") if name == "sft" else (name, name)
 
 
-def select(start: str | None, stop: str | None, method: str = "ppo") -> list[str]:
+def select(start: str | None, stop: str | None, method: str = "ppo", evaluate: bool = False) -> list[str]:
+    """The stages from `start` to `stop` that run with `rl.method` = `method`; `evaluate` only when
+    `eval.enabled` (`evaluate`)."""
     for s in (start, stop):
         if s is not None and s not in STAGES:
             raise PipelineError(f"unknown stage '{s}'; stages are: {', '.join(STAGES)}")
         if s is not None and ONLY_FOR.get(s, method) != method:
             raise PipelineError(f"stage '{s}' does not run with rl.method={method}")
+        if s == "evaluate" and not evaluate:
+            raise PipelineError("stage 'evaluate' runs with eval.enabled=true (or use `cai eval models CONFIG`)")
     i = STAGES.index(start) if start else 0
     j = STAGES.index(stop) if stop else len(STAGES) - 1
     if i > j:
         raise PipelineError(f"--from {start} comes after --to {stop}")
-    return [s for s in STAGES[i : j + 1] if ONLY_FOR.get(s, method) == method]
+    return [s for s in STAGES[i : j + 1] if ONLY_FOR.get(s, method) == method and (s != "evaluate" or evaluate)]
 
 
 class _Models:
@@ -122,6 +142,9 @@ def _run_stage(name: str, cfg: PipelineConfig, models: _Models, constitution: Co
     """Run stage `name` on its inputs (`INPUTS`) and, for a generating stage, its model."""
     if name == "prompts":
         return prompts.run(cfg, allow_changed)
+    if name == "evaluate":
+        return evaluate.run(cfg, models.factory, models.release, functools.partial(_trained, cfg), constitution,
+                            allow_changed, on_chunk)
     rows, fp = _inputs(cfg, *INPUTS[name])
     if name == "sl_generate":
         return sl_generate.run(cfg, models.factory(cfg.model.name), constitution, rows, fp, allow_changed, on_chunk)
@@ -151,7 +174,7 @@ def run(cfg: PipelineConfig, start: str | None = None, stop: str | None = None, 
     """Run the selected stages in order; returns each stage's folder. `lm_factory`, when given,
     builds the model for every generating stage (tests use a scripted one); with `ray.enabled` it
     must pickle, since each Ray worker calls it."""
-    names = select(start, stop, cfg.rl.method)
+    names = select(start, stop, cfg.rl.method, cfg.eval.enabled)
     constitution = constitution_mod.load(cfg.constitution)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +191,7 @@ def run(cfg: PipelineConfig, start: str | None = None, stop: str | None = None, 
     for name in names:
         if barrier is not None and name not in TRAINING and not barrier.is_main_process:
             barrier.wait()
-            done[name] = Stage.view(cfg.run_dir, name)
+            done[name] = Stage.view(cfg.run_dir, FOLDERS.get(name, name))
             continue
         if name not in GENERATING:
             models.release()  # one model at a time: a training stage loads its own
@@ -178,3 +201,13 @@ def run(cfg: PipelineConfig, start: str | None = None, stop: str | None = None, 
         if barrier is not None:
             barrier.wait()  # the stage's files are complete before any process reads them
     return done
+
+
+def evaluate_models(cfg: PipelineConfig, allow_changed: bool = False, lm_factory: Callable[[], LM] | None = None,
+                    on_chunk: Callable[[int], None] | None = None) -> Stage:
+    """The evaluate stage on its own (`cai eval models`), whether or not `eval.enabled` is set."""
+    constitution = constitution_mod.load(cfg.constitution)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    models = _Models(cfg, lm_factory)
+    return evaluate.run(cfg, models.factory, models.release, functools.partial(_trained, cfg), constitution,
+                        allow_changed, on_chunk)

@@ -312,7 +312,8 @@ def read_source(src: PromptSource) -> list[Row]:
             continue
         seen.add(text)
         rid = row.get("id") if isinstance(row.get("id"), str) else record_id_for(src.path, text)
-        out.append({"record_id": rid, "prompt": text, "category": row.get("category"), "source": src.path})
+        out.append({"record_id": rid, "prompt": text, "category": row.get("category") or src.category,
+                    "source": src.path})
         if src.limit is not None and len(out) >= src.limit:
             break
     return out
