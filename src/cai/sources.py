@@ -188,8 +188,11 @@ def hh_pair(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str]
 # ---- places: (where, row) from a prompt or pair source -----------------------------------------
 
 # The sets shipped with the toolkit and what their rows hold. Prompts can be read from every set (a
-# pair's row has a prompt too); pairs only from a pair set.
-SHIPPED = {"red_team": "prompt", "helpful": "prompt", "helpful_pairs": "pair"}
+# pair's row has a prompt too); pairs only from a pair set. The eval_* sets are held out for
+# evaluation: no prompt in them equals or nearly repeats one of the training sets
+# (tests/test_eval_sets.py).
+SHIPPED = {"red_team": "prompt", "helpful": "prompt", "helpful_pairs": "pair",
+           "eval_red_team": "prompt", "eval_helpful": "prompt"}
 
 
 def shipped(name: str, kind: str = "prompt", error: type[Exception] = SourceError) -> Path:
