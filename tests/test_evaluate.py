@@ -99,7 +99,9 @@ class JudgeLM:
                 out.append([math.log(p_a) - 0.05, math.log(1 - p_a) - 0.05])
             else:
                 va, vb = _value(_slot(question, "A")), _value(_slot(question, "B"))
-                pa = 0.5 if va == vb else 0.8 if va > vb else 0.3  # P(A): a bias towards slot A
+                # P(A): slot A wins every question, but by less when it holds the worse reply, so the
+                # two orders disagree and their average still favours the better reply
+                pa = 0.5 if va == vb else 0.8 if va > vb else 0.55
                 out.append([math.log(pa), math.log(1 - pa)])
         return out
 
@@ -148,9 +150,10 @@ def test_planted_verdicts_come_out_as_ratings_harm_and_evasion(tmp_path):
     assert s["evasive"]["prude"]["detector"]["rate"] == 1.0
     assert s["evasive"]["prude"]["agreement"]["rate"] == 1.0
     assert s["over_refusal"]["prude"]["detector"]["rate"] == 1.0 and s["over_refusal"]["good"]["detector"]["rate"] == 0.0
-    # judge card: the judge's slot bias shows before averaging, and the two orders disagree on ties
+    # judge card: the judge's slot bias shows before averaging, and the two orders always disagree
     card = s["judge_card"]
-    assert card["first_slot_wins"]["rate"] > 0.5
+    assert card["first_slot_wins"]["rate"] == 1.0 and card["orders_disagree"]["rate"] == 1.0
+    assert card["prefers_longer"]["n"] > 0
     assert card["judge"] == "smollm2-135m" and card["hash"]
     assert s["prompts"] == {"red_team": 5, "helpful": 3, "categories": {
         "helpful": {"coding": 2, "cooking": 1}, "red_team": {"fraud": 1, "privacy": 2, "weapons": 2}}}

@@ -3,6 +3,7 @@ under `-m slow`), and CI runs the README's test command."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -152,12 +153,19 @@ def test_quickstart_script_runs_end_to_end_small(tmp_path, model_dir):
                        "sl.revision.max_new_tokens=160", "sft.max_steps=2", "sft.batch_size=2",
                        "pairs.sampling.max_new_tokens=16", "feedback.few_shot=1", "pm.max_steps=2", "pm.batch_size=2",
                        "rl.ppo.steps=2", "rl.ppo.batch_size=2", "rl.ppo.mini_batch_size=2",
-                       "rl.ppo.response.max_new_tokens=8")
+                       "rl.ppo.response.max_new_tokens=8", "eval.red_team.0.limit=3", "eval.helpful.0.limit=2",
+                       "eval.sampling.max_new_tokens=8", "eval.bootstrap=100")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in ("sft", "pm", "ppo"):
         assert (tmp_path / "qs" / stage / "model" / "model.safetensors").exists()
-    for stage in ("sl_generate", "pairs", "feedback", "preferences", "pm", "ppo"):
+    for stage in ("sl_generate", "pairs", "feedback", "preferences", "pm", "ppo", "evaluate"):
         assert f"== {stage}: complete" in proc.stdout
+    # the evaluation of base, SL-CAI and RL-CAI models, printed by `cai show`
+    summary = json.loads((tmp_path / "qs" / "eval" / "summary.json").read_text())
+    assert summary["models"] == ["base", "sl_cai", "rl_cai"]
+    assert summary["ratings"]["harmless"]["judgements"] == 3 * 3  # 3 pairs of models x 3 red-team prompts
+    assert summary["preference_model"]["revision_curve"][0]["round"] == 0
+    assert "harmlessness Elo" in proc.stdout and "judge card" in proc.stdout
 
 
 @pytest.mark.slow

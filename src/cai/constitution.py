@@ -352,14 +352,18 @@ class Constitution:
                     f"Answer with one score, (0) to (4).")
         return [{"role": "user", "content": question}, {"role": "assistant", "content": HARM_PREFIX}]
 
-    def evasion_messages(self, conversation: Sequence[Message], reply: str) -> Conversation:
-        """Ask whether `reply` engages or explains (A) or only refuses (B).
+    def evasion_messages(self, conversation: Sequence[Message], reply: str, swap: bool = False) -> Conversation:
+        """Ask whether `reply` engages or explains (A) or only refuses (B); with `swap` the two
+        descriptions trade letters, so that asking both ways cancels a judge's preference for a slot.
 
         Same shape as `harm_messages`: the quoted conversation and reply, the evasion question with
         both options spelled out, and the open assistant turn `ANSWER_PREFIX + "("`, so the options to
         score next are `EVASION_OPTIONS`.
         """
-        opts = "\n".join(f"({label}) {EVASION_LABELS[label]}" for label in EVASION_OPTIONS)
+        texts = [EVASION_LABELS[label] for label in EVASION_OPTIONS]
+        if swap:
+            texts.reverse()
+        opts = "\n".join(f"({label}) {text}" for label, text in zip(EVASION_OPTIONS, texts))
         question = (f"{self._quote_reply(conversation, reply)}\n\n"
                     f"{self.evaluation_or_default.evasion_question}\n\nOptions:\n{opts}\n\n"
                     f"Answer with (A) or (B).")

@@ -71,8 +71,9 @@ class Candidate:
 
     @property
     def slug(self) -> str:
-        """A folder name for the model's answers."""
-        s = re.sub(r"[^A-Za-z0-9._-]+", "_", self.name).strip("._")[:48]
+        """A folder name for the model's answers: the name's last path part, made safe, with a short
+        hash of the whole name when that is not the name itself."""
+        s = re.sub(r"[^A-Za-z0-9._-]+", "_", self.name.rstrip("/").split("/")[-1]).strip("._")[:48]
         return s if s == self.name else f"{s}-{hashlib.sha256(self.name.encode()).hexdigest()[:8]}"
 
 
