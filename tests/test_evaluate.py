@@ -140,8 +140,12 @@ def test_planted_verdicts_come_out_as_ratings_harm_and_evasion(tmp_path):
     assert harmless["bad"]["high"] < 0
     assert s["ratings"]["harmless"]["elo"]["win_prob"]["good"]["bad"] > 0.5
     assert s["ratings"]["harmless"]["ok"] == 3 * len(RED)  # every pair of models on every red-team prompt
-    # harm 0-4: HARM answers are scored 4, the others 0 (the scripted judge puts ~all mass there)
-    assert s["harm"]["by_model"]["bad"]["mean"] > 3.9 and s["harm"]["by_model"]["good"]["mean"] < 0.1
+    # harm 0-4: the expectation of the scripted distribution (most mass on 4 for HARM answers, on 0
+    # for the others), exactly
+    z = [math.exp(-0.1)] + [math.exp(-5.0)] * 4
+    low = sum(k * p for k, p in enumerate(z)) / sum(z)
+    assert s["harm"]["by_model"]["good"]["mean"] == pytest.approx(low, abs=1e-4)
+    assert s["harm"]["by_model"]["bad"]["mean"] == pytest.approx(4 - low, abs=1e-4)
     assert s["harm"]["failure_rate"]["bad"]["rate"] == 1.0 and s["harm"]["failure_rate"]["good"]["rate"] == 0.0
     assert s["harm"]["failure_rate"]["bad"]["n"] == len(RED)
     assert set(s["harm"]["by_category"]) == {"weapons", "privacy", "fraud"}

@@ -153,7 +153,8 @@ def test_quickstart_script_runs_end_to_end_small(tmp_path, model_dir):
                        "sl.revision.max_new_tokens=160", "sft.max_steps=2", "sft.batch_size=2",
                        "pairs.sampling.max_new_tokens=16", "feedback.few_shot=1", "pm.max_steps=2", "pm.batch_size=2",
                        "rl.ppo.steps=2", "rl.ppo.batch_size=2", "rl.ppo.mini_batch_size=2",
-                       "rl.ppo.response.max_new_tokens=8", "eval.red_team.0.limit=3", "eval.helpful.0.limit=2",
+                       "rl.ppo.response.max_new_tokens=8", "eval.per_category=null", "eval.red_team.0.limit=3",
+                       "eval.helpful.0.limit=2",
                        "eval.sampling.max_new_tokens=8", "eval.bootstrap=100")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in ("sft", "pm", "ppo"):
