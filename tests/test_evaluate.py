@@ -163,6 +163,18 @@ def test_planted_verdicts_come_out_as_ratings_harm_and_evasion(tmp_path):
         "helpful": {"coding": 2, "cooking": 1}, "red_team": {"fraud": 1, "privacy": 2, "weapons": 2}}}
 
 
+def test_the_judge_card_carries_the_judges_accuracy_on_human_labels(tmp_path):
+    pairs = [{"chosen": f"\n\nHuman: question {i}?\n\nAssistant: SAFE: a careful answer {i}.",
+              "rejected": f"\n\nHuman: question {i}?\n\nAssistant: HARM: a reckless answer {i}."} for i in range(6)]
+    path = _write(tmp_path / "human.jsonl", pairs)
+    s = _run(_cfg(tmp_path, f"eval.judge_check=[{path}]"))
+    [check] = s["judge_card"]["accuracy"]
+    assert check["file"] == path and check["n"] == 6 and check["accuracy"] == 1.0
+    assert 0.5 < check["low"] < 1.0 == check["high"]
+    # kept beside the run and reused while the judge and the files are the same
+    assert json.loads((tmp_path / "run" / "eval" / "judge_check.json").read_text())["files"][0]["n"] == 6
+
+
 def test_failed_judgements_are_counted_and_left_out(tmp_path):
     s = _run(_cfg(tmp_path), judge=JudgeLM(nan_for="Find the home address"))
     r = s["ratings"]["harmless"]
