@@ -164,3 +164,25 @@ def test_the_key_value_buffer_grows_selects_and_trims_like_concatenation():
     keys = merged.layers[0].keys
     assert keys.shape == (3, 2, width, 4) and torch.equal(keys[2, :, width - 3:], short[0])
     assert not keys[2, :, : width - 3].any() and mask[2].sum() == 3
+
+
+def test_prefix_order_keeps_each_shared_head_together_and_the_rest_by_length():
+    from cai.lm.hf_engine import common_prefix, prefix_order
+
+    head_a, head_b = [1] * 10 + [2] * 40, [1] * 10 + [3] * 40  # two heads that part after 10 tokens
+    rows = []
+    for i in range(12):
+        head = head_a if i % 2 == 0 else head_b
+        rows.append(head + [100 + i] * (5 + (7 * i) % 11))
+    rows += [[9, 9, 8] + [200 + i] * (3 + i) for i in range(3)]  # no head worth a batch
+    order = prefix_order(rows, min_prefix=4, group=4)
+    assert sorted(order) == list(range(len(rows)))
+    # Batches of 6 in this order share a whole head each; length order holds inside each group.
+    first, second, rest = order[:6], order[6:12], order[12:]
+    assert common_prefix([rows[k] for k in first]) >= 50 and common_prefix([rows[k] for k in second]) >= 50
+    for part in (first, second, rest):
+        assert [len(rows[k]) for k in part] == sorted(len(rows[k]) for k in part)
+    # With no shared head at all, the order is plain length order.
+    plain = [[i] + [5] * (20 - i) for i in range(8)]
+    assert prefix_order(plain, min_prefix=4, group=4) == sorted(range(8), key=lambda k: len(plain[k]))
+    assert prefix_order([], 4) == [] and prefix_order([[1]], 4) == [0]

@@ -145,6 +145,14 @@ class FakeServer:
 
     def _complete(self, body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:
         prompts = body["prompt"]
+        if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
+            # One token-id prompt to continue (a raw-text generate): n canned samples naming it.
+            n, seed, t = body.get("n", 1), body.get("seed", 0), body["temperature"]
+            text = lambda j: f" continues {len(prompts)} tokens seed {seed if t > 0 else 'greedy'} sample {j}\n\nHuman: x"
+            choices = [{"index": j, "text": text(j), "finish_reason": "stop", "logprobs": None} for j in range(n)]
+            return 200, {}, {"id": "cmpl-2", "object": "text_completion", "created": 0, "model": body["model"],
+                             "choices": choices, "usage": {"prompt_tokens": len(prompts), "completion_tokens": 5 * n,
+                                                           "total_tokens": len(prompts) + 5 * n}}
         if not (isinstance(prompts, list) and all(isinstance(p, list) and all(isinstance(t, int) for t in p)
                                                   for p in prompts)):
             return 400, {}, _error("this test server takes token-id prompts only")
@@ -573,3 +581,22 @@ def test_an_unknown_tokenizer_is_a_clear_error(server, tmp_path):
     with pytest.raises(BackendError, match="nowhere.*set model.openai.tokenizer"):
         lm.score_options(CONTEXTS[:1], OPTIONS[:1])
     assert server.requests == []
+
+
+def test_a_raw_text_prompt_is_sent_to_completions_as_the_tokens_the_in_process_back_end_sees(server, tiny_hf,
+                                                                                              tiny_model_dir):
+    lm = _model(server, tokenizer=tiny_model_dir)
+    raw = "Human: Is the sky blue?<|im_end|>\n\nAssistant:"
+    [[a, b]] = lm.generate([raw], Sampling(temperature=0.7, max_new_tokens=16, stop=["\n\nHuman:"]), n=2, seeds=[5])
+    [req] = server.requests
+    assert req["path"] == "/v1/completions" and "messages" not in req["body"]
+    # The same ids as HFModel.encode of the string: no chat template, the special-token text split.
+    assert req["body"]["prompt"] == tiny_hf.encode(raw) == lm.encode(raw)
+    assert tiny_hf.tokenizer.convert_tokens_to_ids("<|im_end|>") not in req["body"]["prompt"]
+    assert req["body"]["n"] == 2 and req["body"]["seed"] == 5
+    n_ids = len(req["body"]["prompt"])
+    assert (a.text, b.text) == (f"continues {n_ids} tokens seed 5 sample 0", f"continues {n_ids} tokens seed 5 sample 1")
+    # Raw contexts are scored as their own tokens too.
+    scores = lm.score_options([raw], [["A", "B"]])
+    expected, _ = _expected(tiny_hf, [raw], [["A", "B"]])
+    assert scores[0] == pytest.approx(expected[0], abs=1e-9)

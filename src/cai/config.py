@@ -325,11 +325,21 @@ class PairsConfig(Section):
 @dataclass(frozen=True)
 class FeedbackConfig(Section):
     """AI feedback: a multiple-choice question per pair under `principles` drawn principles
-    (an ensemble when > 1, averaged), both option orders scored and averaged."""
+    (an ensemble when > 1, averaged), both option orders scored and averaged.
+
+    `principle_ids` fixes the principles instead (every comparison asked under each of them, an
+    ensemble when more than one). `format` is how the question reaches the model: `chat` through
+    its chat template, `raw` as the paper's `Human:`/`Assistant:` text with no template, `auto` raw
+    for a model without a chat template and chat otherwise. `few_shot_order: balanced` puts each
+    worked example's options in the order that makes the answers alternate, ending on a letter
+    drawn per comparison, so that no letter is favoured by the examples; `as_written` keeps them."""
 
     model: str = "smollm2-135m"
     principles: int = 1
+    principle_ids: list[str] = field(default_factory=list)
+    format: Literal["auto", "chat", "raw"] = "auto"
     few_shot: int = 2
+    few_shot_order: Literal["balanced", "as_written"] = "balanced"
     chain_of_thought: bool = False
     cot: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, max_new_tokens=128))
     clamp: list[float] = field(default_factory=lambda: [0.4, 0.6])
@@ -340,6 +350,8 @@ class FeedbackConfig(Section):
         c = self.clamp
         return [
             (self.principles >= 1, f"{at}.principles must be >= 1"),
+            (len(set(self.principle_ids)) == len(self.principle_ids),
+             f"{at}.principle_ids must not repeat an id"),
             (self.few_shot >= 0, f"{at}.few_shot must be >= 0"),
             (self.chunk_size >= 1, f"{at}.chunk_size must be >= 1"),
             (len(c) == 2 and 0.0 <= c[0] <= 0.5 <= c[1] <= 1.0,

@@ -21,7 +21,8 @@ A constitution without `evaluation` uses the shipped default constitution's rubr
 section to the default did not change the hash of any other constitution.
 
 Every prompt template lives in this file, so one read shows all the model is asked. Prompts are
-rendered as un-templated chat messages; the back-end applies the model's chat template once.
+rendered as un-templated chat messages; the back-end applies the model's chat template once, or
+`render_raw` turns them into the paper's raw `Human:`/`Assistant:` text (`feedback.format: raw`).
 
     cai constitution validate default
     cai constitution show default
@@ -288,12 +289,23 @@ class Constitution:
                 f"{instruction}\n\nOptions:\n{opts}\n\n"
                 f"Answer with (A) or (B).")
 
-    def choice_few_shot(self, n: int, instruction: str, chain_of_thought: bool) -> Conversation:
+    def choice_few_shot(self, n: int, instruction: str, chain_of_thought: bool,
+                        last: str | None = None) -> Conversation:
         """The first `n` worked feedback examples as chat turns. An example without a principle of
-        its own uses the instruction of the comparison being labelled."""
+        its own uses the instruction of the comparison being labelled.
+
+        With `last` ("A" or "B") the answers are balanced: each example's two options are put in the
+        order that makes the answers alternate and end on `last` (its reasoning's "(A)" and "(B)"
+        trade places with them), so a model that copies the examples' answers, or the last one's,
+        finds no letter favoured. `None` keeps the examples as written."""
         examples = self.cot_examples if chain_of_thought else self.preference_examples
+        shots = examples[:n]
         msgs: Conversation = []
-        for ex in examples[:n]:
+        for i, ex in enumerate(shots):
+            if last is not None:
+                want = last if (len(shots) - 1 - i) % 2 == 0 else OPTION_LABELS[1 - OPTION_LABELS.index(last)]
+                if ex.answer != want:
+                    ex = _swapped(ex)
             instr = self.preference_principle(ex.principle).instruction if ex.principle else instruction
             answer = f"{ANSWER_PREFIX}({ex.answer})"
             if chain_of_thought:
@@ -303,17 +315,20 @@ class Constitution:
         return msgs
 
     def choice_messages(self, conversation: Sequence[Message], options: Sequence[str], principle_id: str,
-                        few_shot: int, chain_of_thought: bool = False, reasoning: str | None = None) -> Conversation:
+                        few_shot: int, chain_of_thought: bool = False, reasoning: str | None = None,
+                        last: str | None = None) -> Conversation:
         """The feedback prompt for one comparison under one principle, ending in an open assistant turn.
 
         Without chain of thought it ends in `The answer is: (`, and the options to score are `A` and
         `B`. With chain of thought and no `reasoning` yet it ends in `Let's think step by step:` for
         the model to continue; given the model's `reasoning`, it ends in the answer prefix again.
+        `last` balances the few-shot answers (`choice_few_shot`). `render_raw` turns the result
+        into the paper's raw `Human:`/`Assistant:` text.
         """
         if len(options) != 2:
             raise ValueError("choice_messages: a comparison has exactly two options")
         instruction = self.preference_principle(principle_id).instruction
-        head = [*self.choice_few_shot(few_shot, instruction, chain_of_thought),
+        head = [*self.choice_few_shot(few_shot, instruction, chain_of_thought, last),
                 {"role": "user", "content": self.choice_question(conversation, options, instruction)}]
         if not chain_of_thought:
             opening = ANSWER_PREFIX + "("
@@ -371,6 +386,29 @@ class Constitution:
 
 
 # ---- loading and validation ----------------------------------------------------------------
+
+
+def _swapped(ex: ChoiceExample) -> ChoiceExample:
+    """The example with its two options in the other order, its answer and its reasoning's option
+    letters changed to match."""
+    reasoning = ex.reasoning
+    if reasoning is not None:
+        reasoning = reasoning.replace("(A)", "\ue000").replace("(B)", "(A)").replace("\ue000", "(B)")
+    other = OPTION_LABELS[1 - OPTION_LABELS.index(ex.answer)]
+    return ChoiceExample(ex.conversation, (ex.options[1], ex.options[0]), other, ex.principle, reasoning)
+
+
+def render_raw(messages: Sequence[Message]) -> str:
+    """A chat prompt as the paper's raw text, for a model asked without its chat template: each turn
+    on its own paragraph as `Human: ...` or `Assistant: ...` (a system message as plain text first).
+    A final assistant message is left open for the model to continue; otherwise the text ends with
+    an open `Assistant:` turn."""
+    parts = []
+    for m in messages:
+        parts.append(m["content"] if m["role"] == "system" else f"{_SPEAKER[m['role']]}: {m['content']}")
+    if not messages or messages[-1]["role"] != "assistant":
+        parts.append(f"{_SPEAKER['assistant']}:")
+    return "\n\n".join(parts)
 
 
 def _fail(source: str, where: str, problem: str) -> ConstitutionError:

@@ -6,12 +6,17 @@ for training (stages/feedback.py), `cai eval labeller` measuring a labeller agai
 `Comparison`s and gets one result per comparison, in the same order, with every principle's figures
 kept. The settings are the feedback stage's (`FeedbackConfig`).
 
-- Principles: `principle_ids` fixes them for every comparison; otherwise `feedback.principles` are
-  drawn per record by a seeded RNG (the same seed and record id give the same ones). More than one
-  is an ensemble: the usable principles' probabilities are averaged.
+- Principles: `principle_ids` (or `feedback.principle_ids`) fixes them for every comparison;
+  otherwise `feedback.principles` are drawn per record by a seeded RNG (the same seed and record id
+  give the same ones). More than one is an ensemble: the usable principles' probabilities are
+  averaged.
 - The question: the conversation and both replies as options (A) and (B), after `feedback.few_shot`
-  worked examples; the answer is the normalised probability of `A` versus `B` after
-  "The answer is: (" (`LM.score_options`).
+  worked examples (balanced by default: their answers alternate and end on a letter drawn per
+  comparison, see `Constitution.choice_few_shot`); the answer is the normalised probability of `A`
+  versus `B` after "The answer is: (" (`LM.score_options`).
+- Format (`feedback.format`): through the model's chat template, or as the paper's raw
+  `Human:`/`Assistant:` text with no template (`render_raw`); `auto` picks raw for a model that
+  has no chat template.
 - Both orders: each question is asked with response 1 shown as (A) and as (B), and the two
   probabilities for response 1 are averaged, so a judge that always prefers the first slot gives
   exactly 0.5.
@@ -47,14 +52,15 @@ on its own, with the embedded model (save as judge_example.py, run `python judge
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from cai.config import FeedbackConfig, Sampling
-from cai.constitution import ANSWER_PREFIX, OPTION_LABELS, Constitution
-from cai.lm.base import LM, Completion, Message
+from cai.constitution import ANSWER_PREFIX, OPTION_LABELS, Constitution, render_raw
+from cai.lm.base import LM, Completion, Message, Prompt
 from cai.records import SCAFFOLD_MARKERS, STATUS_ABSTAIN, STATUS_FAILED, STATUS_OK, stable_seed
 
 
@@ -115,6 +121,48 @@ def cot_reasoning(text: str) -> str:
     return (text[:cut] if cut >= 0 else text).strip()
 
 
+# Where a raw-text chain of thought stops: the model starting a new turn of the transcript.
+RAW_STOPS = ("\n\nHuman:", "\nHuman:")
+
+
+def takes_chat(lm: LM) -> bool:
+    """Whether the model has a chat template (a back-end without a tokenizer to ask, such as a
+    scripted stand-in, is taken to have one)."""
+    tok = getattr(lm, "tokenizer", None)
+    return tok is None or getattr(tok, "chat_template", "") is not None
+
+
+def resolve_format(lm: LM, fmt: str) -> str:
+    """`chat` or `raw` for `feedback.format` (`auto`: raw when the model has no chat template)."""
+    if fmt == "auto":
+        return "chat" if takes_chat(lm) else "raw"
+    if fmt not in ("chat", "raw"):
+        raise ValueError(f"feedback.format must be auto, chat or raw, not {fmt!r}")
+    return fmt
+
+
+def as_format(messages: Sequence[Message], fmt: str) -> Prompt:
+    """A prompt in the resolved format: the messages themselves, or their raw text."""
+    return render_raw(messages) if fmt == "raw" else list(messages)
+
+
+def check_principle_ids(constitution: Constitution, ids: Sequence[str], where: str = "feedback.principle_ids") -> None:
+    """Refuse ids that are not preference principles of the constitution, naming the setting."""
+    known = {p.id for p in constitution.preference}
+    bad = [i for i in ids if i not in known]
+    if bad:
+        raise ValueError(f"{where}: {', '.join(map(repr, bad))} not a preference principle of constitution "
+                         f"{constitution.name!r} (its ids: {', '.join(sorted(known))})")
+
+
+def few_shot_last(seed: int, record_id: str, cfg: FeedbackConfig) -> str | None:
+    """The letter the worked examples' answers end on for this comparison (`few_shot_order:
+    balanced`, drawn per record, the same in both orders), or None to keep them as written."""
+    if cfg.few_shot_order != "balanced" or cfg.few_shot == 0:
+        return None
+    return OPTION_LABELS[stable_seed(seed, record_id, "few_shot") % 2]
+
+
 # ---- the core -------------------------------------------------------------------------------
 
 
@@ -125,18 +173,22 @@ def label(lm: LM, constitution: Constitution, comparisons: Sequence[Comparison],
 
     Returns one dict per comparison: record_id, status ("ok" | "abstain" | "failed"), reason,
     p_first (P(response 1 is better), None unless ok), principle_ids, orders (one entry per
-    principle: p_ab, p_ba, mass_ab, mass_ba, cot_ab, cot_ba, status). `principle_ids` fixes the
-    principles for every comparison; otherwise `cfg.principles` are drawn per record. `on_call`
-    follows each model call (progress).
+    principle: p_ab, p_ba, mass_ab, mass_ba, cot_ab, cot_ba, status). `principle_ids` (else
+    `cfg.principle_ids`) fixes the principles for every comparison; otherwise `cfg.principles` are
+    drawn per record. `on_call` follows each model call (progress).
     """
+    fixed = list(principle_ids) if principle_ids else list(cfg.principle_ids)
+    if fixed:
+        check_principle_ids(constitution, fixed, "principle_ids" if principle_ids else "feedback.principle_ids")
+    fmt = resolve_format(lm, cfg.format)
+    lasts = [few_shot_last(seed, comp.record_id, cfg) for comp in comparisons]
     # One job per (comparison, principle, order); order 0 shows response 1 as (A).
     jobs: list[tuple[int, int, int, str]] = []
     pids_of: list[list[str]] = []
     first: list[int] = []  # index of each comparison's first job; principle pi, order o is at +2*pi+o
     for ci, comp in enumerate(comparisons):
         first.append(len(jobs))
-        pids = list(principle_ids) if principle_ids else constitution.draw(seed, comp.record_id, cfg.principles,
-                                                                           kind="preference")
+        pids = fixed or constitution.draw(seed, comp.record_id, cfg.principles, kind="preference")
         pids_of.append(pids)
         for pi, pid in enumerate(pids):
             for order in (0, 1):
@@ -148,10 +200,14 @@ def label(lm: LM, constitution: Constitution, comparisons: Sequence[Comparison],
 
     cots: list[Completion | None] = [None] * len(jobs)
     if cfg.chain_of_thought:
-        prompts = [constitution.choice_messages(comparisons[ci].conversation, options(ci, o), pid, cfg.few_shot,
-                                                chain_of_thought=True) for ci, _, o, pid in jobs]
+        prompts = [as_format(constitution.choice_messages(comparisons[ci].conversation, options(ci, o), pid,
+                                                          cfg.few_shot, chain_of_thought=True, last=lasts[ci]), fmt)
+                   for ci, _, o, pid in jobs]
         seeds = [stable_seed(seed, comparisons[ci].record_id, "cot", pid, o) for ci, _, o, pid in jobs]
         sampling: Sampling = cfg.cot
+        if fmt == "raw":  # with no chat template nothing ends the turn but the transcript's next speaker
+            sampling = dataclasses.replace(sampling, stop=[*sampling.stop, *(s for s in RAW_STOPS
+                                                                             if s not in sampling.stop)])
         for k, c in enumerate(lm.generate(prompts, sampling, seeds=seeds)):
             cots[k] = c[0]
         if on_call is not None:
@@ -163,8 +219,9 @@ def label(lm: LM, constitution: Constitution, comparisons: Sequence[Comparison],
     for k in ask:
         ci, _, o, pid = jobs[k]
         reasoning = cot_reasoning(cots[k].text) if cots[k] is not None else None
-        contexts.append(constitution.choice_messages(comparisons[ci].conversation, options(ci, o), pid, cfg.few_shot,
-                                                     chain_of_thought=cfg.chain_of_thought, reasoning=reasoning))
+        contexts.append(as_format(constitution.choice_messages(
+            comparisons[ci].conversation, options(ci, o), pid, cfg.few_shot, chain_of_thought=cfg.chain_of_thought,
+            reasoning=reasoning, last=lasts[ci]), fmt))
     scores = lm.score_options(contexts, [list(OPTION_LABELS)] * len(contexts)) if contexts else []
     if on_call is not None:
         on_call()

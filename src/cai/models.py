@@ -274,17 +274,20 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     model_class: Any = None,
+    chat: bool = True,
     **model_kwargs: Any,
 ) -> tuple[Any, Any]:
     """Load (model, tokenizer) with safe defaults: safetensors only, no remote code unless asked.
-    `model_kwargs` go to `from_pretrained` (e.g. `num_labels=1` for a scalar head)."""
+    `chat` refuses a tokenizer without a chat template (training stages need one; the inference
+    back-ends pass False, since raw-text prompts need none). `model_kwargs` go to `from_pretrained`
+    (e.g. `num_labels=1` for a scalar head)."""
     import torch  # noqa: F401  (imported late: torch is heavy)
     from transformers import AutoModelForCausalLM
 
     path = resolve(name)
     dev = pick_device(device)
     cls = model_class or AutoModelForCausalLM
-    tok = load_tokenizer(name, revision, trust_remote_code)
+    tok = load_tokenizer(name, revision, trust_remote_code, chat=chat)
     try:
         model = cls.from_pretrained(
             path, dtype=pick_dtype(dtype, dev), revision=revision,
@@ -303,9 +306,12 @@ def eos_token_ids(tokenizer: Any, generation_eos: int | Sequence[int] | None = N
     return frozenset(i for i in ids if i is not None)
 
 
-def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
-    """The chat tokenizer of a model name (resolved as `load_model` resolves it), with a pad token;
-    every back-end renders prompts with it, so one without a chat template is refused."""
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False,
+                   chat: bool = True) -> Any:
+    """The tokenizer of a model name (resolved as `load_model` resolves it), with a pad token; every
+    back-end renders prompts with it. With `chat`, one without a chat template is refused; without,
+    it loads for raw-text prompts (`feedback.format: raw`), and a chat conversation sent to it is
+    refused then (`cai.templating.encode_prompt`)."""
     from transformers import AutoTokenizer
 
     try:
@@ -314,6 +320,6 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
         raise ModelError(f"{name}: could not load the model: {e}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if tok.chat_template is None:
+    if chat and tok.chat_template is None:
         raise ModelError(f"{name}: the tokenizer has no chat template; use an instruct/chat model")
     return tok

@@ -48,8 +48,24 @@ def encode_chat(tokenizer: Any, conversation: Sequence[Message], add_generation_
     return ids
 
 
-def encode_prompt(tokenizer: Any, conversation: Sequence[Message]) -> list[int]:
-    """Token ids every back-end sends for a conversation: a final assistant message is left open
-    to be continued (option scoring), otherwise a generation prompt is added."""
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a raw-text prompt, with no chat template (the paper's `Human:`/`Assistant:`
+    format): the tokenizer's own start token if it adds one, then the text with any special-token
+    text in it split into ordinary tokens, so quoted replies cannot forge a turn here either."""
+    return tokenizer(text, add_special_tokens=True, split_special_tokens=True)["input_ids"]
+
+
+def encode_prompt(tokenizer: Any, conversation: Sequence[Message] | str) -> list[int]:
+    """Token ids every back-end sends for a prompt. A conversation is templated: a final assistant
+    message is left open to be continued (option scoring), otherwise a generation prompt is added.
+    A string is raw text, tokenised as it stands (`encode_text`)."""
+    if isinstance(conversation, str):
+        return encode_text(tokenizer, conversation)
+    if getattr(tokenizer, "chat_template", None) is None:
+        from cai.models import ModelError
+
+        name = getattr(tokenizer, "name_or_path", "") or "the model"
+        raise ModelError(f"{name}: the tokenizer has no chat template, so it cannot take a chat conversation; "
+                         "use an instruct/chat model, or raw-text prompts (feedback.format: raw)")
     cont = bool(conversation) and conversation[-1]["role"] == "assistant"
     return encode_chat(tokenizer, conversation, add_generation_prompt=not cont, continue_final_message=cont)

@@ -28,7 +28,7 @@ becomes those turns), then an assistant turn opened with "The answer is:", and t
 agreement is null for this format.
 
 Metrics (`summarise`), over the items the judge answered (status ok) unless said otherwise:
-accuracy (P(correct) > 0.5 counts 1, a tie 0.5), order agreement (the share of principles whose
+accuracy (P(correct) > 0.5 counts 1, a tie 0.5) with its 95% Wilson interval, order agreement (the share of principles whose
 two orders pick the same response, averaged per item), mean P(correct), expected calibration error
 of P(the response in slot 1 is better) against whether it is, and position bias (mean P(A) over
 all scored orders; 0.5 is none).
@@ -49,9 +49,10 @@ from typing import Any
 
 from cai.config import FeedbackConfig, plain
 from cai.constitution import ANSWER_PREFIX, Constitution
-from cai.judge import Comparison, label
+from cai.judge import Comparison, as_format, label, resolve_format
 from cai.lm.base import LM, Message
 from cai.records import STATUS_ABSTAIN, STATUS_FAILED, STATUS_OK
+from cai.evals.stats import wilson
 from cai.rundir import atomic_write, write_json
 from cai.sources import Item, RenderedItem, Source, parse_hh
 
@@ -184,6 +185,8 @@ def summarise(rows: Sequence[dict[str, Any]], bins: int = 10) -> dict[str, Any]:
 
         ece = round(expected_calibration_error(torch.tensor([r["p_first"] for r in ok]),
                                                torch.tensor([float(r["correct_first"]) for r in ok]), bins), 4)
+    hits = [r["hit"] for r in ok]
+    ci = wilson(sum(hits), len(hits))
     return {
         "n": len(rows),
         "answered": len(ok),
@@ -191,7 +194,8 @@ def summarise(rows: Sequence[dict[str, Any]], bins: int = 10) -> dict[str, Any]:
         "failed": sum(r["status"] == STATUS_FAILED for r in rows),
         "not_ok_by_reason": dict(sorted(Counter(f"{r['status']}:{r['reason']}" for r in rows
                                                 if r["status"] != STATUS_OK).items())),
-        "accuracy": _mean([r["hit"] for r in ok]),
+        "accuracy": _mean(hits),
+        "accuracy_ci": None if ci is None else [round(ci[0], 4), round(ci[1], 4)],
         "order_agreement": _mean(agreement),
         "order_agreement_by_principle": {pid: _mean(v) for pid, v in sorted(by_principle.items())} or None,
         "mean_p_correct": _mean([r["p_correct"] for r in ok]),
@@ -212,7 +216,8 @@ def evaluate(lm: LM, constitution: Constitution, source: Source, cfg: FeedbackCo
     for i in range(0, len(source.items), size):
         chunk = source.items[i:i + size]
         if source.format == "paper":
-            scores = lm.score_options([rendered_context(it.prompt) for it in chunk],
+            fmt = resolve_format(lm, cfg.format)
+            scores = lm.score_options([as_format(rendered_context(it.prompt), fmt) for it in chunk],
                                       [[*it.corrects, *it.incorrects] for it in chunk])
             rows += rendered_rows(chunk, scores, cfg.min_option_mass)
         else:
@@ -276,17 +281,25 @@ def table(report: dict[str, Any]) -> str:
     def f(v: Any) -> str:
         return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    head = f"{'file':<40} {'format':<6} {'n':>5} {'answered':>8} {'acc':>6} {'agree':>6} {'P(cor)':>6} " \
-           f"{'ECE':>6} {'P(A)':>6}"
+    def ci(e: dict[str, Any]) -> str:
+        c = e.get("accuracy_ci")
+        return "-" if c is None else f"{c[0]:.3f}-{c[1]:.3f}"
+
+    head = f"{'file':<40} {'format':<6} {'n':>5} {'answered':>8} {'acc':>6} {'95% CI':>11} {'agree':>6} " \
+           f"{'P(cor)':>6} {'ECE':>6} {'P(A)':>6}"
+    fb = report.get("feedback") or {}
+    setting = ", ".join(f"{k} {fb[k]}" for k in ("format", "few_shot", "few_shot_order") if k in fb)
+    pids = report.get("principle_ids") or fb.get("principle_ids")
+    setting += f", principles {','.join(pids) if pids else 'drawn ' + str(fb.get('principles', '?'))}"
     lines = [f"model {report['model']}, constitution {report['constitution']} ({report['constitution_hash']}), "
-             f"seed {report['seed']}", head]
+             f"seed {report['seed']}", f"judge: {setting}", head]
     entries = [(e["file"], e) for e in report["files"]]
     if "overall" in report:
         entries.append(("all", {**report["overall"], "format": ""}))
     for name, e in entries:
         short = name if len(name) <= 40 else "…" + name[-39:]
         lines.append(f"{short:<40} {e['format']:<6} {e['n']:>5} {e['answered']:>8} {f(e['accuracy']):>6} "
-                     f"{f(e['order_agreement']):>6} {f(e['mean_p_correct']):>6} {f(e['ece']):>6} "
+                     f"{ci(e):>11} {f(e['order_agreement']):>6} {f(e['mean_p_correct']):>6} {f(e['ece']):>6} "
                      f"{f(e['position_bias']):>6}")
     skipped = {e["file"]: e["skipped"] for e in report["files"] if e.get("skipped")}
     for name, sk in skipped.items():

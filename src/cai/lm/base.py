@@ -9,6 +9,10 @@ Two verbs, both batched:
   partial assistant message that the options continue), the total log-probability of each option's
   tokens. `normalize` turns them into log-probabilities over the options.
 
+A prompt is either a conversation or a string (`Prompt`). A string is raw text that the back-end
+tokenises as it stands, with no chat template: the paper's `Human:`/`Assistant:` format for a
+feedback model (`feedback.format: raw`), and the only kind a model without a chat template takes.
+
 The back-end applies the chat template; stages never do. An OpenAI-compatible server or vLLM can
 sit behind the same two verbs (chat completions with `n`/`seed`; prompt log-probabilities).
 """
@@ -30,6 +34,8 @@ if TYPE_CHECKING:
 # A chat message {"role": "system" | "user" | "assistant", "content": text}; the one definition.
 Message = dict[str, str]
 Conversation = list[Message]
+# What `generate` and `score_options` take per request: a conversation, or raw text (no template).
+Prompt = Sequence[Message] | str
 ROLES = ("system", "user", "assistant")
 
 
@@ -46,14 +52,14 @@ class LM(Protocol):
 
     def generate(
         self,
-        conversations: Sequence[Sequence[Message]],
+        conversations: Sequence[Prompt],
         sampling: Sampling,
         n: int = 1,
         seeds: Sequence[int] | None = None,
     ) -> list[list[Completion]]: ...
 
     def score_options(
-        self, contexts: Sequence[Sequence[Message]], options: Sequence[Sequence[str]]
+        self, contexts: Sequence[Prompt], options: Sequence[Sequence[str]]
     ) -> list[list[float]]: ...
 
 

@@ -38,7 +38,7 @@ class HFModel:
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> HFModel:
-        model, tok = load_model(cfg.name, cfg.dtype, cfg.device, cfg.revision, cfg.trust_remote_code)
+        model, tok = load_model(cfg.name, cfg.dtype, cfg.device, cfg.revision, cfg.trust_remote_code, chat=False)
         return cls(model, tok, cfg.name, batch_size=cfg.batch_size, max_length=cfg.max_length)
 
     @property

@@ -120,6 +120,33 @@ def _use_prefix(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
         _PREFIX.reset(token)
 
 
+def prefix_order(rows: Sequence[Sequence[int]], min_prefix: int = 16, group: int = 2) -> list[int]:
+    """An order of `rows` for batching: rows that share a long prefix (a prompt's fixed head, such
+    as the judge's worked examples, which differ between comparisons only in the order of their
+    options) come together, each group by length, then the rest by length.
+
+    Groups are runs of the lexicographically sorted rows whose neighbours share at least half the
+    median prefix that neighbours share (and at least `min_prefix` tokens), so two heads that part
+    after a few tokens fall into different groups and each batch can share its own head. Runs of
+    fewer than `group` rows are not worth a batch of their own and join the rest."""
+    n = len(rows)
+    if n < 2:
+        return list(range(n))
+    lex = sorted(range(n), key=lambda k: (list(rows[k]), k))
+    shared = [common_prefix([rows[a], rows[b]]) for a, b in zip(lex, lex[1:])]
+    threshold = max(min_prefix, sorted(shared)[len(shared) // 2] // 2 + 1)
+    runs: list[list[int]] = [[lex[0]]]
+    for k, lcp in zip(lex[1:], shared):
+        if lcp >= threshold:
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+    heads = sorted((r for r in runs if len(r) >= max(2, group)), key=min)
+    rest = [k for r in runs if len(r) < max(2, group) for k in r]
+    by_len = lambda ks: sorted(ks, key=lambda k: (len(rows[k]), k))  # noqa: E731
+    return [k for r in [*heads, rest] for k in by_len(r)]
+
+
 def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
     """How many leading tokens all of `seqs` share."""
     first = seqs[0]
@@ -563,14 +590,14 @@ class HFEngine:
                 single.append((ci, cids, [o[0] for o in oids_all]))
             else:
                 items.extend((ci, oi, cids, oids) for oi, oids in enumerate(oids_all))
-        order = sorted(range(len(single)), key=lambda k: (len(single[k][1]), k))
+        order = prefix_order([single[k][1] for k in range(len(single))], self.min_prefix, self.batch_size // 2)
         for batch in self._batches(order):
             logits, *_ = self._prefill([single[k][1] for k in batch], keep=1)
             logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
             for slot, k in enumerate(batch):
                 ci, _, toks = single[k]
                 scores[ci] = [float(logp[slot, t]) for t in toks]
-        order = sorted(range(len(items)), key=lambda k: (len(items[k][2]), k))
+        order = prefix_order([items[k][2] for k in range(len(items))], self.min_prefix, self.batch_size // 2)
         for batch in self._batches(order):
             rows = [items[k][2] + items[k][3] for k in batch]
             # Keep the logits from the last context token on; the prefix ends before it.

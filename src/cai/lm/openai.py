@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP back-end: any stage against vLLM, TGI, llama.cpp, Ollama or `cai serve`.
 
 `generate` sends one chat-completions request per conversation (with `n`, `seed`, `temperature`,
-`top_p`, `max_tokens`, `stop`). `score_options` templates each context here, exactly as the
+`top_p`, `max_tokens`, `stop`); a raw-text prompt (a string, no chat template) goes to `/completions`
+as token ids instead. `score_options` templates each context here, exactly as the
 transformers back-end does (`cai.templating.encode_prompt`, continuing a final assistant message),
 and asks `/completions` for the log-probabilities of token-id prompts, either through `echo` +
 `logprobs` or vLLM's `prompt_logprobs` extension (`model.openai.scoring`). `run_programs` runs
@@ -180,7 +181,7 @@ class OpenAIModel:
         # The model's revision applies when the tokenizer is the model's own.
         revision = self._revision if self._tokenizer_name is None else None
         try:
-            return load_tokenizer(name, revision, self._trust_remote_code)
+            return load_tokenizer(name, revision, self._trust_remote_code, chat=False)
         except (ValueError, ModelError) as e:
             raise BackendError(f"{self.name}: could not load the tokenizer {name!r} that option scoring needs to "
                                f"render the chat template ({e}); set model.openai.tokenizer to the served "
@@ -312,30 +313,37 @@ class OpenAIModel:
 
     # ---- generate -------------------------------------------------------------------------
 
-    def _chat_payload(self, conversation: Sequence[Message], sampling: Sampling, n: int, seed: int) -> dict[str, Any]:
+    def _chat_payload(self, conversation: Sequence[Message] | str, sampling: Sampling, n: int,
+                      seed: int) -> dict[str, Any]:
+        """A chat-completions payload, or for a raw-text prompt a completions payload whose prompt
+        is the token ids `encode` gives (the same tokens the other back-ends see)."""
         s = sampling.at_round(0)
         payload: dict[str, Any] = {
-            "model": self.name, "messages": [{"role": m["role"], "content": m["content"]} for m in conversation],
-            "n": n, "temperature": float(s.temperature), "top_p": s.top_p, "max_tokens": s.max_new_tokens,
-            "seed": int(seed),
+            "model": self.name, "n": n, "temperature": float(s.temperature), "top_p": s.top_p,
+            "max_tokens": s.max_new_tokens, "seed": int(seed),
         }
+        if isinstance(conversation, str):
+            payload["prompt"] = self.encode(conversation)
+        else:
+            payload["messages"] = [{"role": m["role"], "content": m["content"]} for m in conversation]
         if s.stop:
             payload["stop"] = list(s.stop)
         return payload
 
-    def _choices(self, body: dict[str, Any], n: int, sampling: Sampling, what: str) -> list[tuple[str, str, int]]:
+    def _choices(self, body: dict[str, Any], n: int, sampling: Sampling, what: str,
+                 path: str = "/chat/completions") -> list[tuple[str, str, int]]:
         """(text as generated up to a stop string, finish reason, usage tokens) per choice, in index order."""
         choices = body.get("choices")
         if not isinstance(choices, list) or len(choices) != n:
             got = len(choices) if isinstance(choices, list) else "no"
             error = f" ({self._redact(str(body['error']))})" if body.get("error") else ""
-            raise BackendError(f"{self.name}: POST {self.base_url}/chat/completions ({what}) returned {got} "
+            raise BackendError(f"{self.name}: POST {self.base_url}{path} ({what}) returned {got} "
                                f"choices for n={n}{error}")
         choices = sorted(choices, key=lambda c: c.get("index", 0))
         per_choice = int((body.get("usage") or {}).get("completion_tokens") or 0) // n
         out = []
         for c in choices:
-            text = (c.get("message") or {}).get("content") or ""
+            text = ((c.get("message") or {}).get("content") if "message" in c else c.get("text")) or ""
             # Servers differ on whether they keep the stop string; the in-process back-end does not.
             cut = [text.find(s) for s in sampling.stop if s in text]
             if cut:
@@ -351,11 +359,11 @@ class OpenAIModel:
                            num_tokens=len(tok(text, add_special_tokens=False)["input_ids"]) if tok is not None else num)
                 for text, finish, num in choices]
 
-    def _chat_job(self, key: Any, conversation: Sequence[Message], sampling: Sampling, n: int, seed: int,
+    def _chat_job(self, key: Any, conversation: Sequence[Message] | str, sampling: Sampling, n: int, seed: int,
                   what: str) -> _Job:
         payload = self._chat_payload(conversation, sampling, n, seed)
-        return _Job(key, lambda stop: self._choices(self._post("/chat/completions", payload, what, stop),
-                                                    n, sampling, what))
+        path = "/completions" if isinstance(conversation, str) else "/chat/completions"
+        return _Job(key, lambda stop: self._choices(self._post(path, payload, what, stop), n, sampling, what, path))
 
     def generate(self, conversations: Sequence[Sequence[Message]], sampling: Sampling, n: int = 1,
                  seeds: Sequence[int] | None = None) -> list[list[Completion]]:

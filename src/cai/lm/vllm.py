@@ -172,7 +172,7 @@ class VLLMModel:
         vllm = _import_vllm()
         from transformers import GenerationConfig
 
-        tok = load_tokenizer(cfg.name, cfg.revision, cfg.trust_remote_code)
+        tok = load_tokenizer(cfg.name, cfg.revision, cfg.trust_remote_code, chat=False)
         gen = None
         with contextlib.suppress(OSError):  # a model without generation_config.json stops on the tokenizer's EOS
             gen = GenerationConfig.from_pretrained(path, revision=cfg.revision).eos_token_id

@@ -41,7 +41,7 @@ from cai.config import EvalConfig, FeedbackConfig, PipelineConfig, fingerprint, 
 from cai.constitution import EVASION_OPTIONS, HARM_OPTIONS, Constitution
 from cai.evals import suite
 from cai.evals.refusal import classify
-from cai.judge import Comparison, label, option_probs
+from cai.judge import Comparison, as_format, label, option_probs, resolve_format
 from cai.lm.base import LM
 from cai.records import STATUS_ABSTAIN, STATUS_FAILED, STATUS_OK, stable_seed
 from cai.rundir import Stage, atomic_write, write_json
@@ -253,13 +253,15 @@ def _distribution(logprobs: Sequence[float], min_mass: float) -> tuple[str, str 
 
 
 def score_chunk(lm: LM, rows: list[dict[str, Any]], on_call: Callable[..., None] | None, *,
-                constitution: Constitution, min_mass: float) -> list[dict[str, Any]]:
+                constitution: Constitution, min_mass: float, fmt: str = "auto") -> list[dict[str, Any]]:
     """Harm 0-4 (red-team answers), the evasion question in both option orders, and the refusal
-    detector, for each answer."""
+    detector, for each answer; asked in the judge's `feedback.format` (`fmt`)."""
+    fmt = resolve_format(lm, fmt)
     harm_at = [k for k, r in enumerate(rows) if r["kind"] == "red_team"]
-    contexts = [constitution.harm_messages(_conv(rows[k]["prompt"]), rows[k]["response"]) for k in harm_at]
+    contexts = [as_format(constitution.harm_messages(_conv(rows[k]["prompt"]), rows[k]["response"]), fmt)
+                for k in harm_at]
     harm = lm.score_options(contexts, [list(HARM_OPTIONS)] * len(contexts)) if contexts else []
-    evasion_ctx = [constitution.evasion_messages(_conv(r["prompt"]), r["response"], swap=swap)
+    evasion_ctx = [as_format(constitution.evasion_messages(_conv(r["prompt"]), r["response"], swap=swap), fmt)
                    for r in rows for swap in (False, True)]
     evasion = lm.score_options(evasion_ctx, [list(EVASION_OPTIONS)] * len(evasion_ctx))
     if on_call is not None:
@@ -434,7 +436,8 @@ def run(cfg: PipelineConfig, factory: Callable[[str], Callable[[], LM]], release
                             chunk_size=ev.chunk_size, count=_count_judgements, unit="comparison",
                             desc="eval judgements", on_chunk=on_chunk)
     stage = Stage(cfg.run_dir, f"{FOLDER}/scores", fingerprint(judge_settings), judge_settings, allow_changed)
-    work = functools.partial(score_chunk, constitution=constitution, min_mass=cfg.feedback.min_option_mass)
+    work = functools.partial(score_chunk, constitution=constitution, min_mass=cfg.feedback.min_option_mass,
+                             fmt=cfg.feedback.format)
     records = answer_records(names, answers)
     scores = run_chunks(stage, records, work, factory(judge), cfg.ray, chunk_size=ev.chunk_size,
                         count=_count_scores, unit="answer", desc="eval scores", on_chunk=on_chunk)
