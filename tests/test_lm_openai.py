@@ -148,8 +148,9 @@ class FakeServer:
         if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
             # One token-id prompt to continue (a raw-text generate): n canned samples naming it.
             n, seed, t = body.get("n", 1), body.get("seed", 0), body["temperature"]
-            text = lambda j: f" continues {len(prompts)} tokens seed {seed if t > 0 else 'greedy'} sample {j}\n\nHuman: x"
-            choices = [{"index": j, "text": text(j), "finish_reason": "stop", "logprobs": None} for j in range(n)]
+            said = f" continues {len(prompts)} tokens seed {seed if t > 0 else 'greedy'} sample "
+            choices = [{"index": j, "text": f"{said}{j}\n\nHuman: x", "finish_reason": "stop", "logprobs": None}
+                       for j in range(n)]
             return 200, {}, {"id": "cmpl-2", "object": "text_completion", "created": 0, "model": body["model"],
                              "choices": choices, "usage": {"prompt_tokens": len(prompts), "completion_tokens": 5 * n,
                                                            "total_tokens": len(prompts) + 5 * n}}

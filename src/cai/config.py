@@ -337,8 +337,10 @@ class FeedbackConfig(Section):
     model: str = "smollm2-135m"
     principles: int = 1
     principle_ids: list[str] = field(default_factory=list)
-    format: Literal["auto", "chat", "raw"] = "auto"
-    few_shot: int = 2
+    # Measured on hh-rlhf with the embedded model (README, "Measuring the labeller"): the raw format
+    # with no worked examples beat the chat template with two examples.
+    format: Literal["auto", "chat", "raw"] = "raw"
+    few_shot: int = 0
     few_shot_order: Literal["balanced", "as_written"] = "balanced"
     chain_of_thought: bool = False
     cot: Sampling = field(default_factory=lambda: Sampling(temperature=0.0, max_new_tokens=128))

@@ -49,10 +49,10 @@ from typing import Any
 
 from cai.config import FeedbackConfig, plain
 from cai.constitution import ANSWER_PREFIX, Constitution
+from cai.evals.stats import wilson
 from cai.judge import Comparison, as_format, label, resolve_format
 from cai.lm.base import LM, Message
 from cai.records import STATUS_ABSTAIN, STATUS_FAILED, STATUS_OK
-from cai.evals.stats import wilson
 from cai.rundir import atomic_write, write_json
 from cai.sources import Item, RenderedItem, Source, parse_hh
 
