@@ -158,7 +158,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         for kind, ev in (m.get("eval") or {}).items():  # held-out figures of a trained model
             if ev:
                 print(f"   eval {kind}: " + ", ".join(f"{a} {b:.3f}" if isinstance(b, float) else f"{a} {b}"
-                                                     for a, b in ev.items()))
+                                                     for a, b in ev.items() if not isinstance(b, (list, dict))))
         rows = st.rows() if st.rows_path.exists() else []
         for row in rows[: args.rows]:
             print(f"   -- {row.get('record_id')} ({row.get('kind', '')})")
