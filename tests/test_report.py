@@ -251,6 +251,16 @@ def test_cai_run_writes_the_report_and_a_failure_to_write_it_is_a_warning(run, t
     assert "could not write the run report" in caplog.text and "disk on fire" in caplog.text
 
 
+def test_a_run_with_only_its_prompts_gets_the_overview_alone(tmp_path):
+    cfg = load_config(None, [f"run_dir={tmp_path / 'r'}", "prompts.red_team.0.limit=2", "prompts.helpful.0.limit=1"])
+    pipeline.run(cfg, stop="prompts")
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "<section id=overview>" in html and "red_team&nbsp;2" in html
+    for absent in ("evaluation", "sl", "feedback", "pm", "training"):
+        assert f"<section id={absent}>" not in html and f'href="#{absent}"' not in html
+    assert "<svg" not in html
+
+
 def test_the_report_command(run, tmp_path, capsys):
     out = tmp_path / "mail" / "r.html"
     assert main(["report", str(run), "-o", str(out)]) == 0

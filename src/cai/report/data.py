@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,10 @@ from cai.rundir import Stage, read_jsonl
 # enough to mail; the page says how many it shows.
 MAX_TRACES = 400
 MAX_TRACE_CHARS = 2_500_000
-# Sample comparisons shown side by side in the AI-feedback section.
+# Sample comparisons shown side by side in the AI-feedback section, and the most points its
+# scatter of the two orders draws (a seeded sample beyond that; every point is one SVG element).
 FEEDBACK_SAMPLES = 6
+MAX_POINTS = 2000
 # Per-step metrics drawn for each training stage, in this order, where the log has them.
 CURVES = {
     "sft": ("loss", "mean_token_accuracy", "entropy"),
@@ -127,16 +130,17 @@ def constitution(run: Path) -> dict[str, Any] | None:
 # ---- SL-CAI ---------------------------------------------------------------------------------
 
 
-def _sample(rows: list[dict[str, Any]], size: Any, max_rows: int, max_chars: int) -> list[dict[str, Any]]:
-    """The rows themselves, or a seeded draw of them (by record id) within `max_rows` and about
-    `max_chars` characters of text (`size(row)`), in their original order."""
+def _sample(rows: list[dict[str, Any]], size: Callable[[dict[str, Any]], int], max_rows: int,
+            max_size: int) -> list[dict[str, Any]]:
+    """The rows themselves, or a seeded draw of them (by record id, else position) of at most
+    `max_rows` rows and `max_size` in all (`size(row)`: characters of text), in their original order."""
     total = sum(size(r) for r in rows)
-    if len(rows) <= max_rows and total <= max_chars:
+    if len(rows) <= max_rows and total <= max_size:
         return rows
     keep: set[int] = set()
     used = 0
-    for i in sorted(range(len(rows)), key=lambda i: stable_seed("report", rows[i].get("record_id"))):
-        if len(keep) >= max_rows or used + size(rows[i]) > max_chars:
+    for i in sorted(range(len(rows)), key=lambda i: stable_seed("report", rows[i].get("record_id", i))):
+        if len(keep) >= max_rows or used + size(rows[i]) > max_size:
             break
         keep.add(i)
         used += size(rows[i])
@@ -234,7 +238,8 @@ def feedback(run: Path, n_samples: int = FEEDBACK_SAMPLES) -> dict[str, Any] | N
         "not_ok_by_reason": dict(Counter(f"{r.get('status')}: {r.get('reason')}" for r in not_ok)),
         "p_first": [r["p_first"] for r in ok],
         "p_chosen": [r["p_chosen"] for r in ok if _num(r.get("p_chosen")) is not None],
-        "orders": [(o["p_ab"], o["p_ba"]) for o in orders],
+        "orders": [(o["p_ab"], o["p_ba"]) for o in _sample(orders, lambda o: 1, MAX_POINTS, MAX_POINTS)],
+        "orders_total": len(orders),
         "orders_agree": {"k": agree, "n": len(orders)},
         "first_slot_wins": {"k": first_slot, "n": 2 * len(orders)},
         "per_principle": dict(sorted(per_principle.items(), key=lambda kv: (-kv[1]["rows"], kv[0]))),

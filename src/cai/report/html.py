@@ -62,6 +62,7 @@ SCRIPT = """
 })();
 """
 SCRIPT_HASH = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
+# Images only as data: URIs inside the file (matplotlib embeds raster parts of a plot that way).
 CSP = (f"default-src 'none'; script-src 'sha256-{SCRIPT_HASH}'; style-src 'unsafe-inline'; img-src data:; "
        "base-uri 'none'; form-action 'none'")
 
@@ -554,7 +555,9 @@ def feedback_section(fb: Mapping[str, Any], prefs: Mapping[str, Any] | None) -> 
     if fb["orders"]:
         figs.append(figure(plots.orders(fb["orders"]),
                            "Each principle's two orders: P(response 1) shown as (A) against shown as (B). Points in "
-                           "the shaded quadrants agree; a slot-biased judge falls in the other two."))
+                           "the shaded quadrants agree; a slot-biased judge falls in the other two."
+                           + (f" A seeded sample of {len(fb['orders'])} of the {fb['orders_total']} points."
+                              if len(fb["orders"]) < fb["orders_total"] else "")))
     if figs:
         out.append("<div class=grid2>" + "".join(figs) + "</div>")
     if fb["per_principle"]:

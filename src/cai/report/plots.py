@@ -146,9 +146,13 @@ def heatmap(categories: Sequence[str], models: Sequence[str], values: Sequence[S
     with _figure("heatmap", height, width) as (fig, ax, out):
         ax.grid(False)
         cmap = _cmap().with_extremes(bad="#eeeeee")
-        im = ax.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto")
-        ax.set_xticks(range(len(models)), [_short(m, 16) for m in models])
-        ax.set_yticks(range(len(categories)), [_short(c, 24) for c in categories])
+        # cells as vector rectangles (imshow would embed a PNG)
+        im = ax.pcolormesh(np.ma.masked_invalid(data), cmap=cmap, vmin=0.0, vmax=vmax, edgecolors="white",
+                           linewidth=1.0)
+        ax.set_xlim(0, len(models))
+        ax.set_ylim(len(categories), 0)
+        ax.set_xticks([j + 0.5 for j in range(len(models))], [_short(m, 16) for m in models])
+        ax.set_yticks([i + 0.5 for i in range(len(categories))], [_short(c, 24) for c in categories])
         ax.tick_params(length=0)
         ax.xaxis.tick_top()
         for spine in ax.spines.values():
@@ -158,8 +162,10 @@ def heatmap(categories: Sequence[str], models: Sequence[str], values: Sequence[S
                 v = data[i, j]
                 text = "–" if math.isnan(v) else f"{v:.2f}"
                 dark = not math.isnan(v) and v > 0.6 * vmax
-                ax.text(j, i, text, ha="center", va="center", fontsize=8.5, color="white" if dark else "#222222")
-        fig.colorbar(im, ax=ax, label=label, shrink=0.9, pad=0.02)
+                ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=8.5,
+                        color="white" if dark else "#222222")
+        # 32 bands: under matplotlib's 50, so the colour bar stays vector too
+        fig.colorbar(im, ax=ax, label=label, shrink=0.9, pad=0.02, boundaries=np.linspace(0.0, vmax, 33))
     return out[0]
 
 
