@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from cai.records import STATUS_OK, stable_seed
-from cai.rundir import Stage, read_jsonl
+from cai.rundir import read_jsonl
 
 # Traces beyond these are sampled (a seeded draw by record id), so a large run's page stays small
 # enough to mail; the page says how many it shows.
@@ -87,7 +87,7 @@ def stages(run: Path) -> list[dict[str, Any]]:
     out = []
     for name in STAGES:
         folder = FOLDERS.get(name, name)
-        m = Stage.view(run, folder).manifest()
+        m = _json(run / folder / "manifest.json")
         if m is None:
             continue
         entry = _stage_entry(name, m, folder)
@@ -265,7 +265,7 @@ def _series(log: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, list[
 def training(run: Path, name: str) -> dict[str, Any] | None:
     """A training stage's per-step curves, held-out evaluation (pm, dpo) and manifest counts."""
     folder = run / name
-    m = Stage.view(run, name).manifest()
+    m = _json(folder / "manifest.json")
     log = (_json(folder / "train_log.json") or []) if name == "sft" else _rows(folder / "metrics.jsonl")
     held_out = _json(folder / "eval.json") if name in ("pm", "dpo") else None
     if not log and not held_out and m is None:
@@ -288,13 +288,17 @@ def load_run(run_dir: str | Path, max_traces: int = MAX_TRACES, max_chars: int =
     if not st and config_text is None:
         raise ReportError(f"{run}: not a run directory (no config.yaml and no stage manifest); "
                           "give the run_dir of a `cai run`")
-    prefs = Stage.view(run, "preferences").manifest()
+    prefs = _json(run / "preferences" / "manifest.json")
     summary = _json(run / "eval" / "summary.json")
+    try:
+        config = yaml.safe_load(config_text) if config_text else None
+    except yaml.YAMLError as e:
+        raise ReportError(f"{config_path}: not valid YAML: {e}") from None
     return {
         "run_dir": str(run),
         "name": run.resolve().name,
         "config_text": config_text,
-        "config": yaml.safe_load(config_text) if config_text else None,
+        "config": config if isinstance(config, dict) else None,
         "constitution": constitution(run),
         "stages": st,
         "sl": sl(run, max_traces, max_chars),
