@@ -165,6 +165,13 @@ def rate_ci(d: Mapping[str, Any] | None) -> str:
                                       if d and d.get("n") else "")
 
 
+def when(stamp: Any) -> str:
+    """A manifest's time stamp, short ("2026-12-01 14:03"), the whole one on hover."""
+    if not stamp:
+        return "–"
+    return f"<span title=\"{e(stamp)}\" style=\"white-space: nowrap\">{e(str(stamp)[:16].replace('T', ' '))}</span>"
+
+
 def duration(s: float | None) -> str:
     if s is None:
         return "–"
@@ -256,7 +263,7 @@ def overview(d: Mapping[str, Any]) -> str:
                                        for k, v in part["counts"].items()) or "–",
                              "<br>".join(f"{e(k)}: <span class=reasons>{reasons(v)}</span>"
                                          for k, v in part["failures"].items()) or "–",
-                             duration(part["wall_s"]), e(part.get("updated") or "–")])
+                             duration(part["wall_s"]), when(part.get("updated"))])
                 classes.append("part" if part is not s else "")
         out.append(table(["stage", "status", "counts", "failures and set-asides by reason", "wall time", "updated"],
                          rows, num_cols=[4], row_class=lambda k: classes[k]))
@@ -383,7 +390,8 @@ def evaluation(s: Mapping[str, Any]) -> str:
         rows = []
         for m in models:
             ev, ov = (s.get("evasive") or {}).get(m) or {}, (s.get("over_refusal") or {}).get(m) or {}
-            rows.append([e(m), rate_ci(ev.get("judge")), rate_ci(ev.get("detector")), pct((ev.get("agreement") or {}).get("rate")),
+            rows.append([e(m), rate_ci(ev.get("judge")), rate_ci(ev.get("detector")),
+                         pct((ev.get("agreement") or {}).get("rate")),
                          rate_ci(ov.get("judge")), rate_ci(ov.get("detector"))])
         out.append(table(["model", "evasive (judge)", "evasive (detector)", "agree", "over-refusal (judge)",
                           "over-refusal (detector)"], rows, num_cols=[1, 2, 3, 4, 5]))
@@ -406,7 +414,8 @@ def evaluation(s: Mapping[str, Any]) -> str:
     rows = [["judge", f"<code>{e(card.get('judge'))}</code> (hash <code>{e(card.get('hash'))}</code>)"],
             ["constitution", f"{e(card.get('constitution'))} (<code>{e(card.get('constitution_hash'))}</code>)"],
             ["principles", "; ".join(f"{e(k)}: {e(', '.join(v))}" for k, v in (card.get("principles") or {}).items())],
-            ["first slot wins", rate_ci(card.get("first_slot_wins")) + " <span class=reasons>(50% is no position bias)</span>"],
+            ["first slot wins",
+             rate_ci(card.get("first_slot_wins")) + " <span class=reasons>(50% is no position bias)</span>"],
             ["the two orders disagree", rate_ci(card.get("orders_disagree"))],
             ["prefers the longer answer", rate_ci(card.get("prefers_longer"))]]
     for chk in card.get("accuracy") or []:
@@ -500,7 +509,8 @@ def traces(sl: Mapping[str, Any]) -> str:
         prompt = str(r.get("prompt", ""))
         head = prompt if len(prompt) <= 150 else prompt[:149] + "…"
         row_status = str(r.get("status"))
-        out.append(f"<li class=trace data-principles=\"|{e('|'.join(pids))}|\" data-category=\"{e(r.get('category') or 'none')}\" "
+        out.append(f"<li class=trace data-principles=\"|{e('|'.join(pids))}|\" "
+                   f"data-category=\"{e(r.get('category') or 'none')}\" "
                    f"data-kind=\"{e(r.get('kind'))}\" data-status=\"{e(row_status)}\" "
                    f"data-degenerate=\"{'yes' if degenerate else 'no'}\"><details><summary>"
                    f"<span class=badge>{e(r.get('category') or 'none')}</span>"
@@ -509,7 +519,8 @@ def traces(sl: Mapping[str, Any]) -> str:
                    f"{status(row_status)}"
                    + (f" <span class=reasons>({e(r.get('reason'))})</span>" if r.get("reason") else "")
                    + "</summary><div class=trace-body>")
-        out.append(f"<div class=turn><h4>Prompt <span class=reasons>{e(r.get('record_id'))}</span></h4>{text_block(prompt)}</div>")
+        out.append(f"<div class=turn><h4>Prompt <span class=reasons>{e(r.get('record_id'))}</span></h4>"
+                   f"{text_block(prompt)}</div>")
         cut = " (cut off at the token limit)" if r.get("init_finish") == "length" else ""
         out.append(f"<div class=turn><h4>Initial answer{cut}</h4>{text_block(r.get('init_response'))}</div>")
         for rd in rounds:
@@ -573,8 +584,9 @@ def feedback_section(fb: Mapping[str, Any], prefs: Mapping[str, Any] | None) -> 
                           ["held out (eval)", num(c.get("eval_ai"), "{:d}"), num(c.get("eval_human"), "{:d}"),
                            num(c.get("eval"), "{:d}")]], num_cols=[1, 2, 3]))
     if fb["samples"]:
-        out.append("<h3>Sample comparisons</h3><p class=note>The most decisive labels, the least decisive, and one "
-                   "that is not a label, with both replies side by side.</p>")
+        odd = " and one that is not a label," if any(x["p_chosen"] is None for x in fb["samples"]) else ""
+        out.append(f"<h3>Sample comparisons</h3><p class=note>The most decisive labels and the least decisive,{odd} "
+                   "with both replies side by side.</p>")
         for smp in fb["samples"]:
             p = smp["p_chosen"]
             label = (f"P(chosen better) = {num(p)}" if p is not None else
