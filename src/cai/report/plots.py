@@ -103,20 +103,20 @@ def _pct(ax: Any, axis: str = "x") -> None:
 def frontier(points: Sequence[Mapping[str, Any]]) -> str:
     """Harmlessness Elo (y) against helpfulness Elo (x) per model, with 95% interval bars: each
     point {name, x, x_low, x_high, y, y_low, y_high} (an interval may be None)."""
-    with _figure("frontier", 3.8, 5.0) as (fig, ax, out):
+    with _figure("frontier", 4.2, 5.0) as (fig, ax, out):
         for i, p in enumerate(points):
             colour = PALETTE[i % len(PALETTE)]
             xerr = [[p["x"] - p["x_low"]], [p["x_high"] - p["x"]]] if p.get("x_low") is not None else None
             yerr = [[p["y"] - p["y_low"]], [p["y_high"] - p["y"]]] if p.get("y_low") is not None else None
             ax.errorbar([p["x"]], [p["y"]], xerr=xerr, yerr=yerr, fmt="o", color=colour, ms=7, capsize=3,
-                        elinewidth=1.2)
-            ax.annotate(_short(p["name"], 20), (p["x"], p["y"]), xytext=(6, 6), textcoords="offset points",
-                        fontsize=9, color="#222222")
+                        elinewidth=1.2, label=_short(p["name"], 24))
         ax.axhline(0, color="#bbbbbb", lw=0.8, zorder=0)
         ax.axvline(0, color="#bbbbbb", lw=0.8, zorder=0)
         ax.set_xlabel("helpfulness Elo (higher: more helpful)")
         ax.set_ylabel("harmlessness Elo (higher: more harmless)")
-        ax.margins(0.25)
+        ax.margins(0.15)
+        # a legend below the axes rather than labels beside the points, which overlap when models are close
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(len(points), 4), frameon=False)
     return out[0]
 
 
@@ -141,7 +141,7 @@ def heatmap(categories: Sequence[str], models: Sequence[str], values: Sequence[S
     import numpy as np
 
     data = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
-    height = 1.0 + 0.32 * len(categories)
+    height = max(1.8, 1.0 + 0.32 * len(categories))
     width = min(WIDTH, 2.6 + 1.1 * len(models))
     with _figure("heatmap", height, width) as (fig, ax, out):
         ax.grid(False)
@@ -165,7 +165,8 @@ def heatmap(categories: Sequence[str], models: Sequence[str], values: Sequence[S
                 ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=8.5,
                         color="white" if dark else "#222222")
         # 32 bands: under matplotlib's 50, so the colour bar stays vector too
-        fig.colorbar(im, ax=ax, label=label, shrink=0.9, pad=0.02, boundaries=np.linspace(0.0, vmax, 33))
+        fig.colorbar(im, ax=ax, label=label, shrink=0.9, pad=0.02, boundaries=np.linspace(0.0, vmax, 33),
+                     ticks=np.arange(0.0, vmax + 0.5, 1.0))
     return out[0]
 
 
