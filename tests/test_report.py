@@ -210,6 +210,16 @@ def test_a_planted_script_in_a_reply_is_text(page):
     assert "alert" not in script and "Sure, here it is" not in script
 
 
+def test_labels_from_the_run_are_plain_text_in_the_plots():
+    from cai.report import plots
+
+    odd = r"<i>$\frac{$&</i>"  # markup, an ampersand, and dollars that matplotlib would read as (bad) maths
+    for svg in (plots.heatmap([odd], [odd, "m"], [[1.0, None]]), plots.hbars({odd: 3}, "n"),
+                plots.frontier([{"name": odd, "x": 1.0, "y": 2.0}]),
+                plots.rate_panels([("rate", {odd: {"rate": 0.5, "low": 0.2, "high": 0.8}})], [odd])):
+        assert r"&lt;i&gt;$\frac{$&amp;&lt;/i&gt;" in svg and "<i>" not in svg
+
+
 def test_the_page_loads_nothing_and_forbids_loading(page):
     head = page[:page.index("</head>")]
     csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', head).group(1)

@@ -71,7 +71,10 @@ def _clean(svg: str) -> str:
 
 
 def _short(label: str, n: int = 28) -> str:
-    return label if len(label) <= n else label[: n - 1] + "…"
+    """A label from the run, cut to `n` characters, its `$` escaped so matplotlib never reads it as
+    maths (`<` and `&` are escaped by matplotlib's SVG writer)."""
+    label = str(label) if len(str(label)) <= n else str(label)[: n - 1] + "…"
+    return label.replace("$", r"\$")
 
 
 def _integers(axis: Any) -> None:
