@@ -142,9 +142,14 @@ def e(x: Any) -> str:
 
 
 def num(x: Any, fmt: str = "{:.3f}") -> str:
+    """A number as `fmt` says ("–" for None); a float where a whole number was expected, or
+    anything that is not a number, as it is."""
     if x is None or isinstance(x, bool) or not isinstance(x, (int, float)):
         return "–" if x is None else e(x)
-    return e(fmt.format(x))
+    try:
+        return e(fmt.format(x))
+    except ValueError:  # "{:d}" of a float
+        return e(f"{x:g}")
 
 
 def pct(x: Any, digits: int = 0) -> str:
