@@ -18,6 +18,7 @@ from cai.losses import (
     ppo_value_loss,
     preference_metrics,
     preference_report,
+    reliability_bins,
     soft_bt_loss,
 )
 
@@ -165,6 +166,20 @@ def test_ece_is_zero_when_calibrated_and_positive_when_over_confident():
     assert math.isnan(expected_calibration_error(torch.zeros(0), torch.zeros(0)))
 
 
+def test_reliability_bins_hold_each_bins_mean_prediction_and_outcome():
+    probs = torch.tensor([0.05, 0.12, 0.18, 0.95, 0.97, 1.0])
+    outcomes = torch.tensor([0, 0, 1, 1, 1, 0], dtype=torch.float)
+    cells = reliability_bins(probs, outcomes, bins=5)
+    # empty bins are left out; 1.0 falls in the last bin, not an eleventh
+    assert [(c["low"], c["high"], c["n"]) for c in cells] == [(0.0, 0.2, 3), (0.8, 1.0, 3)]
+    assert cells[0]["p"] == pytest.approx((0.05 + 0.12 + 0.18) / 3) and cells[0]["target"] == pytest.approx(1 / 3)
+    assert cells[1]["p"] == pytest.approx((0.95 + 0.97 + 1.0) / 3) and cells[1]["target"] == pytest.approx(2 / 3)
+    # the ECE is the count-weighted gap of these same bins
+    gap = sum(c["n"] / 6 * abs(c["p"] - c["target"]) for c in cells)
+    assert expected_calibration_error(probs, outcomes, bins=5) == pytest.approx(gap)
+    assert reliability_bins(torch.zeros(0), torch.zeros(0)) == []
+
+
 def test_preference_metrics_count_ties_half_and_report_groups_separately():
     margins = torch.tensor([2.0, -1.0, 0.0, 3.0])
     p = torch.tensor([1.0, 1.0, 0.7, 0.7])
@@ -177,3 +192,6 @@ def test_preference_metrics_count_ties_half_and_report_groups_separately():
     # A margin that says exactly the label is calibrated in both orders.
     exact = torch.logit(torch.tensor([0.7, 0.7, 0.7]))
     assert preference_metrics(exact, torch.full((3,), 0.7))["ece"] == pytest.approx(0.0, abs=1e-6)
+    # its reliability bins, both orders: 0.3 against 0.3 and 0.7 against 0.7, three pairs each
+    bins = preference_metrics(exact, torch.full((3,), 0.7))["reliability"]
+    assert [(c["n"], round(c["p"], 6), round(c["target"], 6)) for c in bins] == [(3, 0.3, 0.3), (3, 0.7, 0.7)]

@@ -124,6 +124,19 @@ def test_manifest_and_complete(tmp_path):
     assert _stage(tmp_path).complete()
 
 
+def test_manifest_records_when_the_stage_was_opened_and_its_wall_time(tmp_path, monkeypatch):
+    import time
+
+    clock = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    st = _stage(tmp_path)
+    clock[0] += 12.34
+    st.write_manifest("complete", {})
+    m = st.manifest()
+    assert m["wall_s"] == 12.3
+    assert m["started"] == time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(1_000_000.0))
+
+
 def test_same_fingerprint_resumes(tmp_path):
     st = _stage(tmp_path)
     st.append(_rows("a"))

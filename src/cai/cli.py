@@ -2,6 +2,7 @@
 
     cai run configs/quickstart.yaml [key=value ...] [--from STAGE] [--to STAGE]
     cai show runs/quickstart
+    cai report runs/quickstart [-o report.html]
     cai constitution validate|show|diff|convert ...
     cai chat MODEL [-c CONFIG] [key=value ...] [-p PROMPT]
     cai serve MODEL [-c CONFIG] [key=value ...] [--host 127.0.0.1] [--port 8000] [--api-key-env NAME]
@@ -92,6 +93,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name, st in done.items():
         m = st.manifest() or {}
         print(f"  {name:<12} {m.get('status', '?'):<9} {json.dumps(m.get('counts', {}))}")
+    report = Path(cfg.run_dir) / "report.html"
+    if report.exists():
+        print(f"\nrun report: {report}")
     if "sft" in done:
         print(f"\nfine-tuned model: {done['sft'].dir / 'model'}\ntry it: cai chat {done['sft'].dir / 'model'}")
     return 0
@@ -158,7 +162,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         for kind, ev in (m.get("eval") or {}).items():  # held-out figures of a trained model
             if ev:
                 print(f"   eval {kind}: " + ", ".join(f"{a} {b:.3f}" if isinstance(b, float) else f"{a} {b}"
-                                                     for a, b in ev.items()))
+                                                     for a, b in ev.items() if not isinstance(b, (list, dict))))
         rows = st.rows() if st.rows_path.exists() else []
         for row in rows[: args.rows]:
             print(f"   -- {row.get('record_id')} ({row.get('kind', '')})")
@@ -167,6 +171,14 @@ def cmd_show(args: argparse.Namespace) -> int:
     summary = run / "eval" / "summary.json"
     if summary.exists():
         print("\n" + render(json.loads(summary.read_text())))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cai.report import write_report
+
+    path = write_report(args.run, args.output)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
 
 
@@ -339,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run")
     s.add_argument("--rows", type=int, default=2, help="sample rows per stage")
     s.set_defaults(func=cmd_show)
+
+    rp = sub.add_parser("report", help="write the run's report: one self-contained HTML page with its plots and "
+                                       "critique traces")
+    rp.add_argument("run", metavar="RUN", help="a run directory (the run_dir of a `cai run`)")
+    rp.add_argument("-o", "--output", metavar="FILE", help="where to write it (default RUN/report.html)")
+    rp.set_defaults(func=cmd_report)
 
     c = sub.add_parser("constitution", help="validate, show, diff or convert constitutions")
     csub = c.add_subparsers(dest="action", required=True)

@@ -3,7 +3,8 @@
 - `soft_bt_loss`: Bradley-Terry cross-entropy against a soft target (preference model, DPO).
 - `dpo_margin`: the DPO implicit-reward margin, fed to `soft_bt_loss` (soft-label DPO).
 - `gae`, `ppo_policy_loss`, `ppo_value_loss`, `AdaptiveKL`: PPO with a KL penalty.
-- `expected_calibration_error`: calibration of predicted preference probabilities.
+- `expected_calibration_error`, `reliability_bins`: calibration of predicted preference
+  probabilities, as one number and as a reliability diagram.
 - `preference_metrics`, `preference_report`: held-out accuracy, loss and calibration of a
   preference scorer (the preference model, DPO's implicit reward), per label source.
 
@@ -13,6 +14,7 @@ Every masked reduction goes through `masked_mean`, so padding never enters a los
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -110,20 +112,31 @@ class AdaptiveKL:
         return self.coef
 
 
-def expected_calibration_error(probs: torch.Tensor, outcomes: torch.Tensor, bins: int = 10) -> float:
-    """ECE of binary predictions: `probs` are P(outcome = 1), `outcomes` are 0/1 (or soft targets,
-    in which case each bin's accuracy is the mean target). Equal-width bins, weighted by count."""
+def reliability_bins(probs: torch.Tensor, outcomes: torch.Tensor, bins: int = 10) -> list[dict[str, float]]:
+    """The reliability diagram of binary predictions: `probs` are P(outcome = 1), `outcomes` are 0/1
+    (or soft targets). Equal-width bins; each non-empty one as {low, high, n, p (mean prediction),
+    target (mean outcome)}. A calibrated predictor has p = target in every bin."""
     probs = probs.detach().double().flatten()
     outcomes = outcomes.detach().double().flatten()
-    if probs.numel() == 0:
-        return float("nan")
-    idx = (probs * bins).long().clamp(max=bins - 1)
-    ece = torch.zeros((), dtype=torch.float64)
+    idx = (probs * bins).long().clamp(min=0, max=bins - 1)
+    out = []
     for b in range(bins):
         sel = idx == b
         if sel.any():
-            ece += sel.double().mean() * (probs[sel].mean() - outcomes[sel].mean()).abs()
-    return float(ece)
+            out.append({"low": b / bins, "high": (b + 1) / bins, "n": int(sel.sum()),
+                        "p": float(probs[sel].mean()), "target": float(outcomes[sel].mean())})
+    return out
+
+
+def expected_calibration_error(probs: torch.Tensor, outcomes: torch.Tensor, bins: int = 10) -> float:
+    """ECE of binary predictions: `probs` are P(outcome = 1), `outcomes` are 0/1 (or soft targets,
+    in which case each bin's accuracy is the mean target). Equal-width bins (`reliability_bins`),
+    weighted by count."""
+    cells = reliability_bins(probs, outcomes, bins)
+    total = sum(c["n"] for c in cells)
+    if not total:
+        return float("nan")
+    return sum(c["n"] / total * abs(c["p"] - c["target"]) for c in cells)
 
 
 def pairwise_accuracy(margins: torch.Tensor) -> torch.Tensor:
@@ -133,19 +146,21 @@ def pairwise_accuracy(margins: torch.Tensor) -> torch.Tensor:
     return ((margins > 0).double() + 0.5 * (margins == 0).double()).mean()
 
 
-def preference_metrics(margins: torch.Tensor, p: torch.Tensor, bins: int = 10) -> dict[str, float]:
+def preference_metrics(margins: torch.Tensor, p: torch.Tensor, bins: int = 10) -> dict[str, Any]:
     """Held-out metrics of a preference scorer from its margins (score of chosen minus score of
     rejected) and labels `p` = P(chosen is better): `accuracy` (a tie counts half), mean
     `soft_bt_loss`, mean `margin`, and the `ece` of sigmoid(margin) against `p`. Each pair enters the
     ECE in both orders (sigmoid(-margin) against 1 - p too): labels are all >= 0.5 as stored, and
-    one-sided bins would hide over-confidence toward the rejected answer."""
+    one-sided bins would hide over-confidence toward the rejected answer. `reliability` holds the
+    same bins (`reliability_bins`), for a reliability diagram (the run report draws it)."""
     margins = margins.detach().double().flatten()
     p = p.detach().double().flatten()
     acc = pairwise_accuracy(margins)
     probs = torch.cat([torch.sigmoid(margins), torch.sigmoid(-margins)])
+    targets = torch.cat([p, 1 - p])
     return {"n": int(margins.numel()), "accuracy": float(acc), "loss": float(soft_bt_loss(margins, p)),
-            "margin": float(margins.mean()),
-            "ece": expected_calibration_error(probs, torch.cat([p, 1 - p]), bins)}
+            "margin": float(margins.mean()), "ece": expected_calibration_error(probs, targets, bins),
+            "reliability": reliability_bins(probs, targets, bins)}
 
 
 def preference_report(margins: torch.Tensor, p: torch.Tensor, sources: list[str]) -> dict[str, dict | None]:

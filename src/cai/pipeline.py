@@ -11,13 +11,16 @@ Each stage reads an earlier stage's rows from the run directory (`INPUTS`) and i
 with their content hash, followed by the fingerprints of the trained models it builds on, so
 changing an upstream input is noticed downstream. `_run_stage` calls each stage with what it
 reads and, for a generating stage, its model; the generating stages hold one back-end at a time
-(`_Models`), and it is freed before any other stage runs.
+(`_Models`), and it is freed before any other stage runs. When the stages are done (or one fails),
+the run report is written to `RUN/report.html` (cai/report/); a report that cannot be written is
+a logged warning, never a failed run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +64,9 @@ INPUTS = {
     "pairs": ("prompts",), "feedback": ("pairs",), "preferences": ("feedback",), "pm": ("preferences",),
     "ppo": ("prompts", "sft", "pm"), "dpo": ("preferences", "sft"),
 }
+
+
+log = logging.getLogger(__name__)
 
 
 class PipelineError(RuntimeError):
@@ -188,26 +194,53 @@ def run(cfg: PipelineConfig, start: str | None = None, stop: str | None = None, 
         from cai.distributed import StageBarrier
 
         barrier = StageBarrier(cfg.model.device)
-    for name in names:
-        if barrier is not None and name not in TRAINING and not barrier.is_main_process:
-            barrier.wait()
-            done[name] = Stage.view(cfg.run_dir, FOLDERS.get(name, name))
-            continue
-        if name not in GENERATING:
-            models.release()  # one model at a time: a training stage loads its own
-        done[name] = _run_stage(name, cfg, models, constitution, allow_changed, on_chunk)
-        # The resolved config is saved once a stage has accepted it.
-        atomic_write(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        if barrier is not None:
-            barrier.wait()  # the stage's files are complete before any process reads them
+    main = barrier is None or barrier.is_main_process  # the only process that writes the report
+    try:
+        for name in names:
+            if barrier is not None and name not in TRAINING and not barrier.is_main_process:
+                barrier.wait()
+                done[name] = Stage.view(cfg.run_dir, FOLDERS.get(name, name))
+                continue
+            if name not in GENERATING:
+                models.release()  # one model at a time: a training stage loads its own
+            done[name] = _run_stage(name, cfg, models, constitution, allow_changed, on_chunk)
+            # The resolved config is saved once a stage has accepted it.
+            atomic_write(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            if barrier is not None:
+                barrier.wait()  # the stage's files are complete before any process reads them
+    except Exception:
+        if main:
+            write_report(run_dir)  # a failed run's report shows where it stopped
+        raise
+    if main:
+        write_report(run_dir)
     return done
+
+
+def write_report(run_dir: str | Path) -> Path | None:
+    """Write `run_dir/report.html` (cai/report/) and return its path; a failure to write it is
+    logged as a warning and gives None, never an error: the report must not fail the run."""
+    try:
+        from cai.report import write_report as write
+
+        return write(run_dir)
+    except Exception as e:  # anything at all: a broken report is not a broken run
+        log.warning("could not write the run report in %s: %s: %s", run_dir, type(e).__name__, e)
+        return None
 
 
 def evaluate_models(cfg: PipelineConfig, allow_changed: bool = False, lm_factory: Callable[[], LM] | None = None,
                     on_chunk: Callable[[int], None] | None = None) -> Stage:
-    """The evaluate stage on its own (`cai eval models`), whether or not `eval.enabled` is set."""
+    """The evaluate stage on its own (`cai eval models`), whether or not `eval.enabled` is set; the
+    run report is rewritten after it."""
     constitution = constitution_mod.load(cfg.constitution)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     models = _Models(cfg, lm_factory)
-    return evaluate.run(cfg, models.factory, models.release, functools.partial(_trained, cfg), constitution,
-                        allow_changed, on_chunk)
+    try:
+        stage = evaluate.run(cfg, models.factory, models.release, functools.partial(_trained, cfg), constitution,
+                             allow_changed, on_chunk)
+    except Exception:
+        write_report(cfg.run_dir)
+        raise
+    write_report(cfg.run_dir)
+    return stage

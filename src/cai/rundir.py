@@ -4,7 +4,8 @@
       config.yaml                 the resolved pipeline config
       constitution.yaml           the constitution as used (its hash is in every row)
       <stage>/rows.jsonl          one JSON row per line, appended a chunk at a time
-      <stage>/manifest.json       counts, failures by reason, fingerprint, constitution hash, versions
+      <stage>/manifest.json       counts, failures by reason, fingerprint, constitution hash, versions,
+                                  when the stage was opened and its wall time (`started`, `wall_s`)
 
 A chunk of rows is appended with one write and an fsync, so a killed run leaves whole chunks; a
 torn last line (a kill inside the write) is cut off on reopen and its records are redone. A stage
@@ -88,6 +89,7 @@ class Stage:
         self._locate(run_dir, name)
         self.fingerprint = fingerprint
         self.settings = settings
+        self.opened: float | None = time.time()  # the manifest's `started` and `wall_s` count from here
         old = self.manifest()
         if old and old.get("fingerprint") != fingerprint and not allow_changed:
             changes = _diff_keys(old.get("settings", {}), settings) or ["its inputs changed"]
@@ -112,6 +114,7 @@ class Stage:
         st._locate(run_dir, name)
         st.fingerprint = None  # a view accepts whatever fingerprint the folder has
         st.settings = {}
+        st.opened = None
         return st
 
     def content_hash(self) -> str:
@@ -169,6 +172,12 @@ class Stage:
             atomic_write(self.rows_path, b"".join(line + b"\n" for line in ordered).decode("utf-8"))
 
     def write_manifest(self, status: str, counts: dict[str, Any], **extra: Any) -> None:
+        """The manifest: status, fingerprint, settings, counts, `extra`, versions, and the time the
+        stage was opened in this process with the seconds since (`started`, `wall_s`; a resumed
+        stage counts its last invocation only)."""
+        timing = {} if self.opened is None else {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.opened)),
+            "wall_s": round(time.time() - self.opened, 1)}
         write_json(self.manifest_path, {
             "stage": self.name,
             "status": status,
@@ -176,6 +185,7 @@ class Stage:
             "settings": self.settings,
             "counts": counts,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **timing,
             "versions": versions(),
             **extra,
         })
