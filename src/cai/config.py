@@ -337,9 +337,9 @@ class FeedbackConfig(Section):
     model: str = "smollm2-135m"
     principles: int = 1
     principle_ids: list[str] = field(default_factory=list)
-    # Measured on hh-rlhf with the embedded model (README, "Measuring the labeller"): the raw format
-    # with no worked examples beat the chat template with two examples.
-    format: Literal["auto", "chat", "raw"] = "raw"
+    # Measured on hh-rlhf with the embedded model (README, "Measuring the labeller"): no worked
+    # examples beat two, in either format; the quickstart asks it in the raw format.
+    format: Literal["auto", "chat", "raw"] = "auto"
     few_shot: int = 0
     few_shot_order: Literal["balanced", "as_written"] = "balanced"
     chain_of_thought: bool = False
