@@ -4,12 +4,12 @@ The judge (`cai.judge.label`) asks each comparison in both orders after `feedbac
 examples. Written as they are, the examples are one head shared by every prompt, which the
 transformers back-end computes once per batch (prefix sharing). Balanced (`few_shot_order:
 balanced`, the default) they come in two variants, one per final letter, so a batch ordered by
-length alone mixes them and shares only the tokens before they part; the engine's `prefix_order`
-groups the rows by head first. Measured side by side on the same comparisons:
+length alone mixes them and shares only the tokens before they part; the engine's `prefix_groups`
+batches each head's rows apart. Measured side by side on the same comparisons:
 
 - `as_written`: one head;
 - `balanced, length order`: two heads, batches ordered by length only (the engine before
-  `prefix_order`);
+  `prefix_groups`);
 - `balanced, grouped`: two heads, batches grouped by head (what runs now).
 
 Labels of the two balanced rows must agree to float noise (max |dp| is printed): only the batching
@@ -38,7 +38,7 @@ REPLIES = ("I can't help with that.",
 
 
 def length_order(rows, min_prefix=16, group=2):
-    return sorted(range(len(rows)), key=lambda k: (len(rows[k]), k))
+    return [sorted(range(len(rows)), key=lambda k: (len(rows[k]), k))] if rows else []
 
 
 def main() -> None:
@@ -61,8 +61,8 @@ def main() -> None:
     def run(order: str, patch: bool) -> tuple[float, list]:
         fb = FeedbackConfig(few_shot=args.few_shot, few_shot_order=order, format=args.format,
                             principle_ids=["pref-harm-general"])
-        ctx = mock.patch.object(hf_engine, "prefix_order", length_order) if patch else mock.patch.object(
-            hf_engine, "prefix_order", hf_engine.prefix_order)
+        ctx = mock.patch.object(hf_engine, "prefix_groups", length_order) if patch else mock.patch.object(
+            hf_engine, "prefix_groups", hf_engine.prefix_groups)
         with ctx:
             label(lm, const, comps[:2], fb, seed=0)  # warm-up
             lm.engine._prefixes.clear()  # every setting computes its own heads once, in the timed part

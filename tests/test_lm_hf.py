@@ -182,6 +182,10 @@ def test_prefix_order_keeps_each_shared_head_together_and_the_rest_by_length():
     assert common_prefix([rows[k] for k in first]) >= 50 and common_prefix([rows[k] for k in second]) >= 50
     for part in (first, second, rest):
         assert [len(rows[k]) for k in part] == sorted(len(rows[k]) for k in part)
+    # The groups are what the engine batches apart: each head's rows, then the rest.
+    from cai.lm.hf_engine import prefix_groups
+
+    assert prefix_groups(rows, min_prefix=4, group=4) == [first, second, rest]
     # With no shared head at all, the order is plain length order.
     plain = [[i] + [5] * (20 - i) for i in range(8)]
     assert prefix_order(plain, min_prefix=4, group=4) == sorted(range(8), key=lambda k: len(plain[k]))

@@ -121,9 +121,14 @@ def _use_prefix(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
 
 
 def prefix_order(rows: Sequence[Sequence[int]], min_prefix: int = 16, group: int = 2) -> list[int]:
-    """An order of `rows` for batching: rows that share a long prefix (a prompt's fixed head, such
-    as the judge's worked examples, which differ between comparisons only in the order of their
-    options) come together, each group by length, then the rest by length.
+    """`prefix_groups` flattened: an order of `rows` for batching."""
+    return [k for g in prefix_groups(rows, min_prefix, group) for k in g]
+
+
+def prefix_groups(rows: Sequence[Sequence[int]], min_prefix: int = 16, group: int = 2) -> list[list[int]]:
+    """Rows to batch apart: groups of rows that share a long prefix (a prompt's fixed head, such as
+    the judge's worked examples, which differ between comparisons only in the order of their
+    options), each by length, then the rest by length. A batch cut from one group shares its head.
 
     Groups are runs of the lexicographically sorted rows whose neighbours share at least half the
     median prefix that neighbours share (and at least `min_prefix` tokens), so two heads that part
@@ -131,7 +136,7 @@ def prefix_order(rows: Sequence[Sequence[int]], min_prefix: int = 16, group: int
     fewer than `group` rows are not worth a batch of their own and join the rest."""
     n = len(rows)
     if n < 2:
-        return list(range(n))
+        return [list(range(n))] if n else []
     lex = sorted(range(n), key=lambda k: (list(rows[k]), k))
     shared = [common_prefix([rows[a], rows[b]]) for a, b in zip(lex, lex[1:])]
     threshold = max(min_prefix, sorted(shared)[len(shared) // 2] // 2 + 1)
@@ -144,7 +149,7 @@ def prefix_order(rows: Sequence[Sequence[int]], min_prefix: int = 16, group: int
     heads = sorted((r for r in runs if len(r) >= max(2, group)), key=min)
     rest = [k for r in runs if len(r) < max(2, group) for k in r]
     by_len = lambda ks: sorted(ks, key=lambda k: (len(rows[k]), k))  # noqa: E731
-    return [k for r in [*heads, rest] for k in by_len(r)]
+    return [by_len(r) for r in [*heads, rest] if r]
 
 
 def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
@@ -590,15 +595,15 @@ class HFEngine:
                 single.append((ci, cids, [o[0] for o in oids_all]))
             else:
                 items.extend((ci, oi, cids, oids) for oi, oids in enumerate(oids_all))
-        order = prefix_order([single[k][1] for k in range(len(single))], self.min_prefix, self.batch_size // 2)
-        for batch in self._batches(order):
+        groups = prefix_groups([single[k][1] for k in range(len(single))], self.min_prefix, self.batch_size // 2)
+        for batch in (b for g in groups for b in self._batches(g)):
             logits, *_ = self._prefill([single[k][1] for k in batch], keep=1)
             logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
             for slot, k in enumerate(batch):
                 ci, _, toks = single[k]
                 scores[ci] = [float(logp[slot, t]) for t in toks]
-        order = prefix_order([items[k][2] for k in range(len(items))], self.min_prefix, self.batch_size // 2)
-        for batch in self._batches(order):
+        groups = prefix_groups([items[k][2] for k in range(len(items))], self.min_prefix, self.batch_size // 2)
+        for batch in (b for g in groups for b in self._batches(g)):
             rows = [items[k][2] + items[k][3] for k in batch]
             # Keep the logits from the last context token on; the prefix ends before it.
             keep = max(len(items[k][3]) for k in batch) + 1
