@@ -167,7 +167,10 @@ def test_the_key_value_buffer_grows_selects_and_trims_like_concatenation():
 
 
 def test_prefix_order_keeps_each_shared_head_together_and_the_rest_by_length():
-    from cai.lm.hf_engine import common_prefix, prefix_order
+    from cai.lm.hf_engine import common_prefix, prefix_groups
+
+    def prefix_order(rows, min_prefix, group=2):
+        return [k for g in prefix_groups(rows, min_prefix, group) for k in g]
 
     head_a, head_b = [1] * 10 + [2] * 40, [1] * 10 + [3] * 40  # two heads that part after 10 tokens
     rows = []
@@ -183,8 +186,6 @@ def test_prefix_order_keeps_each_shared_head_together_and_the_rest_by_length():
     for part in (first, second, rest):
         assert [len(rows[k]) for k in part] == sorted(len(rows[k]) for k in part)
     # The groups are what the engine batches apart: each head's rows, then the rest.
-    from cai.lm.hf_engine import prefix_groups
-
     assert prefix_groups(rows, min_prefix=4, group=4) == [first, second, rest]
     # With no shared head at all, the order is plain length order.
     plain = [[i] + [5] * (20 - i) for i in range(8)]

@@ -50,7 +50,7 @@ from typing import Any
 from cai.config import FeedbackConfig, plain
 from cai.constitution import ANSWER_PREFIX, Constitution
 from cai.evals.stats import wilson
-from cai.judge import Comparison, as_format, label, resolve_format
+from cai.judge import Comparison, as_format, check_principle_ids, label, resolve_format
 from cai.lm.base import LM, Message
 from cai.records import STATUS_ABSTAIN, STATUS_FAILED, STATUS_OK
 from cai.rundir import atomic_write, write_json
@@ -230,11 +230,8 @@ def evaluate(lm: LM, constitution: Constitution, source: Source, cfg: FeedbackCo
 
 def check_principles(constitution: Constitution, principle_ids: Sequence[str] | None) -> None:
     """Raise ValueError naming any id that is not a preference principle of `constitution`."""
-    have = [p.id for p in constitution.preference]
-    bad = [pid for pid in principle_ids or () if pid not in have]
-    if bad:
-        raise ValueError(f"{constitution.source}: no preference principle {', '.join(map(repr, bad))} "
-                         f"(have: {', '.join(have)})")
+    if principle_ids:
+        check_principle_ids(constitution, principle_ids, "--principle")
 
 
 def run(sources: Sequence[Source], lm: LM, constitution: Constitution, cfg: FeedbackConfig, seed: int,

@@ -120,11 +120,6 @@ def _use_prefix(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
         _PREFIX.reset(token)
 
 
-def prefix_order(rows: Sequence[Sequence[int]], min_prefix: int = 16, group: int = 2) -> list[int]:
-    """`prefix_groups` flattened: an order of `rows` for batching."""
-    return [k for g in prefix_groups(rows, min_prefix, group) for k in g]
-
-
 def prefix_groups(rows: Sequence[Sequence[int]], min_prefix: int = 16, group: int = 2) -> list[list[int]]:
     """Rows to batch apart: groups of rows that share a long prefix (a prompt's fixed head, such as
     the judge's worked examples, which differ between comparisons only in the order of their
