@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,18 +168,26 @@ def few_shot_last(seed: int, record_id: str, cfg: FeedbackConfig) -> str | None:
 
 def label(lm: LM, constitution: Constitution, comparisons: Sequence[Comparison], cfg: FeedbackConfig, seed: int,
           principle_ids: Sequence[str] | None = None,
-          on_call: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+          on_call: Callable[[], None] | None = None,
+          draws: Sequence[Sequence[str]] | None = None) -> list[dict[str, Any]]:
     """Label comparisons; pure apart from the model calls.
 
     Returns one dict per comparison: record_id, status ("ok" | "abstain" | "failed"), reason,
     p_first (P(response 1 is better), None unless ok), principle_ids, orders (one entry per
     principle: p_ab, p_ba, mass_ab, mass_ba, cot_ab, cot_ba, status). `principle_ids` (else
     `cfg.principle_ids`) fixes the principles for every comparison; otherwise `cfg.principles` are
-    drawn per record. `on_call` follows each model call (progress).
+    drawn per record. `draws`, when given, are each comparison's own principles instead (an
+    ablation asks each pair under the principles its draw has left). `on_call` follows each model
+    call (progress).
     """
     fixed = list(principle_ids) if principle_ids else list(cfg.principle_ids)
     if fixed:
         check_principle_ids(constitution, fixed, "principle_ids" if principle_ids else "feedback.principle_ids")
+    if draws is not None:
+        if len(draws) != len(comparisons) or not all(draws):
+            raise ValueError(f"draws: one non-empty list of principle ids per comparison is needed "
+                             f"({len(draws)} lists for {len(comparisons)} comparisons)")
+        check_principle_ids(constitution, sorted({p for d in draws for p in d}), "draws")
     fmt = resolve_format(lm, cfg.format)
     lasts = [few_shot_last(seed, comp.record_id, cfg) for comp in comparisons]
     # One job per (comparison, principle, order); order 0 shows response 1 as (A).
@@ -188,7 +196,8 @@ def label(lm: LM, constitution: Constitution, comparisons: Sequence[Comparison],
     first: list[int] = []  # index of each comparison's first job; principle pi, order o is at +2*pi+o
     for ci, comp in enumerate(comparisons):
         first.append(len(jobs))
-        pids = fixed or constitution.draw(seed, comp.record_id, cfg.principles, kind="preference")
+        pids = (list(draws[ci]) if draws is not None
+                else fixed or constitution.draw(seed, comp.record_id, cfg.principles, kind="preference"))
         pids_of.append(pids)
         for pi, pid in enumerate(pids):
             for order in (0, 1):
@@ -254,17 +263,23 @@ def label(lm: LM, constitution: Constitution, comparisons: Sequence[Comparison],
                 entry.update(p_ab=pa_ab, p_ba=1.0 - pa_ba, mass_ab=m_ab, mass_ba=m_ba)
                 entry["status"] = "low_option_mass" if min(m_ab, m_ba) < cfg.min_option_mass else STATUS_OK
             orders.append(entry)
-        usable = [e for e in orders if e["status"] == STATUS_OK]
-        row: dict[str, Any] = {"record_id": comp.record_id, "principle_ids": pids_of[ci], "orders": orders}
-        if usable:
-            p = sum(swap_average(e["p_ab"], e["p_ba"]) for e in usable) / len(usable)
-            if cfg.chain_of_thought:
-                p = clamp(p, cfg.clamp)
-            row.update(status=STATUS_OK, reason=None, p_first=p)
-        else:
-            reasons = [e["status"] for e in orders]
-            status = STATUS_ABSTAIN if all(r == "low_option_mass" for r in reasons) else STATUS_FAILED
-            row.update(status=status, reason=next(r for r in reasons if r != "low_option_mass")
-                       if status == STATUS_FAILED else "low_option_mass", p_first=None)
-        out.append(row)
+        status, reason, p = combine(orders, cfg)
+        out.append({"record_id": comp.record_id, "principle_ids": pids_of[ci], "orders": orders,
+                    "status": status, "reason": reason, "p_first": p})
     return out
+
+
+def combine(orders: Sequence[Mapping[str, Any]], cfg: FeedbackConfig) -> tuple[str, str | None, float | None]:
+    """A comparison's (status, reason, p_first) from its principles' entries (`orders`, as `label`
+    returns them): the mean of the usable principles' swap averages, clamped to `cfg.clamp` under
+    chain of thought. With none usable it abstains when every principle lacked option mass, and
+    fails with the first other reason otherwise. Pure, so stored entries can be recombined (the
+    attribution and ablation figures are checked against it)."""
+    usable = [e for e in orders if e["status"] == STATUS_OK]
+    if usable:
+        p = sum(swap_average(e["p_ab"], e["p_ba"]) for e in usable) / len(usable)
+        return STATUS_OK, None, clamp(p, cfg.clamp) if cfg.chain_of_thought else p
+    reasons = [e["status"] for e in orders]
+    if all(r == "low_option_mass" for r in reasons):
+        return STATUS_ABSTAIN, "low_option_mass", None
+    return STATUS_FAILED, next(r for r in reasons if r != "low_option_mass"), None
