@@ -9,6 +9,8 @@
     cai model fetch smollm2-135m
     cai eval labeller FILE [FILE ...] [-c CONFIG] [key=value ...] [--limit N]
     cai eval models [CONFIG] [key=value ...]
+    cai eval attribution RUN [--margin 0.1]
+    cai eval ablate RUN [--by principle|category] [--only NAME] [--retrain] [key=value ...]
 
 Every command that uses a model takes the config form of `cai run`: a YAML config (`-c`, or the
 defaults) with dotted `key=value` overrides laid over it, e.g. `model.backend=openai`.
@@ -331,6 +333,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_attribution(args: argparse.Namespace) -> int:
+    from cai.evals import attribution
+
+    summary, path = attribution.run(args.run, margin=args.margin, top=args.top, n_boot=args.bootstrap)
+    print(attribution.table(summary))
+    print(f"\nwrote {path}")
+    return 0
+
+
+def cmd_eval_ablate(args: argparse.Namespace) -> int:
+    from cai.evals import ablation
+
+    rest, overrides = split_overrides([args.run, *args.overrides])
+    if len(rest) != 1:
+        raise ValueError(f"cai eval ablate takes one RUN directory and key=value overrides, got {' '.join(rest)}")
+    summary, path = ablation.run(rest[0], args.by, overrides, args.only, args.retrain, args.allow_config_change,
+                                 n_boot=args.bootstrap)
+    print(ablation.table(summary))
+    print(f"\nwrote {path}")
+    return 0
+
+
 # ---- parser --------------------------------------------------------------------------------
 
 
@@ -432,6 +456,34 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--allow-config-change", action="store_true",
                     help="resume even though the evaluation's config or inputs changed")
     em.set_defaults(func=cmd_eval_models)
+    ea = esub.add_parser("attribution", help="which principles the labeller applies: per principle of a run's AI "
+                                             "labels, how often drawn, how decisive, how often it agrees with "
+                                             "the label and with the others",
+                         description="Reads RUN/feedback (no model is run) and writes RUN/eval/attribution.json.")
+    ea.add_argument("run", metavar="RUN", help="a run directory with a finished feedback stage")
+    ea.add_argument("--margin", type=float, default=0.1,
+                    help="a principle's answer is decisive when |p - 0.5| is above this (default 0.1)")
+    ea.add_argument("--top", type=int, default=5, help="how many disagreeing principle pairs to list")
+    ea.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of each interval")
+    ea.set_defaults(func=cmd_eval_attribution)
+    eb = esub.add_parser("ablate", help="relabel a run's pairs with each principle (or category) removed and report "
+                                        "the label change; --retrain trains the preference model again",
+                         description="The run's judge (feedback.* of RUN/config.yaml) relabels the pairs whose "
+                                     "principles the removal changes; model.* and ray.* overrides apply. Resumable "
+                                     "work and the summary go to RUN/ablate/<by>/.")
+    eb.add_argument("run", metavar="RUN", help="a run directory with finished pairs and feedback stages")
+    _add_overrides(eb, config_flag=False)
+    eb.add_argument("--by", choices=["principle", "category"], default="principle",
+                    help="remove one preference principle at a time, or one category's (default principle)")
+    eb.add_argument("--only", action="append", metavar="NAME",
+                    help="ablate only this principle id or category (repeat for more)")
+    eb.add_argument("--retrain", action="store_true",
+                    help="train the preference model again on each ablation's labels at the run's pm settings and "
+                         "report its held-out accuracy beside the run's")
+    eb.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of each interval")
+    eb.add_argument("--allow-config-change", action="store_true",
+                    help="resume an ablation even though its inputs changed")
+    eb.set_defaults(func=cmd_eval_ablate)
     return p
 
 
