@@ -67,6 +67,7 @@ class Judge:
 
 def build(tmp_path: Path, judge: Judge, *extra: str, prompts: int = 8, to: str = "feedback"):
     """A run in `tmp_path/run` up to stage `to`; returns its config."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     const = small_constitution(tmp_path / "three.yaml")
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"constitution={const}",
                              f"prompts.red_team=[{{path: 'builtin:red_team', limit: {prompts}}}]",

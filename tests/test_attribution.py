@@ -20,8 +20,8 @@ def _entry(pid, p_ab, p_ba, status=STATUS_OK):
             "cot_ba": None, "status": status}
 
 
-def _row(rid, *entries, cfg=FeedbackConfig()):
-    status, reason, p = combine(list(entries), cfg)
+def _row(rid, *entries, cfg=None):
+    status, reason, p = combine(list(entries), cfg or FeedbackConfig())
     return {"record_id": rid, "principle_ids": [e["principle_id"] for e in entries], "orders": list(entries),
             "status": status, "reason": reason, "p_first": p}
 

@@ -385,6 +385,12 @@ def _ci(d: Mapping[str, Any] | None, fmt: str) -> str:
     return f"{fmt.format(v)} [{fmt.format(d['low'])},{fmt.format(d['high'])}]"
 
 
+def _change(e: Mapping[str, Any]) -> str:
+    if not e["run"] or not e["ablated"]:
+        return "-"
+    return f"{e['run']['accuracy']:.2f}->{e['ablated']['accuracy']:.2f}"
+
+
 def table(s: Mapping[str, Any]) -> str:
     """The summary as plain text: one line per ablation."""
     lines = [f"{s['pairs']} labelled pairs of {s['run']}, judge {s['feedback_model']}, constitution "
@@ -408,14 +414,8 @@ def table(s: Mapping[str, Any]) -> str:
             if not pmr["retrained"]:
                 line += f" {'= run (labels unchanged)':>38}"
             elif pmr["accuracy"]:
-                acc = pmr["accuracy"]
-
-                def g(k: str) -> str:
-                    e = acc[k]
-                    if not e["run"] or not e["ablated"]:
-                        return "-"
-                    return f"{e['run']['accuracy']:.2f}->{e['ablated']['accuracy']:.2f}"
-                line += f" {g('ai') + ' / ' + g('human'):>38}"
+                acc = " / ".join(_change(pmr["accuracy"][g]) for g in ("ai", "human"))
+                line += f" {acc:>38}"
         lines.append(line)
         lost = a["ablated_not_ok_by_reason"]
         if lost:
