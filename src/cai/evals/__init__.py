@@ -4,5 +4,8 @@
 - `ratings`: Bradley-Terry Elo ratings with group-bootstrap intervals from soft pairwise judgements.
 - `refusal`: a phrase-based detector of replies that engage, refuse and explain, or only refuse.
 - `suite`: the evaluate stage's figures from its rows (ratings, harm, failure, evasiveness, judge card).
+- `attribution`: which principles the labeller applies, from a run's stored labels (`cai eval attribution`).
+- `ablation`: a run's labels relabelled with each principle or category removed, and optionally a
+  preference model retrained on them (`cai eval ablate`).
 - `stats`: the intervals every figure shares (Wilson, bootstrap of a mean).
 """
