@@ -99,3 +99,16 @@ def test_the_command_prints_the_table_and_names_a_missing_stage(tmp_path, capsys
     (tmp_path / "run" / "feedback" / "manifest.json").unlink()
     assert main(["eval", "attribution", str(tmp_path / "run")]) == 2
     assert "feedback stage has not completed" in capsys.readouterr().err
+
+
+def test_a_row_without_its_entries_is_an_error_naming_the_file_and_line(tmp_path):
+    build(tmp_path, Judge())
+    rows_path = tmp_path / "run" / "feedback" / "rows.jsonl"
+    lines = rows_path.read_text().splitlines()
+    second = json.loads(lines[1])
+    del second["orders"]
+    lines[1] = json.dumps(second)
+    rows_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(attribution.RunError, match=r"feedback/rows.jsonl:2: .* needs orders"):
+        attribution.run(tmp_path / "run")
+    assert not (tmp_path / "run" / "eval" / "attribution.json").exists()

@@ -41,7 +41,7 @@ from cai.constitution import load as load_constitution
 from cai.evals.suite import _r, mean_ci, rate
 from cai.judge import combine, swap_average
 from cai.records import STATUS_OK
-from cai.rundir import Stage
+from cai.rundir import Stage, write_json
 
 OUT = Path("eval") / "attribution.json"
 TOL = 1e-9  # a recombined p_first equal to the stored one up to float rounding
@@ -207,8 +207,6 @@ def attribute(rows: Sequence[Mapping[str, Any]], constitution: Constitution, cfg
 
 def run(run_dir: str | Path, margin: float = 0.1, top: int = 5, n_boot: int = 1000) -> tuple[dict[str, Any], Path]:
     """Attribution of a run's stored labels, written atomically to `RUN/eval/attribution.json`."""
-    from cai.rundir import write_json
-
     cfg = run_config(run_dir)
     constitution = run_constitution(run_dir)
     rows, st = feedback_rows(run_dir)
