@@ -194,5 +194,8 @@ def test_retrain_trains_a_preference_model_on_the_ablated_labels_once(tmp_path, 
 
     monkeypatch.setattr(pm, "train", lambda *a, **k: pytest.fail("trained again"))
     again, _ = ablation.run(run, only=["pref-harm-general"], retrain=True, lm_factory=Judge, n_boot=50)
-    assert again["ablations"][0]["pm"] == harm["pm"]
+    assert _by_name(again)["pref-harm-general"]["pm"] == harm["pm"]
     assert json.loads((run / "ablate" / "principle" / "summary.json").read_text()) == again
+    # an --only run keeps the other ablations of the same labels in the summary
+    assert [a["name"] for a in again["ablations"]] == ["pref-harm-general", "pref-honesty-truthful"]
+    assert _by_name(again)["pref-honesty-truthful"] == by["pref-honesty-truthful"]

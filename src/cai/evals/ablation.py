@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -350,15 +351,34 @@ def run(run_dir: str | Path, by: str = "principle", overrides: Sequence[str] = (
             new = _pm_eval(Path(sub.run_dir) / "pm")
             res["pm"] = {"retrained": True, "accuracy": _accuracy_change(baseline, new) if new else None}
 
+    out = Path(run_dir) / ROOT / by / "summary.json"
+    if only:  # the other ablations of an earlier run on the same labels stay in the summary
+        results, baseline = _merged(out, _r(results), baseline, inputs_fp, [a.name for a in ablations(constitution, by)])
+    retrained = any("pm" in a for a in results)
     summary = _r({
         "run": str(run_dir), "by": by, "constitution": constitution.name, "constitution_hash": constitution.hash,
         "feedback_model": model, "feedback": plain(cfg.feedback), "seed": cfg.seed, "bootstrap": n_boot,
-        "pairs": len(fb_rows), "retrain": retrain, "baseline_pm": baseline,
-        "harm": HARM_NOTE if retrain else None, "ablations": results,
+        "inputs": inputs_fp, "pairs": len(fb_rows), "retrain": retrained, "baseline_pm": baseline,
+        "harm": HARM_NOTE if retrained else None, "ablations": results,
     })
-    out = Path(run_dir) / ROOT / by / "summary.json"
     write_json(out, summary)
     return summary, out
+
+
+def _merged(path: Path, results: list[dict[str, Any]], baseline: dict[str, Any] | None, inputs: str,
+            order: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """`results` with the entries of the summary at `path` that they do not replace, when that
+    summary was made from the same labels (`inputs`), in the constitution's order; and the baseline
+    preference model's figures (this run's, else the earlier summary's)."""
+    if not path.is_file():
+        return results, baseline
+    old = json.loads(path.read_text())
+    if old.get("inputs") != inputs:
+        return results, baseline
+    names = {a["name"] for a in results}
+    pos = {n: i for i, n in enumerate(order)}
+    merged = [a for a in old.get("ablations", []) if a["name"] not in names and a["name"] in pos] + results
+    return sorted(merged, key=lambda a: pos.get(a["name"], len(pos))), baseline or old.get("baseline_pm")
 
 
 def run_chunks_for(stage: Stage, records: list[dict[str, Any]], work: Callable[..., list[dict[str, Any]]],
@@ -388,7 +408,7 @@ def _ci(d: Mapping[str, Any] | None, fmt: str) -> str:
 def _change(e: Mapping[str, Any]) -> str:
     if not e["run"] or not e["ablated"]:
         return "-"
-    return f"{e['run']['accuracy']:.2f}->{e['ablated']['accuracy']:.2f}"
+    return f"{e['run']['accuracy']:.2f}->{e['ablated']['accuracy']:.2f} (n {e['ablated']['n']})"
 
 
 def table(s: Mapping[str, Any]) -> str:
@@ -399,7 +419,7 @@ def table(s: Mapping[str, Any]) -> str:
     head = (f"{'removed':<{w}} {'relab.':>6} {'comp.':>5} {'mean |dp| [95%]':>22} {'flips [95%]':>18} "
             f"{'relab. |dp|':>12} {'relab. flips':>12}")
     if s["retrain"]:
-        head += f" {'PM acc: run -> ablated (ai / human)':>38}"
+        head += f" {'PM held-out acc: run->ablated, ai / human':>44}"
     lines.append(head)
     for a in s["ablations"]:
         if a.get("skipped"):
@@ -412,10 +432,10 @@ def table(s: Mapping[str, Any]) -> str:
         pmr = a.get("pm")
         if pmr is not None:
             if not pmr["retrained"]:
-                line += f" {'= run (labels unchanged)':>38}"
+                line += f" {'= run (labels unchanged)':>44}"
             elif pmr["accuracy"]:
                 acc = " / ".join(_change(pmr["accuracy"][g]) for g in ("ai", "human"))
-                line += f" {acc:>38}"
+                line += f" {acc:>44}"
         lines.append(line)
         lost = a["ablated_not_ok_by_reason"]
         if lost:
