@@ -411,10 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(model.backend, model.batch_size), seed (slot placement and principle "
                                      "draws) and constitution.")
     el.add_argument("files", nargs="+", metavar="FILE",
-                    help="hh-rlhf pairs (JSONL[.gz]), BIG-bench hhh task.json files or folders, or the "
-                         "paper's prompt/corrects/incorrects JSONL")
+                    help="hh-rlhf pairs (JSONL[.gz]), prompt/chosen/rejected rows (a file, or a shipped set: "
+                         "builtin:judge_pairs, builtin:helpful_pairs), BIG-bench hhh task.json files or folders, "
+                         "or the paper's prompt/corrects/incorrects JSONL")
     _add_overrides(el)
-    el.add_argument("--format", default="auto", choices=["auto", "hh", "hhh", "paper"])
+    el.add_argument("--format", default="auto", choices=["auto", "hh", "hhh", "paper", "preference"])
     el.add_argument("--limit", type=int, help="items per file")
     el.add_argument("--principle", action="append", metavar="ID",
                     help="use this preference principle for every item (repeat for an ensemble); "
