@@ -192,7 +192,11 @@ def hh_pair(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str]
 # evaluation: no prompt in them equals or nearly repeats one of the training sets
 # (tests/test_eval_sets.py).
 SHIPPED = {"red_team": "prompt", "helpful": "prompt", "helpful_pairs": "pair",
-           "eval_red_team": "prompt", "eval_helpful": "prompt"}
+           "eval_red_team": "prompt", "eval_helpful": "prompt",
+           # A labelled set for measuring judges, not training data: helpful / honest / harmless
+           # comparisons in the style of BIG-bench HHH, written for the toolkit, with prompts held
+           # out from every other set (tests/test_eval_sets.py).
+           "judge_pairs": "pair"}
 
 
 def shipped(name: str, kind: str = "prompt", error: type[Exception] = SourceError) -> Path:
