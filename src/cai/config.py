@@ -536,7 +536,8 @@ class RedTeamConfig(Section):
     For each category of the `seeds` (all, or those in `categories`), `per_category` candidates are
     sampled, each shown `few_shot` seeds of its category drawn per candidate. A candidate is one line;
     one that is empty, cut off, several lines, an echo of the prompt, an answer rather than a request,
-    or shorter than `min_words` words is rejected and counted by reason. The rest are deduplicated in
+    a statement that asks nothing (with `requests_only`), or shorter than `min_words` words is rejected
+    and counted by reason. The rest are deduplicated in
     order: a candidate whose word `ngram`-gram Jaccard overlap with an earlier kept one, a seed, or a
     prompt of `exclude` (the evaluation sets) is `max_overlap` or more is dropped with the reason.
     `model` None is `model.name`. `format: raw` sends the prompt as plain `Human:`/`Assistant:` text,
@@ -557,6 +558,9 @@ class RedTeamConfig(Section):
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=1.0, top_p=0.95, max_new_tokens=64,
                                                                 stop=["\n"]))
     min_words: int = 3
+    # Measured on hh-rlhf's 20,000 human red-team openers: 15% are statements that bait the assistant
+    # ("Seems like ... are so good at math."), not requests; false keeps such lines.
+    requests_only: bool = True
     ngram: int = 3
     max_overlap: float = 0.5
     multi_turn: bool = False

@@ -9,8 +9,9 @@ prompts this way).
    candidate is the same whatever else is generated with it. The raw completions land a chunk at a
    time in `RUN/redteam/candidates/` (the resumable chunk loop, cai/stages/chunked.py).
 2. Parsing (`parse_candidate`): a candidate is one line. One that is empty, cut off at the token
-   limit, several lines, an echo of the prompt's own text, an answer instead of a request, or shorter
-   than `redteam.min_words` words is rejected with that reason.
+   limit, several lines, an echo of the prompt's own text, an answer instead of a request, a line that
+   asks for nothing (a story, a statement; with `redteam.requests_only`), or shorter than
+   `redteam.min_words` words is rejected with that reason.
 3. Deduplication (`decide`), in candidate order: a candidate whose word n-gram Jaccard overlap
    (cai/evals/diversity.py) with a prompt of `redteam.exclude` (the evaluation sets), a seed, or an
    earlier kept candidate reaches `redteam.max_overlap` is rejected: `copies_*` / `duplicate` when
@@ -25,7 +26,7 @@ prompts this way).
    `empty_reply`. Rows in `RUN/redteam/probes/`, resumable the same way.
 
 Steps 2 and 3 are recomputed from the stored completions on every run (cheap and deterministic), so
-changing `min_words`, `ngram`, `max_overlap` or `exclude` generates nothing again, and
+changing `min_words`, `requests_only`, `ngram`, `max_overlap` or `exclude` generates nothing again, and
 `per_category` and `categories` only choose which candidates exist: raising `per_category` adds
 candidates and redoes none. What lands in `RUN/redteam/`:
 
@@ -66,7 +67,7 @@ from cai.stages.chunked import run_chunks
 FOLDER = "redteam"
 STATUS_REJECTED = "rejected"
 # Why a completion is not a prompt (step 2), in the order they are checked.
-PARSE_REASONS = ("empty", "truncated", "multi_line", "echoes_template", "answer", "too_short")
+PARSE_REASONS = ("empty", "truncated", "multi_line", "echoes_template", "answer", "not_a_request", "too_short")
 # Why a parsed prompt is not kept (step 3): (same normalised text, overlap at the threshold) per
 # set it is checked against, in the order they are checked.
 OVERLAP_REASONS = (("copies_eval", "near_eval"), ("copies_seed", "near_seed"), ("duplicate", "near_duplicate"))
@@ -84,9 +85,18 @@ _LABEL = re.compile(r"^(?:message\s*\d*|new message|request|prompt|user|human|as
 _ANSWER = re.compile(
     r"^(?:i'?m sorry|i am sorry|sorry\b|i apologi[sz]e|as an ai\b|as a language model\b"
     r"|i (?:can'?t|cannot|won'?t|will not|am unable to|'m unable to|am not able to|'m not able to)"
-    r" (?:help|assist|provide|do|comply|answer|write|create|give|share|fulfil)"
+    r" (?:help(?! but)|assist|provide|do|comply|answer|write|create|give|share|fulfil)"
     r"|sure\b|certainly\b|of course\b|absolutely\b|here(?:'s| is| are)\b|i'?d be (?:happy|glad)\b"
     r"|i would be (?:happy|glad)\b|great question\b)", re.I)
+# A request: a question (a question mark, or a question word opening the line), or a clause that
+# opens with an imperative or a want. Every prompt of the shipped sets (human-written) is one
+# (tests/test_redteam.py); a story or a statement is not.
+_REQUEST = re.compile(
+    r"\?|^(?:how|what|why|where|when|which|who|whose|is|are|do|does|did|can|could|would|will|should)\b"
+    r"|(?:^|[.,:;!]\s+)(?:please\s+|now\s+|so\s+|and\s+)?(?:write|give|tell|help|make|find|teach|describe|"
+    r"pretend|explain|role-?play|create|invent|be|suggest|talk|discuss|offer|try|convert|recommend|solve|list|show|walk|generate|draft|"
+    r"compose|plan|name|provide|send|share|build|design|translate|summari[sz]e|rewrite|imagine|act|play|say|get|"
+    r"let'?s|i(?:'d| would)? (?:want|need|like|wish)|i'?m (?:looking|trying) (?:for|to))\b", re.I)
 _QUOTES = {'"': '"', "“": "”", "'": "'", "‘": "’"}
 
 
@@ -100,13 +110,16 @@ def scaffold_sentences(messages: Sequence[dict[str, str]]) -> list[str]:
     return [s for s in (normalise(p) for p in re.split(r"(?<=[.:])\s+", text)) if len(s) > 20]
 
 
-def parse_candidate(c: Completion, min_words: int, scaffold: Sequence[str] = ()) -> tuple[str | None, str | None]:
+def parse_candidate(c: Completion, min_words: int, scaffold: Sequence[str] = (),
+                    requests_only: bool = True) -> tuple[str | None, str | None]:
     """(the prompt, None) from a completion, or (None, the reason it is none; `PARSE_REASONS`).
 
     The completion must be one non-empty line that the model finished. A list number, bullet or
     pair of quotes around it is taken off (the prompt's list invites them); text that belongs to
     the prompt's scaffold (`scaffold`, chat markers, a `Message 2:` label), a reply that answers
-    (a refusal, "Sure, ...", "Here is ...") and one of fewer than `min_words` words are rejected."""
+    (a refusal, "Sure, ...", "Here is ..."), with `requests_only` a line that asks nothing (no
+    question, no clause opening with an imperative or a want: a story or a statement), and one of
+    fewer than `min_words` words are rejected."""
     text = c.text.replace("\r", "\n").strip()
     if not text:
         return None, "empty"
@@ -123,8 +136,11 @@ def parse_candidate(c: Completion, min_words: int, scaffold: Sequence[str] = ())
     if (_LABEL.match(text) or any(m.strip() in text for m in SCAFFOLD_MARKERS)
             or any(s in norm for s in scaffold)):
         return None, "echoes_template"
-    if _ANSWER.match(text.replace("’", "'")):
+    plain_text = text.replace("’", "'")
+    if _ANSWER.match(plain_text):
         return None, "answer"
+    if requests_only and not _REQUEST.search(plain_text):
+        return None, "not_a_request"
     if len(norm.split()) < min_words:
         return None, "too_short"
     return text, None
@@ -211,7 +227,8 @@ def decide(candidates: Sequence[Row], seeds: Sequence[Row], excluded: Sequence[R
     for c in candidates:
         if c["category"] not in scaffolds:
             scaffolds[c["category"]] = scaffold_sentences(redteam_messages(c["category"], []))
-        text, reason = parse_candidate(Completion(c["text"], c["finish"], 0), cfg.min_words, scaffolds[c["category"]])
+        text, reason = parse_candidate(Completion(c["text"], c["finish"], 0), cfg.min_words, scaffolds[c["category"]],
+                                       cfg.requests_only)
         closest: tuple[Any, float] = (None, 0.0)
         if text is not None:
             for index, (same, near) in zip(indexes, OVERLAP_REASONS):
@@ -254,7 +271,7 @@ def probe_program(row: Row, cfg: RedTeamConfig, seed: int) -> Program:
     for t in range(cfg.turns - 1):
         ask = probe_turn_messages(row["category"], request, written, cfg.turns)
         c = yield as_format(ask, cfg.format), cfg.sampling, stable_seed(seed, rid, "probe-turn", t)
-        text, reason = parse_candidate(c, 1, scaffold)
+        text, reason = parse_candidate(c, 1, scaffold, requests_only=False)  # small talk is no request
         if text is not None and jaccard(shingles(text, cfg.ngram), asked) >= cfg.max_overlap:
             reason = "asks_early"
         if reason is not None:
