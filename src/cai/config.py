@@ -565,7 +565,9 @@ class RedTeamConfig(Section):
     max_overlap: float = 0.5
     multi_turn: bool = False
     turns: int = 3
-    reply: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.9, max_new_tokens=96))
+    # The stops end a reply that runs on into the next turn of a raw transcript.
+    reply: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.9, max_new_tokens=96,
+                                                             stop=["\nHuman:", "\nAssistant:"]))
     id_prefix: str = "rtg"
     chunk_size: int = 32
 
