@@ -29,7 +29,7 @@ from cai.lm.base import Completion
 from cai.records import stable_seed
 from cai.rundir import ResumeError
 from cai.sources import PromptError, read_prompts, read_source
-from cai.stages.redteam import PARSE_REASONS, decide, draw_shots, parse_candidate
+from cai.stages.redteam import PARSE_REASONS, PROBE_REASONS, decide, draw_shots, parse_candidate
 
 ROOT = Path(__file__).resolve().parents[1]
 CATEGORIES = ["violence", "fraud", "privacy"]
@@ -401,6 +401,7 @@ def test_a_probe_that_asks_too_early_is_rejected_and_counted(tmp_path, scripted)
     assert not (top.dir / "probes.jsonl").read_text()
     rows = _lines(top.dir / "probes" / "rows.jsonl")
     assert {r["failed_turn"] for r in rows} == {2}
+    assert {r["reason"] for r in rows} <= set(PARSE_REASONS + PROBE_REASONS)
 
 
 # ---- the command line and the README ----------------------------------------------------------

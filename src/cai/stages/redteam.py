@@ -94,9 +94,10 @@ _ANSWER = re.compile(
 _REQUEST = re.compile(
     r"\?|^(?:how|what|why|where|when|which|who|whose|is|are|do|does|did|can|could|would|will|should)\b"
     r"|(?:^|[.,:;!]\s+)(?:please\s+|now\s+|so\s+|and\s+)?(?:write|give|tell|help|make|find|teach|describe|"
-    r"pretend|explain|role-?play|create|invent|be|suggest|talk|discuss|offer|try|convert|recommend|solve|list|show|walk|generate|draft|"
-    r"compose|plan|name|provide|send|share|build|design|translate|summari[sz]e|rewrite|imagine|act|play|say|get|"
-    r"let'?s|i(?:'d| would)? (?:want|need|like|wish)|i'?m (?:looking|trying) (?:for|to))\b", re.I)
+    r"pretend|explain|role-?play|create|invent|be|suggest|talk|discuss|offer|try|convert|recommend|solve|list|"
+    r"show|walk|generate|draft|compose|plan|name|provide|send|share|build|design|translate|summari[sz]e|rewrite|"
+    r"imagine|act|play|say|get|let'?s|i(?:'d| would)? (?:want|need|like|wish)|i'?m (?:looking|trying) (?:for|to))\b",
+    re.I)
 _QUOTES = {'"': '"', "“": "”", "'": "'", "‘": "’"}
 
 
