@@ -194,6 +194,7 @@ def test_distinct_n_and_self_similarity_against_their_definitions():
     assert self_similarity(["x y z"]) is None
     d = diversity(many)
     assert d["prompts"] == 40 and 0 < d["distinct_3"] <= 1
+    assert d["self_similarity_1"] == self_similarity(many, 1) and d["self_similarity_3"] == self_similarity(many, 3)
 
 
 def test_decide_drops_near_duplicates_in_order_and_checks_the_evaluation_sets_first():

@@ -10,8 +10,10 @@ The diversity of a set (`diversity`):
 
 - `distinct_n`: distinct word n-grams over all n-grams in the set (Li et al. 2016), for n = 1, 2, 3;
   it falls as a set grows, so compare sets of similar size;
-- `self_similarity`: the mean overlap over every pair of texts in the set (0: no two share an
-  n-gram; 1: all the same).
+- `self_similarity_1`, `self_similarity_3`: the mean overlap of word sets and of word 3-grams over
+  every pair of texts in the set (0: no two share one; 1: all the same). Distinct requests rarely
+  share a 3-gram, so the word-set figure is the one that moves; the 3-gram one is the measure the
+  near-duplicate check uses.
 
     cai redteam generate redteam.per_category=4   # reports both for the generated prompts and the seeds
 """
@@ -119,9 +121,9 @@ def self_similarity(texts: Sequence[str], n: int = 3) -> float | None:
     return total / pairs
 
 
-def diversity(texts: Sequence[str], n: int = 3) -> dict[str, Any]:
+def diversity(texts: Sequence[str]) -> dict[str, Any]:
     """The diversity figures of a set of texts: its size, mean length in words, distinct-1/2/3 and
-    self-similarity (word `n`-gram Jaccard)."""
+    self-similarity of word sets and of word 3-grams."""
     words = [len(normalise(t).split()) for t in texts]
     return {
         "prompts": len(texts),
@@ -129,5 +131,6 @@ def diversity(texts: Sequence[str], n: int = 3) -> dict[str, Any]:
         "distinct_1": distinct_n(texts, 1),
         "distinct_2": distinct_n(texts, 2),
         "distinct_3": distinct_n(texts, 3),
-        "self_similarity": self_similarity(texts, n),
+        "self_similarity_1": self_similarity(texts, 1),
+        "self_similarity_3": self_similarity(texts, 3),
     }

@@ -35,7 +35,8 @@ candidates and redoes none. What lands in `RUN/redteam/`:
     rejected.jsonl   every rejected candidate with its reason (and the prompt it overlaps)
     probes.jsonl     the multi-turn probes (id, category, prompt = the final request, messages)
     summary.json     counts kept and rejected by reason and by category, and the diversity
-                     (distinct-1/2/3, self-similarity) of the kept prompts and of the seeds
+                     (distinct-1/2/3, self-similarity of word sets and 3-grams) of the kept
+                     prompts and of the seeds
 
     cai redteam generate redteam.categories=[violence,fraud] redteam.per_category=4
     cai redteam generate configs/quickstart.yaml redteam.multi_turn=true
@@ -327,8 +328,7 @@ def summarise(candidates: Sequence[Row], kept: Sequence[Row], rejected: Sequence
         "kept_interval": list(interval) if interval else None,
         "rejected_by_reason": dict(Counter(r["reason"] for r in rejected).most_common()),
         "by_category": by_category,
-        "diversity": {"generated": diversity([r["prompt"] for r in kept], cfg.ngram),
-                      "seeds": diversity(seed_texts, cfg.ngram)},
+        "diversity": {"generated": diversity([r["prompt"] for r in kept]), "seeds": diversity(seed_texts)},
         "overlap": {"ngram": cfg.ngram, "max_overlap": cfg.max_overlap,
                     "against": [s.path for s in cfg.exclude] + [s.path for s in cfg.seeds]},
     }
@@ -356,10 +356,11 @@ def render(summary: dict[str, Any], examples: Sequence[Row] = ()) -> str:
         why = ", ".join(f"{k} {v}" for k, v in c["rejected_by_reason"].items())
         lines.append(f"{cat:<22}{c['seeds']:>6}{c['candidates']:>7}{c['kept']:>6}  {why}")
     lines.append(f"\n{'diversity':<12}{'prompts':>8}{'words':>7}{'dist-1':>8}{'dist-2':>8}{'dist-3':>8}"
-                 f"{'self-sim':>10}")
+                 f"{'sim-1':>8}{'sim-3':>8}")
     for name, d in s["diversity"].items():
         lines.append(f"{name:<12}{d['prompts']:>8}{_fmt(d['mean_words'], '.1f'):>7}{_fmt(d['distinct_1']):>8}"
-                     f"{_fmt(d['distinct_2']):>8}{_fmt(d['distinct_3']):>8}{_fmt(d['self_similarity']):>10}")
+                     f"{_fmt(d['distinct_2']):>8}{_fmt(d['distinct_3']):>8}{_fmt(d['self_similarity_1']):>8}"
+                     f"{_fmt(d['self_similarity_3']):>8}")
     if "probes" in s:
         p = s["probes"]
         why = ", ".join(f"{k} {v}" for k, v in p["rejected_by_reason"].items()) or "none"
