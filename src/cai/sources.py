@@ -192,7 +192,11 @@ def hh_pair(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str]
 # evaluation: no prompt in them equals or nearly repeats one of the training sets
 # (tests/test_eval_sets.py).
 SHIPPED = {"red_team": "prompt", "helpful": "prompt", "helpful_pairs": "pair",
-           "eval_red_team": "prompt", "eval_helpful": "prompt"}
+           "eval_red_team": "prompt", "eval_helpful": "prompt",
+           # A labelled set for measuring judges, not training data: helpful / honest / harmless
+           # comparisons in the style of BIG-bench HHH, written for the toolkit, with prompts held
+           # out from every other set (tests/test_eval_sets.py).
+           "judge_pairs": "pair"}
 
 
 def shipped(name: str, kind: str = "prompt", error: type[Exception] = SourceError) -> Path:
@@ -462,7 +466,7 @@ def read_all_pairs(sources: Sequence[PairSource], skipped: Counter[str] | None =
 
 # ---- comparisons with a known answer (evaluation) ---------------------------------------------
 
-FORMATS = ("hh", "hhh", "paper")
+FORMATS = ("hh", "hhh", "paper", "preference")
 
 
 @dataclass(frozen=True)
@@ -475,6 +479,7 @@ class Item:
     responses: tuple[str, str]
     correct: int
     where: str
+    category: str | None = None
 
 
 @dataclass(frozen=True)
@@ -599,6 +604,42 @@ def read_hhh(path: str | Path, seed: int = 0, limit: int | None = None) -> Sourc
     return out
 
 
+def read_preference(path: str | Path, seed: int = 0, limit: int | None = None) -> Source:
+    """Rows `{"prompt", "chosen", "rejected"}` (TRL's preference layout: a prompt string or messages,
+    answers as strings or one assistant message; an optional `id` and `category`) as comparisons,
+    `chosen` being the better reply; the first `limit` usable pairs. `builtin:NAME` reads a shipped
+    pair set. Pairs whose two answers are the same, or whose conversations differ before the last
+    answer, are skipped and counted."""
+    path_s = str(path)
+    file = shipped(path_s.split(":", 1)[1], "pair", EvalInputError) if path_s.startswith("builtin:") else Path(path)
+    out = Source(path_s, "preference", [])
+    skipped: Counter[str] = Counter()
+    ids: Counter[str] = Counter()
+    for where, row in file_rows(file, "auto", EvalInputError):
+        if limit is not None and len(out.items) >= limit:
+            break
+        try:
+            parsed = pair_of(where, row, "preference")
+        except PreferenceDataError as e:
+            raise EvalInputError(str(e)) from None
+        if isinstance(parsed, str):
+            skipped[parsed] += 1
+            continue
+        conv, good, bad = parsed
+        cat = row.get("category")
+        if cat is not None and (not isinstance(cat, str) or not cat.strip()):
+            raise EvalInputError(f"{where}: 'category' must be a non-empty string, got {cat!r}")
+        given = row.get("id")
+        base = given if isinstance(given, str) and given.strip() else record_id_for(
+            "preference", json.dumps([conv, good, bad], ensure_ascii=False, sort_keys=True))
+        iid = _unique(ids, base)
+        slot = correct_slot(seed, iid)
+        responses = (good, bad) if slot == 0 else (bad, good)
+        out.items.append(Item(iid, tuple(conv), responses, slot, where, cat.strip() if cat else None))
+    out.skipped = dict(skipped)
+    return out
+
+
 def read_paper(path: str | Path, limit: int | None = None) -> Source:
     """Pre-rendered questions with their correct and incorrect answer strings; the first `limit`."""
     path = Path(path)
@@ -639,23 +680,28 @@ def detect_format(path: str | Path) -> str:
         if "examples" in row:
             return "hhh"
         if "chosen" in row and "rejected" in row:
-            return "hh"
+            return "preference" if "prompt" in row else "hh"
         if "prompt" in row and ("corrects" in row or "incorrects" in row):
             return "paper"
     elif first.lstrip().startswith("{"):
         return "hhh"  # read_hhh reports it if it is not a task file after all
-    raise EvalInputError(f"{path}: cannot tell the format (expected hh-rlhf rows with chosen/rejected, a BIG-bench "
-                         f"task JSON with examples, or rows with prompt/corrects/incorrects); pass --format")
+    raise EvalInputError(f"{path}: cannot tell the format (expected hh-rlhf rows with chosen/rejected, rows with "
+                         f"prompt/chosen/rejected, a BIG-bench task JSON with examples, or rows with "
+                         f"prompt/corrects/incorrects); pass --format")
 
 
 def read_items(path: str | Path, fmt: str = "auto", seed: int = 0, limit: int | None = None) -> list[Source]:
     """The items of one path, in format `fmt` (`auto` detects it). A directory gives one source per
     BIG-bench task file under it that has examples; `limit` applies to each source."""
+    if fmt not in ("auto", *FORMATS):
+        raise EvalInputError(f"{path}: unknown format '{fmt}' (use auto, {', '.join(FORMATS)})")
+    if str(path).startswith("builtin:"):
+        if fmt not in ("auto", "preference"):
+            raise EvalInputError(f"{path}: a shipped set is read as format preference, not {fmt}")
+        return [read_preference(path, seed, limit)]
     path = Path(path)
     if not path.exists():
         raise EvalInputError(f"{path}: no such file or directory")
-    if fmt not in ("auto", *FORMATS):
-        raise EvalInputError(f"{path}: unknown format '{fmt}' (use auto, {', '.join(FORMATS)})")
     if fmt == "auto":
         fmt = detect_format(path)
     if path.is_dir():
@@ -674,4 +720,6 @@ def read_items(path: str | Path, fmt: str = "auto", seed: int = 0, limit: int | 
         return [read_hh(path, seed, limit)]
     if fmt == "hhh":
         return [read_hhh(path, seed, limit)]
+    if fmt == "preference":
+        return [read_preference(path, seed, limit)]
     return [read_paper(path, limit)]

@@ -7,5 +7,6 @@
 - `attribution`: which principles the labeller applies, from a run's stored labels (`cai eval attribution`).
 - `ablation`: a run's labels relabelled with each principle or category removed, and optionally a
   preference model retrained on them (`cai eval ablate`).
+- `diversity`: word n-gram overlap between prompts, and distinct-n and self-similarity of a set.
 - `stats`: the intervals every figure shares (Wilson, bootstrap of a mean).
 """
