@@ -155,11 +155,21 @@ def test_judge_pairs_rows_ids_and_categories():
 
 
 def test_judge_pairs_length_does_not_give_the_label_away():
-    """In at least a third of the helpful items the rejected reply is the longer one, so a judge
-    that simply prefers the longer reply cannot score well on them."""
-    helpful = [r for r in _rows("judge_pairs") if r["category"] == "helpful"]
-    longer_rejected = sum(len(r["rejected"]) > len(r["chosen"]) for r in helpful)
-    assert 3 * longer_rejected >= len(helpful), f"{longer_rejected} of {len(helpful)}"
+    """In at least a third of the helpful items the rejected reply is the longer one, and in every
+    category between 30% and 70% of the items have the longer reply rejected, so a judge that simply
+    prefers (or avoids) the longer reply scores near chance on each category instead of looking
+    skilled (or anti-skilled)."""
+    rows = _rows("judge_pairs")
+    by_category: dict[str, list[dict]] = {}
+    for r in rows:
+        by_category.setdefault(r["category"], []).append(r)
+    assert set(by_category) == JUDGE_CATEGORIES
+    for category, items in sorted(by_category.items()):
+        longer_rejected = sum(len(r["rejected"]) > len(r["chosen"]) for r in items)
+        share = longer_rejected / len(items)
+        assert 0.3 <= share <= 0.7, f"{category}: longer reply rejected in {longer_rejected} of {len(items)}"
+        if category == "helpful":
+            assert 3 * longer_rejected >= len(items), f"{longer_rejected} of {len(items)}"
 
 
 def test_judge_pairs_load_through_the_pair_reader():
