@@ -411,10 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(model.backend, model.batch_size), seed (slot placement and principle "
                                      "draws) and constitution.")
     el.add_argument("files", nargs="+", metavar="FILE",
-                    help="hh-rlhf pairs (JSONL[.gz]), BIG-bench hhh task.json files or folders, or the "
-                         "paper's prompt/corrects/incorrects JSONL")
+                    help="hh-rlhf pairs (JSONL[.gz]), TRL prompt/chosen/rejected JSONL (a constitution's cases "
+                         "file), BIG-bench hhh task.json files or folders, or the paper's prompt/corrects/incorrects "
+                         "JSONL")
     _add_overrides(el)
-    el.add_argument("--format", default="auto", choices=["auto", "hh", "hhh", "paper"])
+    el.add_argument("--format", default="auto", choices=["auto", "hh", "hhh", "paper", "trl"])
     el.add_argument("--limit", type=int, help="items per file")
     el.add_argument("--principle", action="append", metavar="ID",
                     help="use this preference principle for every item (repeat for an ensemble); "

@@ -11,7 +11,8 @@ or a hub dataset id. `where` names the row: `data/p.jsonl:12`, `task.json: examp
 - a human preference pair (stage `preferences`, `read_pairs`): hh-rlhf transcripts in `chosen` /
   `rejected`, or TRL's `prompt` / `chosen` / `rejected` rows as strings or messages (also the
   implicit-prompt form);
-- a comparison with a known answer (`cai eval labeller`, `read_items`): hh-rlhf pairs, BIG-bench
+- a comparison with a known answer (`cai eval labeller`, `read_items`): hh-rlhf pairs, TRL
+  `prompt` / `chosen` / `rejected` rows (a `cai constitution test` cases file is one), BIG-bench
   `hhh_alignment` task files, or the paper's pre-rendered `prompt` / `corrects` / `incorrects` rows.
 
 Every error is a `SourceError`; each reader raises its own kind (`PromptError`,
@@ -366,6 +367,20 @@ def _need(where: str, row: Row, fields: tuple[str, ...]) -> None:
             raise PreferenceDataError(f"{where}: missing field '{k}' (have {sorted(row)})")
 
 
+def prompt_conversation(where: str, value: Any, name: str = "prompt") -> Conversation:
+    """A prompt given as a string (one user turn) or as messages, checked: it must end with a
+    non-empty user message. Errors name `where` and the field."""
+    if isinstance(value, str):
+        msgs = [{"role": "user", "content": value}]
+    else:
+        msgs = _messages(where, name, value)
+    if msgs[-1]["role"] != "user":
+        raise PreferenceDataError(f"{where}: '{name}' must end with a user message")
+    if not msgs[-1]["content"].strip():
+        raise PreferenceDataError(f"{where}: '{name}' has an empty user message")
+    return msgs
+
+
 def _from_hh(where: str, row: Row) -> tuple[Conversation, str, str] | str:
     _need(where, row, ("chosen", "rejected"))
     for k in ("chosen", "rejected"):
@@ -462,7 +477,7 @@ def read_all_pairs(sources: Sequence[PairSource], skipped: Counter[str] | None =
 
 # ---- comparisons with a known answer (evaluation) ---------------------------------------------
 
-FORMATS = ("hh", "hhh", "paper")
+FORMATS = ("hh", "hhh", "paper", "trl")
 
 
 @dataclass(frozen=True)
@@ -623,6 +638,35 @@ def read_paper(path: str | Path, limit: int | None = None) -> Source:
     return out
 
 
+def read_trl(path: str | Path, seed: int = 0, limit: int | None = None) -> Source:
+    """TRL preference rows (`prompt`, `chosen`, `rejected`, as strings or messages; `chosen` is the
+    better reply) as comparisons; the first `limit`. A row's `id`, when it has one, is the item's
+    id. Rows with neither `chosen` nor `rejected`, such as the flag cases of a `cai constitution test`
+    cases file, are skipped and counted (`not_a_pair`), as are pairs that are not comparisons."""
+    path = Path(path)
+    out = Source(str(path), "trl", [])
+    skipped: Counter[str] = Counter()
+    ids: Counter[str] = Counter()
+    for where, row in file_rows(path, "jsonl", EvalInputError):
+        if limit is not None and len(out.items) >= limit:
+            break
+        if "chosen" not in row and "rejected" not in row:
+            skipped["not_a_pair"] += 1
+            continue
+        parsed = pair_of(where, row, "preference")
+        if isinstance(parsed, str):
+            skipped[parsed] += 1
+            continue
+        conv, good, bad = parsed
+        rid = row.get("id")
+        base = rid if isinstance(rid, str) and rid.strip() else record_id_for("trl", json.dumps([conv, good, bad]))
+        iid = _unique(ids, base)
+        slot = correct_slot(seed, iid)
+        out.items.append(Item(iid, tuple(conv), (good, bad) if slot == 0 else (bad, good), slot, where))
+    out.skipped = dict(skipped)
+    return out
+
+
 def detect_format(path: str | Path) -> str:
     """`hh`, `hhh` or `paper`, from the file's content (a directory holds `hhh` task files)."""
     path = Path(path)
@@ -639,13 +683,15 @@ def detect_format(path: str | Path) -> str:
         if "examples" in row:
             return "hhh"
         if "chosen" in row and "rejected" in row:
-            return "hh"
+            # TRL rows name their prompt, or hold messages; hh-rlhf rows are two transcript strings.
+            return "trl" if "prompt" in row or not isinstance(row["chosen"], str) else "hh"
         if "prompt" in row and ("corrects" in row or "incorrects" in row):
             return "paper"
     elif first.lstrip().startswith("{"):
         return "hhh"  # read_hhh reports it if it is not a task file after all
-    raise EvalInputError(f"{path}: cannot tell the format (expected hh-rlhf rows with chosen/rejected, a BIG-bench "
-                         f"task JSON with examples, or rows with prompt/corrects/incorrects); pass --format")
+    raise EvalInputError(f"{path}: cannot tell the format (expected hh-rlhf rows with chosen/rejected, TRL rows with "
+                         f"prompt/chosen/rejected, a BIG-bench task JSON with examples, or rows with "
+                         f"prompt/corrects/incorrects); pass --format")
 
 
 def read_items(path: str | Path, fmt: str = "auto", seed: int = 0, limit: int | None = None) -> list[Source]:
@@ -674,4 +720,6 @@ def read_items(path: str | Path, fmt: str = "auto", seed: int = 0, limit: int | 
         return [read_hh(path, seed, limit)]
     if fmt == "hhh":
         return [read_hhh(path, seed, limit)]
+    if fmt == "trl":
+        return [read_trl(path, seed, limit)]
     return [read_paper(path, limit)]

@@ -1,12 +1,15 @@
 """How well a feedback model labels multiple-choice comparisons with a known answer.
 
-Three kinds of input file, read by `cai.sources.read_items` and recognised by their content (or
+Four kinds of input file, read by `cai.sources.read_items` and recognised by their content (or
 forced with `--format`):
 
 - `hh`: hh-rlhf preference pairs, JSONL (optionally gzipped) rows `{"chosen", "rejected"}` holding
   whole `Human:`/`Assistant:` transcripts. The better response is `chosen`. Pairs whose transcripts
   do not share the history before the last answer, or whose two answers are identical, are skipped
   and counted.
+- `trl`: TRL preference rows, JSONL `{"prompt", "chosen", "rejected"}` (strings or messages), such
+  as the pair cases of a constitution's regression cases (`cai constitution test`); rows that are
+  not pairs (its flag cases) are skipped and counted.
 - `hhh`: BIG-bench `hhh_alignment` task files, JSON `{"examples": [{"input", "target_scores"}]}`
   with two options per example; the better one has the higher score. A directory is searched for
   `task.json` files (the subtasks harmless/helpful/honest/other), each reported on its own. An
@@ -15,7 +18,7 @@ forced with `--format`):
 - `paper`: pre-rendered questions, JSONL rows `{"prompt", "corrects", "incorrects"}`, where the
   prompt already lists the options and the two lists hold the answer strings (" (A)", " (B)").
 
-`hh` and `hhh` comparisons go through the judge the feedback stage labels with (`cai/judge.py`),
+`hh`, `trl` and `hhh` comparisons go through the judge the feedback stage labels with (`cai/judge.py`),
 with the constitution's principles, few-shot examples, both option orders and abstention, so the
 figures describe the labels the pipeline would produce. Which slot holds the better response is
 decided by a seeded hash of the item's id, so a judge that always picks the first slot cannot
