@@ -370,10 +370,7 @@ def _need(where: str, row: Row, fields: tuple[str, ...]) -> None:
 def prompt_conversation(where: str, value: Any, name: str = "prompt") -> Conversation:
     """A prompt given as a string (one user turn) or as messages, checked: it must end with a
     non-empty user message. Errors name `where` and the field."""
-    if isinstance(value, str):
-        msgs = [{"role": "user", "content": value}]
-    else:
-        msgs = _messages(where, name, value)
+    msgs = [{"role": "user", "content": value}] if isinstance(value, str) else _messages(where, name, value)
     if msgs[-1]["role"] != "user":
         raise PreferenceDataError(f"{where}: '{name}' must end with a user message")
     if not msgs[-1]["content"].strip():
