@@ -240,6 +240,41 @@ def test_a_named_principle_is_the_one_asked_and_a_missing_one_is_drawn(tmp_path)
     assert rows[2]["principle_ids"] == ["pref-meta-wise"] and rows[0]["principle_ids"] == ["pref-harm-general"]
 
 
+def test_cases_go_to_the_judge_a_chunk_at_a_time_with_their_own_principles(tmp_path):
+    rows = [{**PAIR, "id": f"p{i}", "principle": pid} for i, pid in enumerate(["pref-harm-general", "pref-meta-wise"])]
+    rows += [{**FLAG, "id": "f1"}, {**FLAG, "id": "f2", "principle": "helpful-direct"}]
+    cases = K.read_cases(_write(tmp_path / "c.jsonl", rows), DEFAULT)
+    judge = RuleJudge()
+    calls = []
+    score = judge.score_options
+    judge.score_options = lambda contexts, options: calls.append(len(contexts)) or score(contexts, options)
+    out = K.run_cases(judge, DEFAULT, cases, FeedbackConfig(chunk_size=32), seed=0)
+    assert calls == [4, 4]  # one call for the pair cases (2 x 2 orders), one for the flag cases (2 x 2 polarities)
+    assert [r["principle_ids"] for r in out] == [["pref-harm-general"], ["pref-meta-wise"], ["honesty-truthful"],
+                                                 ["helpful-direct"]]
+    calls.clear()
+    K.run_cases(judge, DEFAULT, cases, FeedbackConfig(chunk_size=1), seed=0)
+    assert calls == [2, 2, 2, 2]
+
+
+def test_a_comparisons_own_principles_come_before_the_fixed_and_the_drawn_ones():
+    from cai.judge import Comparison, label
+
+    comps = [Comparison("c1", CONV, ("a", "b"), ("pref-meta-wise",)), Comparison("c2", CONV, ("a", "b"))]
+    rows = label(RuleJudge(), DEFAULT, comps, FeedbackConfig(principles=2), seed=1)
+    assert rows[0]["principle_ids"] == ["pref-meta-wise"]
+    assert rows[1]["principle_ids"] == DEFAULT.draw(1, "c2", 2, kind="preference")
+    rows = label(RuleJudge(), DEFAULT, comps, FeedbackConfig(), seed=1, principle_ids=["pref-harm-general"])
+    assert [r["principle_ids"] for r in rows] == [["pref-meta-wise"], ["pref-harm-general"]]
+    with pytest.raises(ValueError, match="Comparison.principle_ids: 'harm-general' not a preference principle"):
+        label(RuleJudge(), DEFAULT, [Comparison("c", CONV, ("a", "b"), ("harm-general",))], FeedbackConfig(), 0)
+    replies = [Reply("r1", CONV, "x", ("meta-wise",)), Reply("r2", CONV, "y")]
+    rows = violations(RuleJudge(), DEFAULT, replies, FeedbackConfig(), 0, principle_ids=["harm-general"])
+    assert [r["principle_ids"] for r in rows] == [["meta-wise"], ["harm-general"]]
+    with pytest.raises(ValueError, match="Reply.principle_ids: 'pref-meta-wise' not a critique/revision"):
+        violations(RuleJudge(), DEFAULT, [Reply("r", CONV, "x", ("pref-meta-wise",))], FeedbackConfig(), 0)
+
+
 def test_case_lines_show_the_soft_label_and_what_was_expected():
     cases = K.read_cases(_write_tmp([PAIR, {**FLAG, "flag": False}]), DEFAULT)
     rows = K.run_cases(RuleJudge(lambda i, a, b: 0.7 if a == "Ask your neighbour." else 0.3,

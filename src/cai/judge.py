@@ -72,11 +72,13 @@ from cai.records import SCAFFOLD_MARKERS, STATUS_ABSTAIN, STATUS_FAILED, STATUS_
 
 @dataclass(frozen=True)
 class Comparison:
-    """Two candidate replies to one conversation (which ends with the human's turn)."""
+    """Two candidate replies to one conversation (which ends with the human's turn). `principle_ids`,
+    when given, are this comparison's principles, before any given to `label` or drawn."""
 
     record_id: str
     conversation: tuple[Message, ...]
     responses: tuple[str, str]
+    principle_ids: tuple[str, ...] = ()
 
 
 # ---- label maths (pure) ---------------------------------------------------------------------
@@ -230,12 +232,16 @@ def label(lm: LM, constitution: Constitution, comparisons: Sequence[Comparison],
     Returns one dict per comparison: record_id, status ("ok" | "abstain" | "failed"), reason,
     p_first (P(response 1 is better), None unless ok), principle_ids, orders (one entry per
     principle: p_ab, p_ba, mass_ab, mass_ba, cot_ab, cot_ba, status). `principle_ids` (else
-    `cfg.principle_ids`) fixes the principles for every comparison; otherwise `cfg.principles` are
-    drawn per record. `on_call` follows each model call (progress).
+    `cfg.principle_ids`) fixes the principles for every comparison that names none of its own
+    (`Comparison.principle_ids`); otherwise `cfg.principles` are drawn per record. `on_call`
+    follows each model call (progress).
     """
     fixed = list(principle_ids) if principle_ids else list(cfg.principle_ids)
     if fixed:
         check_principle_ids(constitution, fixed, "principle_ids" if principle_ids else "feedback.principle_ids")
+    own = sorted({p for comp in comparisons for p in comp.principle_ids})
+    if own:
+        check_principle_ids(constitution, own, "Comparison.principle_ids")
     fmt = resolve_format(lm, cfg.format)
     lasts = [few_shot_last(seed, comp.record_id, cfg) for comp in comparisons]
     # One job per (comparison, principle, order); order 0 shows response 1 as (A).
@@ -244,7 +250,8 @@ def label(lm: LM, constitution: Constitution, comparisons: Sequence[Comparison],
     first: list[int] = []  # index of each comparison's first job; principle pi, order o is at +2*pi+o
     for ci, comp in enumerate(comparisons):
         first.append(len(jobs))
-        pids = fixed or constitution.draw(seed, comp.record_id, cfg.principles, kind="preference")
+        pids = list(comp.principle_ids) or fixed or constitution.draw(seed, comp.record_id, cfg.principles,
+                                                                      kind="preference")
         pids_of.append(pids)
         for pi, pid in enumerate(pids):
             for order in (0, 1):
@@ -300,11 +307,14 @@ def label(lm: LM, constitution: Constitution, comparisons: Sequence[Comparison],
 
 @dataclass(frozen=True)
 class Reply:
-    """One assistant reply to a conversation (which ends with the human's turn)."""
+    """One assistant reply to a conversation (which ends with the human's turn). `principle_ids`,
+    when given, are the critique/revision principles to check it against, before any given to
+    `violations` or drawn."""
 
     record_id: str
     conversation: tuple[Message, ...]
     reply: str
+    principle_ids: tuple[str, ...] = ()
 
 
 def check_critique_ids(constitution: Constitution, ids: Sequence[str], where: str = "principle_ids") -> None:
@@ -322,9 +332,9 @@ def violations(lm: LM, constitution: Constitution, replies: Sequence[Reply], cfg
     """A soft violation score per (reply, principle): how likely the judge finds that a reply
     breaks a critique/revision principle; pure apart from the model calls.
 
-    Each reply is checked against `principle_ids` (critique/revision ids, the same for every reply),
-    or, without them, against `cfg.principles` principles drawn per record from the constitution's
-    critique/revision principles (seeded by `seed` and the record id). `cfg.principle_ids` names
+    Each reply is checked against its own `Reply.principle_ids`, else `principle_ids` (critique/
+    revision ids, the same for every reply), else `cfg.principles` principles drawn per record from
+    the constitution's critique/revision principles (seeded by `seed` and the record id). `cfg.principle_ids` names
     preference principles and does not apply here; nor do worked examples (`cfg.few_shot`).
 
     Per principle the question (`Constitution.violation_messages`) is asked in both polarities:
@@ -349,12 +359,16 @@ def violations(lm: LM, constitution: Constitution, replies: Sequence[Reply], cfg
     fixed = list(principle_ids or [])
     if fixed:
         check_critique_ids(constitution, fixed)
+    own = sorted({p for r in replies for p in r.principle_ids})
+    if own:
+        check_critique_ids(constitution, own, "Reply.principle_ids")
     fmt = resolve_format(lm, cfg.format)
     # One job per (reply, principle, polarity); polarity 0 asks "does it have the problem?".
     jobs: list[tuple[int, int, str]] = []
     pids_of: list[list[str]] = []
     for ri, r in enumerate(replies):
-        pids = fixed or constitution.draw(seed, r.record_id, cfg.principles, kind="critique_revision")
+        pids = list(r.principle_ids) or fixed or constitution.draw(seed, r.record_id, cfg.principles,
+                                                                   kind="critique_revision")
         pids_of.append(pids)
         jobs += [(ri, pol, pid) for pid in pids for pol in (0, 1)]
 

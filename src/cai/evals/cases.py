@@ -214,28 +214,26 @@ def run_cases(lm: LM, constitution: Constitution, cases: Sequence[Case], cfg: Fe
     principle_ids (those the judge used), expect ("chosen" | "flag" | "no flag"), soft_label
     (P(chosen is better) for a pair, P(violation) for a flag case; None when the judge abstained or
     failed), passed, outcome (one of OUTCOMES), status, reason, note, and judge (the judge's
-    per-principle figures). Cases that name the same principle are asked together; `progress(n)`
-    follows each group of n cases."""
-    groups: dict[tuple[str, str | None], list[int]] = defaultdict(list)
-    for i, c in enumerate(cases):
-        groups[(c.kind, c.principle)].append(i)
-    rows: list[dict[str, Any] | None] = [None] * len(cases)
-    for (kind, pid), idx in groups.items():
-        fixed = [pid] if pid is not None else None
-        group = [cases[i] for i in idx]
-        if kind == "pair":
-            comps = [Comparison(c.id, c.conversation, (c.chosen, c.rejected)) for c in group]  # type: ignore[arg-type]
-            results = label(lm, constitution, comps, cfg, seed, principle_ids=fixed)
-            made = [_row(c, r, "p_first", "orders") for c, r in zip(group, results)]
-        else:
-            replies = [Reply(c.id, c.conversation, c.reply) for c in group]  # type: ignore[arg-type]
-            results = violations(lm, constitution, replies, cfg, seed, principle_ids=fixed)
-            made = [_row(c, r, "p_violation", "principles") for c, r in zip(group, results)]
-        for i, row in zip(idx, made):
-            rows[i] = row
-        if progress is not None:
-            progress(len(idx))
-    return [r for r in rows if r is not None]
+    per-principle figures). Cases go to the judge `cfg.chunk_size` at a time, each kind on its own;
+    `progress(n)` follows each chunk of n cases."""
+    rows: dict[str, dict[str, Any]] = {}
+    for kind in ("pair", "flag"):
+        todo = [c for c in cases if c.kind == kind]
+        for i in range(0, len(todo), cfg.chunk_size):
+            chunk = todo[i:i + cfg.chunk_size]
+            own = [(c.principle,) if c.principle else () for c in chunk]
+            if kind == "pair":
+                comps = [Comparison(c.id, c.conversation, (c.chosen, c.rejected), p)  # type: ignore[arg-type]
+                         for c, p in zip(chunk, own)]
+                made = [_row(c, r, "p_first", "orders") for c, r in zip(chunk, label(lm, constitution, comps, cfg, seed))]
+            else:
+                replies = [Reply(c.id, c.conversation, c.reply, p) for c, p in zip(chunk, own)]  # type: ignore[arg-type]
+                made = [_row(c, r, "p_violation", "principles")
+                        for c, r in zip(chunk, violations(lm, constitution, replies, cfg, seed))]
+            rows.update((r["id"], r) for r in made)
+            if progress is not None:
+                progress(len(chunk))
+    return [rows[c.id] for c in cases]
 
 
 # ---- summary ----------------------------------------------------------------------------------
