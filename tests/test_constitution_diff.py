@@ -130,7 +130,9 @@ def test_a_constitution_diffed_with_itself_flips_nothing(run_dir, judge_as_model
     assert report["compared"] == 24 and report["not_labelled"] == {"a": {}, "b": {}}
     assert report["overall"]["soft"] == 0.0 and report["overall"]["hard"] == 0.0 and report["overall"]["hard_flips"] == 0
     assert report["overall"]["hard_ci"][0] == 0.0 and report["overall"]["hard_ci"][1] > 0  # an interval, not a point
-    assert judge.asked == 2 * 24 * 2  # both constitutions, every pair, both orders: nothing short-circuited
+    # every pair was labelled under A in both orders; under B each question was the same, so none was asked again
+    assert judge.asked == 2 * 24
+    assert report["questions"] == {"a": 48, "b_new": 0, "b_unchanged": 48}
     rows = [json.loads(line) for line in (tmp_path / "self.pairs.jsonl").read_text().splitlines()]
     assert len(rows) == 24 and all(r["p_a"] == r["p_b"] and r["hard"] is False for r in rows)
 
@@ -151,6 +153,8 @@ def test_inverting_the_harm_principles_flips_exactly_the_pairs_they_decide(run_d
             assert (r["p_a"] > 0.5) == r["responses"][0].startswith("SAFE")
         else:
             assert r["soft"] == 0.0
+    # under B only the questions of the harm principles were new
+    assert report["questions"] == {"a": 48, "b_new": 2 * len(decided), "b_unchanged": 48 - 2 * len(decided)}
     by_cat = report["by_principle_category"]
     assert by_cat["harm"]["hard"] == 1.0 and by_cat["harm"]["n"] == len(decided)
     assert all(e["hard"] == 0.0 and e["soft"] == 0.0 for c, e in by_cat.items() if c != "harm")
@@ -222,3 +226,37 @@ def test_the_flip_figures_by_hand():
     assert B.side(0.5) == 0 and B.side(0.5 + 1e-12) == 0 and B.side(0.51) == 1 and B.side(0.2) == -1
     assert B.flip_stats([], seed=0) == {"n": 0, "soft": None, "soft_ci": None, "hard_flips": 0, "hard": None,
                                         "hard_ci": None}
+
+
+def test_the_memo_asks_each_question_once_and_answers_repeats_as_the_first_time():
+    class Counting:
+        name = "counting"
+
+        def __init__(self):
+            self.calls = []
+            self.n = 0
+
+        def score_options(self, contexts, options):
+            self.calls.append(list(contexts))
+            self.n += 1
+            return [[-1.0 * self.n, -2.0] for _ in contexts]
+
+        def generate(self, conversations, sampling, n=1, seeds=None):
+            self.calls.append(list(conversations))
+            return [[Completion(f"{c}:{s}", "stop", 1)] for c, s in zip(conversations, seeds)]
+
+    inner = Counting()
+    memo = B.Memo(inner)
+    assert memo.name == "counting" and memo.tokenizer is None
+    first = memo.score_options(["q1", "q2", "q1"], [["A", "B"]] * 3)
+    assert inner.calls == [["q1", "q2"]] and first[0] == first[2]
+    again = memo.score_options(["q2", "q3", "q1"], [["A", "B"], ["A", "B"], ["Yes", "No"]])
+    assert inner.calls[-1] == ["q3", "q1"]  # q1 with other options is another question
+    assert again[0] == first[1]  # answered from memory, not by the second call
+    assert (memo.asked, memo.reused) == (4, 2)
+    from cai.config import Sampling
+
+    s = Sampling()
+    out = memo.generate(["p", "p"], s, seeds=[1, 2])
+    assert [o[0].text for o in out] == ["p:1", "p:2"]
+    assert memo.generate(["p"], s, seeds=[2])[0][0].text == "p:2" and inner.calls[-1] == ["p", "p"]

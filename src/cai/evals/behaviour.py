@@ -15,9 +15,10 @@ overall, by principle category (each category of the principles that labelled th
 or B), by principle, and by harm category (the category of the pair's prompt, where it has one),
 with the pairs that move most. A pair the judge abstains on or fails under either constitution is
 counted by reason and left out of the rates, never imputed. Both labellings draw principles with
-the same seed and record id, so a constitution diffed with itself flips nothing, and an edit to one
-principle moves only the pairs that principle labels (adding or removing principles also changes
-which are drawn). This is the measured distance between two constitutions, and a prediction of what
+the same seed and record id and go through one memo of the judge's answers (`Memo`): a question
+asked the same way under both is asked once, so a constitution diffed with itself flips nothing,
+an edit to one principle moves only the pairs that principle labels (adding or removing principles
+also changes which are drawn), and the second labelling costs only the questions the edit changed. This is the measured distance between two constitutions, and a prediction of what
 an edit will change before anything is trained.
 
     cai constitution diff default mine.yaml --pairs runs/quickstart --limit 50
@@ -31,10 +32,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cai.config import ConfigError, FeedbackConfig, PipelineConfig, load_config, plain
+from cai.config import ConfigError, FeedbackConfig, PipelineConfig, Sampling, load_config, plain
 from cai.constitution import Constitution
 from cai.evals.stats import bootstrap_mean, wilson
-from cai.lm.base import LM
+from cai.lm.base import LM, Completion, Prompt
 from cai.records import STATUS_OK
 from cai.rundir import Stage, StageError, atomic_write, write_json
 from cai.stages import feedback, pairs
@@ -70,6 +71,51 @@ def run_pairs(run_dir: str | Path, limit: int | None = None) -> list[dict[str, A
 
 
 # ---- relabelling ------------------------------------------------------------------------------
+
+
+class Memo:
+    """The judge with a memory: a question (prompt and options, or prompt, sampling and seed) it
+    was already asked is answered as it was the first time, and only new ones reach the model, in
+    one call. Both constitutions are asked through one Memo, so a pair whose questions an edit
+    leaves unchanged gets the same label under both: it cannot move, and it costs nothing the
+    second time. Without it such pairs would still move a little, since a model in bf16 scores a
+    prompt slightly differently in a batch of other prompts. `asked` and `reused` count the
+    questions that went to the model and those answered from memory."""
+
+    def __init__(self, lm: LM):
+        self.lm = lm
+        self.name = lm.name
+        self.tokenizer = getattr(lm, "tokenizer", None)  # the judge's format follows the model's template
+        self._scores: dict[str, list[float]] = {}
+        self._samples: dict[str, list[Completion]] = {}
+        self.asked = self.reused = 0
+
+    def score_options(self, contexts: Sequence[Prompt], options: Sequence[Sequence[str]]) -> list[list[float]]:
+        keys = [json.dumps([c, list(o)], sort_keys=True) for c, o in zip(contexts, options)]
+        new = {k: i for i, k in enumerate(keys) if k not in self._scores}  # each new question once
+        if new:
+            got = self.lm.score_options([contexts[i] for i in new.values()], [options[i] for i in new.values()])
+            if len(got) != len(new):
+                raise RuntimeError(f"{self.name}: score_options returned {len(got)} results for {len(new)} prompts")
+            self._scores.update(zip(new, got))
+        self.asked += len(new)
+        self.reused += len(keys) - len(new)
+        return [self._scores[k] for k in keys]
+
+    def generate(self, conversations: Sequence[Prompt], sampling: Sampling, n: int = 1,
+                 seeds: Sequence[int] | None = None) -> list[list[Completion]]:
+        seeds = list(seeds) if seeds is not None else [None] * len(conversations)  # type: ignore[list-item]
+        keys = [json.dumps([c, plain(sampling), n, s], sort_keys=True) for c, s in zip(conversations, seeds)]
+        new = {k: i for i, k in enumerate(keys) if k not in self._samples}
+        if new:
+            idx = list(new.values())
+            got = self.lm.generate([conversations[i] for i in idx], sampling, n=n,
+                                   seeds=[seeds[i] for i in idx] if seeds[0] is not None else None)
+            self._samples.update(zip(new, got))
+        self.asked += len(new)
+        self.reused += len(keys) - len(new)
+        return [self._samples[k] for k in keys]
+
 
 
 def relabel(lm: LM, constitution: Constitution, rows: Sequence[dict[str, Any]], cfg: FeedbackConfig, seed: int,
@@ -171,13 +217,19 @@ def compare(rows: Sequence[dict[str, Any]], seed: int, top: int = 5, n_boot: int
 def behavioural_diff(lm: LM, a: Constitution, b: Constitution, pair_list: Sequence[dict[str, Any]],
                      cfg: FeedbackConfig, seed: int, top: int = 5,
                      progress: Callable[[int], None] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Relabel `pair_list` under `a` and under `b` with the same judge and settings; the report
-    (`compare`, with the judge and settings) and the per-pair rows."""
-    rows = pair_rows(pair_list, relabel(lm, a, pair_list, cfg, seed, progress),
-                     relabel(lm, b, pair_list, cfg, seed, progress), a, b)
+    """Relabel `pair_list` under `a` and under `b` with the same judge and settings, through one
+    `Memo` (a question asked the same way under both is asked once); the report (`compare`, with
+    the judge, its settings and the questions asked) and the per-pair rows."""
+    judge = Memo(lm)
+    labels_a = relabel(judge, a, pair_list, cfg, seed, progress)
+    asked_a = judge.asked
+    labels_b = relabel(judge, b, pair_list, cfg, seed, progress)
+    rows = pair_rows(pair_list, labels_a, labels_b, a, b)
     report = {"a": {"name": a.name, "hash": a.hash, "source": a.source},
               "b": {"name": b.name, "hash": b.hash, "source": b.source},
-              "judge": lm.name, "seed": seed, "feedback": plain(cfg), **compare(rows, seed, top)}
+              "judge": lm.name, "seed": seed, "feedback": plain(cfg),
+              "questions": {"a": asked_a, "b_new": judge.asked - asked_a, "b_unchanged": judge.reused},
+              **compare(rows, seed, top)}
     return report, rows
 
 
@@ -206,7 +258,8 @@ def table(report: dict[str, Any]) -> str:
     head = f"{'':<22} {'pairs':>5} {'soft':>6} {'95% CI':>11} {'flips':>5} {'hard':>6} {'95% CI':>11}"
     lines = [f"behavioural diff: {report['pairs']} pairs relabelled by {report['judge']} (seed {report['seed']}) "
              f"under {report['a']['name']} ({report['a']['hash']}) and {report['b']['name']} ({report['b']['hash']}); "
-             f"{report['compared']} labelled under both",
+             f"{report['compared']} labelled under both; questions asked: {report['questions']['a']} under A, "
+             f"{report['questions']['b_new']} new under B ({report['questions']['b_unchanged']} unchanged by the edit)",
              head, f"{'all':<22} {_fmt(report['overall'])}"]
     for title, key in (("principle category", "by_principle_category"), ("harm category", "by_harm_category")):
         if report[key]:

@@ -274,7 +274,7 @@ def case_line(r: dict[str, Any]) -> str:
     """One case as a line: PASS/FAIL, kind, category, id, the soft label (or why there is none),
     the principles asked, and what was expected when it failed."""
     name = "P(chosen)" if r["kind"] == "pair" else "P(flag)"
-    soft = f"{name}={r['soft_label']:.3f}" if r["soft_label"] is not None else f"{r['status']}: {r['reason']}"
+    soft = f"{name}={r['soft_label']:.4f}" if r["soft_label"] is not None else f"{r['status']}: {r['reason']}"
     why = "" if r["passed"] else f"  [{r['outcome']}; expected {r['expect']}]"
     return (f"{'PASS' if r['passed'] else 'FAIL'}  {r['kind']:<4}  {r['category']:<12} {r['id']:<28} {soft:<17} "
             f"{','.join(r['principle_ids'])}{why}")
