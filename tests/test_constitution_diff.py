@@ -135,6 +135,7 @@ def test_a_constitution_diffed_with_itself_flips_nothing(run_dir, judge_as_model
     assert report["questions"] == {"a": 48, "b_new": 0, "b_unchanged": 48}
     rows = [json.loads(line) for line in (tmp_path / "self.pairs.jsonl").read_text().splitlines()]
     assert len(rows) == 24 and all(r["p_a"] == r["p_b"] and r["hard"] is False for r in rows)
+    assert report["top"] == [] and "moved most" not in text  # nothing moved, so nothing is listed
 
 
 def test_inverting_the_harm_principles_flips_exactly_the_pairs_they_decide(run_dir, tmp_path):

@@ -200,7 +200,7 @@ def compare(rows: Sequence[dict[str, Any]], seed: int, top: int = 5, n_boot: int
         return dict(sorted(Counter(f"{r['status_' + s]}:{r['reason_' + s]}" for r in rows
                                    if r["status_" + s] != STATUS_OK).items()))
 
-    moved = sorted(done, key=lambda r: (-r["soft"], r["record_id"]))[:top]
+    moved = sorted((r for r in done if r["soft"] > 0), key=lambda r: (-r["soft"], r["record_id"]))[:top]
     return {
         "pairs": len(rows),
         "compared": len(done),
