@@ -468,3 +468,30 @@ def test_a_handful_of_cases_on_the_embedded_model(lm, tmp_path):
             assert all(0 < e["mass_has"] <= 1 and 0 < e["mass_free"] <= 1 for e in r["judge"])
     summary = K.summarise(out)
     assert summary["n"] == 4 and sum(summary["outcomes"].values()) == 4
+
+
+# ---- the README's commands ----------------------------------------------------------------------
+
+
+def test_the_readme_constitution_test_and_diff_commands_parse_and_name_real_keys(monkeypatch):
+    import shlex
+    from pathlib import Path
+
+    from cai.cli import parse_args, split_overrides
+    from cai.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    readme = (root / "README.md").read_text()
+    section = readme.split("## The constitution as code", 1)[1].split("\n## ", 1)[0]
+    lines = [ln.strip() for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+             for ln in block.splitlines() if ln.strip().startswith("cai constitution")]
+    assert {shlex.split(ln)[2] for ln in lines} == {"test", "diff"}
+    for line in lines:
+        args = parse_args(shlex.split(line)[1:])
+        rest, overrides = split_overrides(args.overrides)
+        load_config(args.config if args.action == "test" else None, overrides)  # a renamed key fails here
+        if args.action == "test":
+            assert len(rest) <= 1
+        else:
+            assert args.pairs and not rest
