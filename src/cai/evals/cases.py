@@ -38,7 +38,7 @@ from __future__ import annotations
 import difflib
 import json
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,7 +209,7 @@ def _row(case: Case, res: dict[str, Any], soft_key: str, detail_key: str) -> dic
 
 
 def run_cases(lm: LM, constitution: Constitution, cases: Sequence[Case], cfg: FeedbackConfig, seed: int,
-              progress: Any = None) -> list[dict[str, Any]]:
+              progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
     """One result row per case, in the cases' order: id, kind, category, where, principle,
     principle_ids (those the judge used), expect ("chosen" | "flag" | "no flag"), soft_label
     (P(chosen is better) for a pair, P(violation) for a flag case; None when the judge abstained or
