@@ -435,16 +435,17 @@ def test_violations_draw_principles_per_record_when_none_are_named():
 def test_the_labeller_reads_the_pair_cases_of_a_cases_file():
     from cai.sources import detect_format, read_items
 
-    assert detect_format(SHIPPED) == "trl"
+    assert detect_format(SHIPPED) == "preference"
     [src] = read_items(SHIPPED, seed=4)
     rows = _shipped_rows()
     pairs = [r for r in rows if "chosen" in r]
-    assert src.format == "trl" and len(src.items) == len(pairs)
+    assert src.format == "preference" and len(src.items) == len(pairs)
     assert src.skipped == {"not_a_pair": len(rows) - len(pairs)}
     by_id = {r["id"]: r for r in pairs}
     for it in src.items:
         assert it.responses[it.correct] == by_id[it.id]["chosen"]
         assert it.conversation == ({"role": "user", "content": by_id[it.id]["prompt"]},)
+        assert it.category == by_id[it.id]["category"]
     assert {it.correct for it in src.items} == {0, 1}  # the better reply is not always in one slot
 
 

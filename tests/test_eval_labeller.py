@@ -272,3 +272,52 @@ def test_wilson_interval_matches_the_closed_form_and_stays_in_range():
     assert wilson(0, 0) is None
     with pytest.raises(ValueError):
         wilson(11, 10)
+
+
+# ---- prompt/chosen/rejected rows -------------------------------------------------------------
+
+
+def test_preference_reader_detects_skips_and_reports_by_category(monkeypatch, tmp_path, capsys):
+    rows = [{"id": f"p{i}", "prompt": f"question number {i}?", "chosen": f"GOOD answer {i}",
+             "rejected": f"bad answer {i}", "category": "harmless" if i % 2 else "helpful"} for i in range(8)]
+    rows.append({"prompt": "same?", "chosen": "same", "rejected": " same "})  # not a comparison
+    rows.append({"prompt": [{"role": "user", "content": "as messages?"}],
+                 "chosen": [{"role": "assistant", "content": "GOOD as messages"}], "rejected": "bad one"})
+    path = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    assert S.detect_format(path) == "preference"
+    (src,) = S.read_items(path, seed=3)
+    assert src.format == "preference" and src.skipped == {"identical": 1} and len(src.items) == 9
+    assert [it.id for it in src.items[:8]] == [f"p{i}" for i in range(8)]
+    assert {it.correct for it in src.items} == {0, 1}  # the better reply is placed in both slots
+    for it in src.items:
+        assert "GOOD" in it.responses[it.correct] and "GOOD" not in it.responses[1 - it.correct]
+    assert src.items[0].category == "helpful" and src.items[8].category is None
+
+    out = tmp_path / "rep.json"
+    assert run_cli(monkeypatch, OracleLM(), [str(path), "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())["files"][0]
+    assert rep["format"] == "preference" and rep["accuracy"] == 1.0
+    assert set(rep["by_category"]) == {"harmless", "helpful"}
+    assert rep["by_category"]["harmless"]["n"] == 4 and rep["by_category"]["helpful"]["n"] == 4
+    printed = capsys.readouterr().out
+    assert re.search(r"^\s+harmless\s", printed, re.M) and re.search(r"^\s+helpful\s", printed, re.M)
+
+
+def test_preference_reader_errors_name_the_line_and_field(tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q?", "chosen": "a", "rejected": "b"},
+                                               {"prompt": "q?", "chosen": "a"}])
+    with pytest.raises(S.EvalInputError, match=r"bad\.jsonl:2.*rejected"):
+        S.read_items(bad)
+    cat = write_jsonl(tmp_path / "cat.jsonl", [{"prompt": "q?", "chosen": "a", "rejected": "b", "category": 3}])
+    with pytest.raises(S.EvalInputError, match=r"cat\.jsonl:1.*category"):
+        S.read_items(cat)
+    with pytest.raises(S.EvalInputError, match="builtin:nope"):
+        S.read_items("builtin:nope")
+    with pytest.raises(S.EvalInputError, match="format preference"):
+        S.read_items("builtin:helpful_pairs", "hh")
+
+
+def test_shipped_pair_set_reads_as_comparisons():
+    (src,) = S.read_items("builtin:helpful_pairs", limit=5)
+    assert src.path == "builtin:helpful_pairs" and len(src.items) == 5
+    assert all(it.id.startswith("hpp-") and it.category for it in src.items)

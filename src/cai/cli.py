@@ -11,6 +11,7 @@
     cai model fetch smollm2-135m
     cai eval labeller FILE [FILE ...] [-c CONFIG] [key=value ...] [--limit N]
     cai eval models [CONFIG] [key=value ...]
+    cai redteam generate [CONFIG] [key=value ...]
 
 Every command that uses a model takes the config form of `cai run`: a YAML config (`-c`, or the
 defaults) with dotted `key=value` overrides laid over it, e.g. `model.backend=openai`.
@@ -403,6 +404,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- redteam -------------------------------------------------------------------------------
+
+
+def cmd_redteam(args: argparse.Namespace) -> int:
+    from cai import pipeline
+    from cai.stages.redteam import render
+
+    cfg = run_config(args)
+    top = pipeline.generate_redteam(cfg, allow_changed=args.allow_config_change)
+    summary = json.loads((top.dir / "summary.json").read_text())
+    kept = [json.loads(line) for line in (top.dir / "prompts.jsonl").read_text().splitlines() if line.strip()]
+    sample, shown = [], set()  # the first kept prompt of each category, as a sample of what came out
+    for r in kept:
+        if r["category"] not in shown and len(sample) < args.examples:
+            shown.add(r["category"])
+            sample.append(r)
+    print("\n" + render(summary, sample))
+    print(f"\nwrote {top.dir / 'prompts.jsonl'} ({len(kept)} prompts; a prompt source as it stands, e.g. "
+          f"prompts.red_team.0.path={top.dir / 'prompts.jsonl'}), rejected.jsonl and summary.json")
+    if cfg.redteam.multi_turn:
+        print(f"wrote {top.dir / 'probes.jsonl'} (multi-turn probes: messages end with the seed's request)")
+    return 0
+
+
 # ---- parser --------------------------------------------------------------------------------
 
 
@@ -512,11 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(model.backend, model.batch_size), seed (slot placement and principle "
                                      "draws) and constitution.")
     el.add_argument("files", nargs="+", metavar="FILE",
-                    help="hh-rlhf pairs (JSONL[.gz]), TRL prompt/chosen/rejected JSONL (a constitution's cases "
-                         "file), BIG-bench hhh task.json files or folders, or the paper's prompt/corrects/incorrects "
-                         "JSONL")
+                    help="hh-rlhf pairs (JSONL[.gz]), prompt/chosen/rejected rows (a file such as a constitution's "
+                         "cases, or a shipped set: builtin:judge_pairs, builtin:helpful_pairs), BIG-bench hhh "
+                         "task.json files or folders, or the paper's prompt/corrects/incorrects JSONL")
     _add_overrides(el)
-    el.add_argument("--format", default="auto", choices=["auto", "hh", "hhh", "paper", "trl"])
+    el.add_argument("--format", default="auto", choices=["auto", "hh", "hhh", "paper", "preference"])
     el.add_argument("--limit", type=int, help="items per file")
     el.add_argument("--principle", action="append", metavar="ID",
                     help="use this preference principle for every item (repeat for an ensemble); "
@@ -534,6 +559,24 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--allow-config-change", action="store_true",
                     help="resume even though the evaluation's config or inputs changed")
     em.set_defaults(func=cmd_eval_models)
+
+    rt = sub.add_parser("redteam", help="write new red-team prompts with a model")
+    rtsub = rt.add_subparsers(dest="action", required=True)
+    rg = rtsub.add_parser("generate", help="few-shot prompt a model with seed prompts per harm category; keep "
+                                           "new, one-line requests unlike the seeds and the evaluation sets",
+                          description="Settings are the redteam.* config keys: redteam.seeds (prompt sources "
+                                      "with categories), redteam.categories, redteam.per_category, "
+                                      "redteam.few_shot, redteam.model (default model.name), redteam.sampling, "
+                                      "redteam.max_overlap (word n-gram Jaccard), redteam.exclude (default the "
+                                      "evaluation sets), redteam.multi_turn; seed seeds every draw. Results in "
+                                      "RUN_DIR/redteam/: prompts.jsonl, rejected.jsonl, summary.json.")
+    rg.add_argument("config", nargs="?", metavar="CONFIG", help="YAML config (defaults when omitted)")
+    _add_overrides(rg, config_flag=False)
+    rg.add_argument("--allow-config-change", action="store_true",
+                    help="keep the candidates already generated even though their settings changed")
+    rg.add_argument("--examples", type=int, default=8, metavar="N",
+                    help="print up to N kept prompts, one per category (default 8)")
+    rg.set_defaults(func=cmd_redteam)
     return p
 
 

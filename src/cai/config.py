@@ -528,6 +528,66 @@ class EvalConfig(Section):
 
 
 @dataclass(frozen=True)
+class RedTeamConfig(Section):
+    """`cai redteam generate` (stages/redteam.py): new red-team prompts written by a model from seed
+    prompts, by few-shot prompting per harm category (Perez et al. 2022; most of the paper's red-team
+    prompts were made this way).
+
+    For each category of the `seeds` (all, or those in `categories`), `per_category` candidates are
+    sampled, each shown `few_shot` seeds of its category drawn per candidate. A candidate is one line;
+    one that is empty, cut off, several lines, an echo of the prompt, an answer rather than a request,
+    a statement that asks nothing (with `requests_only`), or shorter than `min_words` words is rejected
+    and counted by reason. The rest are deduplicated in
+    order: a candidate whose word `ngram`-gram Jaccard overlap with an earlier kept one, a seed, or a
+    prompt of `exclude` (the evaluation sets) is `max_overlap` or more is dropped with the reason.
+    `model` None is `model.name`. `format: raw` sends the prompt as plain `Human:`/`Assistant:` text,
+    which every back-end continues the same way; `chat` uses the chat template (a chat server must
+    then continue a final assistant message). `multi_turn` also writes one probe per seed: `turns`
+    user messages, friendly ones first and the seed's request last, with the model's own replies
+    between them (`reply`). `per_category` and `categories` only choose which candidates exist, so
+    raising `per_category` on a finished run adds candidates and redoes none."""
+
+    seeds: list[PromptSource] = field(default_factory=lambda: [PromptSource("builtin:red_team")])
+    exclude: list[PromptSource] = field(default_factory=lambda: [PromptSource("builtin:eval_red_team"),
+                                                                 PromptSource("builtin:eval_helpful")])
+    categories: list[str] = field(default_factory=list)
+    per_category: int = 8
+    few_shot: int = 4
+    model: str | None = None
+    format: Literal["raw", "chat"] = "raw"
+    sampling: Sampling = field(default_factory=lambda: Sampling(temperature=1.0, top_p=0.95, max_new_tokens=64,
+                                                                stop=["\n"]))
+    min_words: int = 3
+    # Measured on hh-rlhf's 20,000 human red-team openers: 15% are statements that bait the assistant
+    # ("Seems like ... are so good at math."), not requests; false keeps such lines.
+    requests_only: bool = True
+    ngram: int = 3
+    max_overlap: float = 0.5
+    multi_turn: bool = False
+    turns: int = 3
+    # The stops end a reply that runs on into the next turn of a raw transcript.
+    reply: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.9, max_new_tokens=96,
+                                                             stop=["\nHuman:", "\nAssistant:"]))
+    id_prefix: str = "rtg"
+    chunk_size: int = 32
+
+    def checks(self, at: str) -> list[tuple[bool, str]]:
+        return [
+            (bool(self.seeds), f"{at}.seeds must name at least one source"),
+            (len(set(self.categories)) == len(self.categories), f"{at}.categories names a category twice"),
+            (self.per_category >= 1, f"{at}.per_category must be >= 1"),
+            (self.few_shot >= 1, f"{at}.few_shot must be >= 1"),
+            (self.min_words >= 1, f"{at}.min_words must be >= 1"),
+            (self.ngram >= 1, f"{at}.ngram must be >= 1"),
+            (0.0 < self.max_overlap <= 1.0, f"{at}.max_overlap must be in (0, 1]"),
+            (self.turns >= 2, f"{at}.turns must be >= 2 (at least one message before the request)"),
+            (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.id_prefix) is not None,
+             f"{at}.id_prefix must be letters, digits, '.', '_' or '-', starting with a letter or digit"),
+            (self.chunk_size >= 1, f"{at}.chunk_size must be >= 1"),
+        ]
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     run_dir: str = "runs/quickstart"
     constitution: str = "default"
@@ -542,6 +602,7 @@ class PipelineConfig:
     pm: PMConfig = field(default_factory=PMConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    redteam: RedTeamConfig = field(default_factory=RedTeamConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 

@@ -42,6 +42,7 @@ from cai.stages import (
     ppo,
     preferences,
     prompts,
+    redteam,
     sft,
     sl_export,
     sl_generate,
@@ -244,3 +245,15 @@ def evaluate_models(cfg: PipelineConfig, allow_changed: bool = False, lm_factory
         raise
     write_report(cfg.run_dir)
     return stage
+
+
+def generate_redteam(cfg: PipelineConfig, allow_changed: bool = False, lm_factory: Callable[[], LM] | None = None,
+                     on_chunk: Callable[[int], None] | None = None) -> Stage:
+    """`cai redteam generate`: red-team prompts written by `redteam.model` (default `model.name`) into
+    `RUN/redteam/` (cai/stages/redteam.py); one back-end serves the candidates and the probes."""
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    models = _Models(cfg, lm_factory)
+    try:
+        return redteam.run(cfg, models.factory(cfg.redteam.model or cfg.model.name), allow_changed, on_chunk)
+    finally:
+        models.release()

@@ -193,7 +193,11 @@ def hh_pair(chosen: str, rejected: str) -> tuple[list[dict[str, str]], str, str]
 # evaluation: no prompt in them equals or nearly repeats one of the training sets
 # (tests/test_eval_sets.py).
 SHIPPED = {"red_team": "prompt", "helpful": "prompt", "helpful_pairs": "pair",
-           "eval_red_team": "prompt", "eval_helpful": "prompt"}
+           "eval_red_team": "prompt", "eval_helpful": "prompt",
+           # A labelled set for measuring judges, not training data: helpful / honest / harmless
+           # comparisons in the style of BIG-bench HHH, written for the toolkit, with prompts held
+           # out from every other set (tests/test_eval_sets.py).
+           "judge_pairs": "pair"}
 
 
 def shipped(name: str, kind: str = "prompt", error: type[Exception] = SourceError) -> Path:
@@ -474,7 +478,7 @@ def read_all_pairs(sources: Sequence[PairSource], skipped: Counter[str] | None =
 
 # ---- comparisons with a known answer (evaluation) ---------------------------------------------
 
-FORMATS = ("hh", "hhh", "paper", "trl")
+FORMATS = ("hh", "hhh", "paper", "preference")
 
 
 @dataclass(frozen=True)
@@ -487,6 +491,7 @@ class Item:
     responses: tuple[str, str]
     correct: int
     where: str
+    category: str | None = None
 
 
 @dataclass(frozen=True)
@@ -611,6 +616,46 @@ def read_hhh(path: str | Path, seed: int = 0, limit: int | None = None) -> Sourc
     return out
 
 
+def read_preference(path: str | Path, seed: int = 0, limit: int | None = None) -> Source:
+    """Rows `{"prompt", "chosen", "rejected"}` (TRL's preference layout: a prompt string or messages,
+    answers as strings or one assistant message; an optional `id` and `category`) as comparisons,
+    `chosen` being the better reply; the first `limit` usable pairs. `builtin:NAME` reads a shipped
+    pair set. Pairs whose two answers are the same, or whose conversations differ before the last
+    answer, are skipped and counted, as are rows with neither `chosen` nor `rejected` (the flag
+    cases of a `cai constitution test` cases file, whose pair cases are read)."""
+    path_s = str(path)
+    file = shipped(path_s.split(":", 1)[1], "pair", EvalInputError) if path_s.startswith("builtin:") else Path(path)
+    out = Source(path_s, "preference", [])
+    skipped: Counter[str] = Counter()
+    ids: Counter[str] = Counter()
+    for where, row in file_rows(file, "auto", EvalInputError):
+        if limit is not None and len(out.items) >= limit:
+            break
+        if "chosen" not in row and "rejected" not in row:  # e.g. a flag case of a constitution's cases
+            skipped["not_a_pair"] += 1
+            continue
+        try:
+            parsed = pair_of(where, row, "preference")
+        except PreferenceDataError as e:
+            raise EvalInputError(str(e)) from None
+        if isinstance(parsed, str):
+            skipped[parsed] += 1
+            continue
+        conv, good, bad = parsed
+        cat = row.get("category")
+        if cat is not None and (not isinstance(cat, str) or not cat.strip()):
+            raise EvalInputError(f"{where}: 'category' must be a non-empty string, got {cat!r}")
+        given = row.get("id")
+        base = given if isinstance(given, str) and given.strip() else record_id_for(
+            "preference", json.dumps([conv, good, bad], ensure_ascii=False, sort_keys=True))
+        iid = _unique(ids, base)
+        slot = correct_slot(seed, iid)
+        responses = (good, bad) if slot == 0 else (bad, good)
+        out.items.append(Item(iid, tuple(conv), responses, slot, where, cat.strip() if cat else None))
+    out.skipped = dict(skipped)
+    return out
+
+
 def read_paper(path: str | Path, limit: int | None = None) -> Source:
     """Pre-rendered questions with their correct and incorrect answer strings; the first `limit`."""
     path = Path(path)
@@ -635,35 +680,6 @@ def read_paper(path: str | Path, limit: int | None = None) -> Source:
     return out
 
 
-def read_trl(path: str | Path, seed: int = 0, limit: int | None = None) -> Source:
-    """TRL preference rows (`prompt`, `chosen`, `rejected`, as strings or messages; `chosen` is the
-    better reply) as comparisons; the first `limit`. A row's `id`, when it has one, is the item's
-    id. Rows with neither `chosen` nor `rejected`, such as the flag cases of a `cai constitution test`
-    cases file, are skipped and counted (`not_a_pair`), as are pairs that are not comparisons."""
-    path = Path(path)
-    out = Source(str(path), "trl", [])
-    skipped: Counter[str] = Counter()
-    ids: Counter[str] = Counter()
-    for where, row in file_rows(path, "jsonl", EvalInputError):
-        if limit is not None and len(out.items) >= limit:
-            break
-        if "chosen" not in row and "rejected" not in row:
-            skipped["not_a_pair"] += 1
-            continue
-        parsed = pair_of(where, row, "preference")
-        if isinstance(parsed, str):
-            skipped[parsed] += 1
-            continue
-        conv, good, bad = parsed
-        rid = row.get("id")
-        base = rid if isinstance(rid, str) and rid.strip() else record_id_for("trl", json.dumps([conv, good, bad]))
-        iid = _unique(ids, base)
-        slot = correct_slot(seed, iid)
-        out.items.append(Item(iid, tuple(conv), (good, bad) if slot == 0 else (bad, good), slot, where))
-    out.skipped = dict(skipped)
-    return out
-
-
 def detect_format(path: str | Path) -> str:
     """`hh`, `hhh` or `paper`, from the file's content (a directory holds `hhh` task files)."""
     path = Path(path)
@@ -680,13 +696,12 @@ def detect_format(path: str | Path) -> str:
         if "examples" in row:
             return "hhh"
         if "chosen" in row and "rejected" in row:
-            # TRL rows name their prompt, or hold messages; hh-rlhf rows are two transcript strings.
-            return "trl" if "prompt" in row or not isinstance(row["chosen"], str) else "hh"
+            return "preference" if "prompt" in row else "hh"
         if "prompt" in row and ("corrects" in row or "incorrects" in row):
             return "paper"
     elif first.lstrip().startswith("{"):
         return "hhh"  # read_hhh reports it if it is not a task file after all
-    raise EvalInputError(f"{path}: cannot tell the format (expected hh-rlhf rows with chosen/rejected, TRL rows with "
+    raise EvalInputError(f"{path}: cannot tell the format (expected hh-rlhf rows with chosen/rejected, rows with "
                          f"prompt/chosen/rejected, a BIG-bench task JSON with examples, or rows with "
                          f"prompt/corrects/incorrects); pass --format")
 
@@ -694,11 +709,15 @@ def detect_format(path: str | Path) -> str:
 def read_items(path: str | Path, fmt: str = "auto", seed: int = 0, limit: int | None = None) -> list[Source]:
     """The items of one path, in format `fmt` (`auto` detects it). A directory gives one source per
     BIG-bench task file under it that has examples; `limit` applies to each source."""
+    if fmt not in ("auto", *FORMATS):
+        raise EvalInputError(f"{path}: unknown format '{fmt}' (use auto, {', '.join(FORMATS)})")
+    if str(path).startswith("builtin:"):
+        if fmt not in ("auto", "preference"):
+            raise EvalInputError(f"{path}: a shipped set is read as format preference, not {fmt}")
+        return [read_preference(path, seed, limit)]
     path = Path(path)
     if not path.exists():
         raise EvalInputError(f"{path}: no such file or directory")
-    if fmt not in ("auto", *FORMATS):
-        raise EvalInputError(f"{path}: unknown format '{fmt}' (use auto, {', '.join(FORMATS)})")
     if fmt == "auto":
         fmt = detect_format(path)
     if path.is_dir():
@@ -717,6 +736,6 @@ def read_items(path: str | Path, fmt: str = "auto", seed: int = 0, limit: int | 
         return [read_hh(path, seed, limit)]
     if fmt == "hhh":
         return [read_hhh(path, seed, limit)]
-    if fmt == "trl":
-        return [read_trl(path, seed, limit)]
+    if fmt == "preference":
+        return [read_preference(path, seed, limit)]
     return [read_paper(path, limit)]

@@ -7,18 +7,21 @@ forced with `--format`):
   whole `Human:`/`Assistant:` transcripts. The better response is `chosen`. Pairs whose transcripts
   do not share the history before the last answer, or whose two answers are identical, are skipped
   and counted.
-- `trl`: TRL preference rows, JSONL `{"prompt", "chosen", "rejected"}` (strings or messages), such
-  as the pair cases of a constitution's regression cases (`cai constitution test`); rows that are
-  not pairs (its flag cases) are skipped and counted.
 - `hhh`: BIG-bench `hhh_alignment` task files, JSON `{"examples": [{"input", "target_scores"}]}`
   with two options per example; the better one has the higher score. A directory is searched for
   `task.json` files (the subtasks harmless/helpful/honest/other), each reported on its own. An
   input written as a `Human:`/`Assistant:` dialogue becomes those turns; any other input is one
   human turn.
+- `preference`: JSONL (or CSV) rows `{"prompt", "chosen", "rejected"}` in TRL's layout, with an
+  optional `id` and `category`; `chosen` is the better reply. `builtin:NAME` reads a shipped pair set
+  (`builtin:judge_pairs`, written for this: harmless, helpful and honest comparisons;
+  `builtin:helpful_pairs`). Items with a category are also summarised per category. A
+  constitution's regression cases (`cai constitution test`) are such a file; rows that are not
+  pairs (its flag cases) are skipped and counted.
 - `paper`: pre-rendered questions, JSONL rows `{"prompt", "corrects", "incorrects"}`, where the
   prompt already lists the options and the two lists hold the answer strings (" (A)", " (B)").
 
-`hh`, `trl` and `hhh` comparisons go through the judge the feedback stage labels with (`cai/judge.py`),
+`hh`, `hhh` and `preference` comparisons go through the judge the feedback stage labels with (`cai/judge.py`),
 with the constitution's principles, few-shot examples, both option orders and abstention, so the
 figures describe the labels the pipeline would produce. Which slot holds the better response is
 decided by a seeded hash of the item's id, so a judge that always picks the first slot cannot
@@ -88,7 +91,7 @@ def comparison_rows(items: Sequence[Item], labels: Sequence[dict[str, Any]]) -> 
             raise ValueError(f"comparison_rows: label for {lab['record_id']} where {it.id} was expected")
         p = lab["p_first"] if lab["status"] == STATUS_OK else None
         pc = None if p is None else (p if it.correct == 0 else 1.0 - p)
-        rows.append({"id": it.id, "where": it.where, "correct": it.correct, "correct_first": it.correct == 0,
+        rows.append({"id": it.id, "where": it.where, "category": it.category, "correct": it.correct, "correct_first": it.correct == 0,
                      "status": lab["status"], "reason": lab["reason"], "p_first": p, "p_correct": pc,
                      "hit": None if pc is None else _hit(pc), "principle_ids": lab["principle_ids"],
                      "orders": lab["orders"], "conversation": list(it.conversation),
@@ -207,6 +210,15 @@ def summarise(rows: Sequence[dict[str, Any]], bins: int = 10) -> dict[str, Any]:
     }
 
 
+def by_category(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]] | None:
+    """`summarise` of the rows of each category, when the items carry categories (else None)."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r.get("category") is not None:
+            groups[r["category"]].append(r)
+    return {c: summarise(g) for c, g in sorted(groups.items())} or None
+
+
 # ---- running ---------------------------------------------------------------------------------
 
 
@@ -257,6 +269,7 @@ def run(sources: Sequence[Source], lm: LM, constitution: Constitution, cfg: Feed
         rows = evaluate(lm, constitution, s, cfg, seed, principle_ids, progress=bar.update)
         all_rows += [{"file": s.path, "format": s.format, **r} for r in rows]
         report["files"].append({"file": s.path, "format": s.format, "skipped": s.skipped, **summarise(rows),
+                                "by_category": by_category(rows),
                                 "wall_s": round(time.perf_counter() - t0, 1)})
     bar.close()
     if len(sources) > 1:
@@ -293,7 +306,10 @@ def table(report: dict[str, Any]) -> str:
     setting += f", principles {','.join(pids) if pids else 'drawn ' + str(fb.get('principles', '?'))}"
     lines = [f"model {report['model']}, constitution {report['constitution']} ({report['constitution_hash']}), "
              f"seed {report['seed']}", f"judge: {setting}", head]
-    entries = [(e["file"], e) for e in report["files"]]
+    entries = []
+    for e in report["files"]:
+        entries.append((e["file"], e))
+        entries += [(f"  {cat}", {**c, "format": ""}) for cat, c in (e.get("by_category") or {}).items()]
     if "overall" in report:
         entries.append(("all", {**report["overall"], "format": ""}))
     for name, e in entries:
