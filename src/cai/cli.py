@@ -4,6 +4,8 @@
     cai show runs/quickstart
     cai report runs/quickstart [-o report.html]
     cai constitution validate|show|diff|convert ...
+    cai constitution diff A B [--pairs RUN [key=value ...] [--limit N]]
+    cai constitution test CONSTITUTION [CASES] [-c CONFIG] [key=value ...] [--min-pass R] [--out FILE]
     cai chat MODEL [-c CONFIG] [key=value ...] [-p PROMPT]
     cai serve MODEL [-c CONFIG] [key=value ...] [--host 127.0.0.1] [--port 8000] [--api-key-env NAME]
     cai model fetch smollm2-135m
@@ -219,11 +221,20 @@ def cmd_constitution(args: argparse.Namespace) -> int:
               f"multiple-choice, {len(c.cot_examples)} chain-of-thought")
         return 0
     if args.action == "diff":
+        if args.overrides and not args.pairs:
+            raise ValueError(f"cai constitution diff: key=value overrides ({' '.join(args.overrides)}) set the judge of "
+                             "the behavioural diff and need --pairs RUN")
+        if args.pairs is None and (args.limit is not None or args.out):
+            raise ValueError("cai constitution diff: --limit and --out belong to the behavioural diff; give --pairs RUN")
         a, b = C.load(args.a), C.load(args.b)
         d = C.diff(a, b)
         print(f"--- {a.source} ({a.hash})\n+++ {b.source} ({b.hash})")
         print(d.render())
+        if args.pairs is not None:
+            behavioural_diff(args, a, b)
         return 0 if d.empty else 1
+    if args.action == "test":
+        return constitution_test(args)
     if args.action == "convert":
         from cai.convert import convert
 
@@ -233,6 +244,67 @@ def cmd_constitution(args: argparse.Namespace) -> int:
               f"preference principles, hash {c.hash}")
         return 0
     raise AssertionError(args.action)
+
+
+def behavioural_diff(args: argparse.Namespace, a: Any, b: Any) -> None:
+    """`cai constitution diff A B --pairs RUN`: relabel the run's pairs under A and B with the run's
+    feedback settings (and the key=value overrides) and print the flip rates (cai/evals/behaviour.py)."""
+    from tqdm import tqdm
+
+    from cai.evals import behaviour
+    from cai.lm import load_lm
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be >= 1")
+    if args.top < 0:
+        raise ValueError("--top must be >= 0")
+    cfg = behaviour.run_config(args.pairs, args.overrides)
+    pair_list = behaviour.run_pairs(args.pairs, args.limit)
+    lm = load_lm(dataclasses.replace(cfg.model, name=cfg.feedback.model))
+    with tqdm(total=2 * len(pair_list), desc="relabel", unit="pair") as bar:
+        report, rows = behaviour.behavioural_diff(lm, a, b, pair_list, cfg.feedback, cfg.seed, args.top, bar.update)
+    report["run"] = str(args.pairs)
+    print("\n" + behaviour.table(report))
+    if args.out:
+        rows_path = behaviour.write(args.out, report, rows)
+        print(f"\nwrote {args.out} and {rows_path}")
+
+
+def constitution_test(args: argparse.Namespace) -> int:
+    """`cai constitution test CONSTITUTION [CASES] [key=value ...]`: run the regression cases
+    (cai/evals/cases.py); exit 1 when the pass rate is under --min-pass."""
+    from tqdm import tqdm
+
+    from cai import constitution as C
+    from cai.evals import cases as cases_mod
+    from cai.lm import load_lm
+
+    if not 0.0 <= args.min_pass <= 1.0:
+        raise ValueError(f"--min-pass must be in [0, 1], got {args.min_pass}")
+    rest, cfg = command_config(args, args.overrides)
+    if len(rest) > 1:
+        raise ValueError(f"cai constitution test takes CONSTITUTION, at most one CASES file and key=value overrides; "
+                         f"got {' '.join(rest)}")
+    constitution = C.load(args.constitution)
+    path = rest[0] if rest else cases_mod.cases_path_for(constitution)
+    cases = cases_mod.read_cases(path, constitution)  # every case is checked before the model loads
+    lm = load_lm(dataclasses.replace(cfg.model, name=cfg.feedback.model))
+    with tqdm(total=len(cases), desc="cases", unit="case") as bar:
+        rows = cases_mod.run_cases(lm, constitution, cases, cfg.feedback, cfg.seed, bar.update)
+    summary = cases_mod.summarise(rows)
+    summary.update(constitution=constitution.name, constitution_hash=constitution.hash, cases=str(path),
+                   judge=lm.name, seed=cfg.seed, min_pass=args.min_pass)
+    print(f"{len(cases)} cases from {path}, constitution {constitution.name} ({constitution.hash}), judge {lm.name}")
+    for r in rows:
+        print(cases_mod.case_line(r))
+    print("\n" + cases_mod.table(summary))
+    if args.out:
+        summary_path = cases_mod.write(args.out, rows, summary)
+        print(f"\nwrote {args.out} and {summary_path}")
+    below = summary["pass_rate"] < args.min_pass
+    if below:
+        print(f"\npass rate {summary['pass_rate']:.3f} is under --min-pass {args.min_pass}", file=sys.stderr)
+    return 1 if below else 0
 
 
 # ---- chat / model --------------------------------------------------------------------------
@@ -407,15 +479,44 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("-o", "--output", metavar="FILE", help="where to write it (default RUN/report.html)")
     rp.set_defaults(func=cmd_report)
 
-    c = sub.add_parser("constitution", help="validate, show, diff or convert constitutions")
+    c = sub.add_parser("constitution", help="validate, show, diff, test or convert constitutions")
     csub = c.add_subparsers(dest="action", required=True)
     v = csub.add_parser("validate")
     v.add_argument("paths", nargs="+")
     sh = csub.add_parser("show")
     sh.add_argument("path")
-    d = csub.add_parser("diff")
+    d = csub.add_parser("diff", help="added, removed and changed principles; with --pairs RUN also the behavioural "
+                                     "diff: the run's pairs relabelled under both, and how many labels flip",
+                        description="The textual diff of A and B (exit 1 when they differ). With --pairs RUN, the "
+                                    "run's usable pairs are relabelled under A and under B by its feedback model "
+                                    "with its feedback settings and seed (RUN/config.yaml; key=value overrides such "
+                                    "as feedback.model=... or model.backend=openai apply), and the soft and hard "
+                                    "flip rates are printed overall, by principle category and by harm category, "
+                                    "with the pairs that move most.")
     d.add_argument("a")
     d.add_argument("b")
+    d.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="with --pairs: dotted overrides of the run's config, e.g. feedback.model=smollm2-135m")
+    d.add_argument("--pairs", metavar="RUN", help="a run directory whose pairs stage has finished")
+    d.add_argument("--limit", type=int, help="relabel only the first N usable pairs")
+    d.add_argument("--top", type=int, default=5, help="how many of the pairs that move most to print (default 5)")
+    d.add_argument("--out", metavar="FILE", help="write the report here as JSON, and the per-pair rows beside it")
+    t = csub.add_parser("test", help="run a constitution's regression cases against a judge; exit 1 under --min-pass",
+                        description="Cases (JSONL): pair cases {id, prompt, chosen, rejected, category, principle?, "
+                                    "note?}, where the constitution should prefer chosen, and flag cases {id, "
+                                    "prompt, reply, flag, category, principle?}, where the reply should (or should "
+                                    "not) be flagged. Without CASES, the constitution's own <name>.cases.jsonl "
+                                    "beside it is used. The judge is the feedback stage's, set by -c CONFIG and "
+                                    "key=value overrides: feedback.model, feedback.format, feedback.few_shot, "
+                                    "feedback.principles, feedback.chain_of_thought, model.*, seed.")
+    t.add_argument("constitution", metavar="CONSTITUTION", help="a constitution YAML file or a shipped name (default)")
+    t.add_argument("overrides", nargs="*", metavar="CASES|key=value",
+                   help="the cases file (JSONL; default: the constitution's own), and dotted overrides of the config, "
+                        "e.g. feedback.model=smollm2-135m")
+    t.add_argument("-c", "--config", help="YAML config (the defaults when omitted)")
+    t.add_argument("--min-pass", type=float, default=1.0,
+                   help="the pass rate under which the command exits 1 (default 1.0: every case must pass)")
+    t.add_argument("--out", metavar="FILE", help="write the per-case rows here (JSONL), and the summary beside it")
     cv = csub.add_parser("convert", help="from the paper's prompt folder or llm-swarm JSON")
     cv.add_argument("src")
     cv.add_argument("-o", "--output", required=True)
@@ -460,9 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(model.backend, model.batch_size), seed (slot placement and principle "
                                      "draws) and constitution.")
     el.add_argument("files", nargs="+", metavar="FILE",
-                    help="hh-rlhf pairs (JSONL[.gz]), prompt/chosen/rejected rows (a file, or a shipped set: "
-                         "builtin:judge_pairs, builtin:helpful_pairs), BIG-bench hhh task.json files or folders, "
-                         "or the paper's prompt/corrects/incorrects JSONL")
+                    help="hh-rlhf pairs (JSONL[.gz]), prompt/chosen/rejected rows (a file such as a constitution's "
+                         "cases, or a shipped set: builtin:judge_pairs, builtin:helpful_pairs), BIG-bench hhh "
+                         "task.json files or folders, or the paper's prompt/corrects/incorrects JSONL")
     _add_overrides(el)
     el.add_argument("--format", default="auto", choices=["auto", "hh", "hhh", "paper", "preference"])
     el.add_argument("--limit", type=int, help="items per file")

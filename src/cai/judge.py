@@ -30,7 +30,13 @@ kept. The settings are the feedback stage's (`FeedbackConfig`).
   failure, never a label.
 - Scores that are not finite log-probabilities are a counted failure too.
 
-Each result holds record_id, status ("ok" | "abstain" | "failed"), reason, p_first (P(response 1
+One reply on its own is checked with `violations`: per (reply, critique/revision principle) a
+soft violation score from the options (Yes)/(No), asked in both polarities ("does the reply have
+the problem?" and "is it free of it?") so a judge that always says Yes scores exactly 0.5, with the
+same abstention, chain of thought, clamping and failure counting; `cai constitution test` uses it
+for its flag cases (evals/cases.py).
+
+Each result of `label` holds record_id, status ("ok" | "abstain" | "failed"), reason, p_first (P(response 1
 is better), None unless ok), principle_ids, and orders: per principle its principle_id, p_ab and
 p_ba (P(response 1) shown as (A) and as (B)), mass_ab and mass_ba (the options' probability), cot_ab
 and cot_ba (the reasoning, or None) and its status.
@@ -59,18 +65,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from cai.config import FeedbackConfig, Sampling
-from cai.constitution import ANSWER_PREFIX, OPTION_LABELS, Constitution, render_raw
+from cai.constitution import ANSWER_PREFIX, OPTION_LABELS, VIOLATION_OPTIONS, Constitution, render_raw
 from cai.lm.base import LM, Completion, Message, Prompt
 from cai.records import SCAFFOLD_MARKERS, STATUS_ABSTAIN, STATUS_FAILED, STATUS_OK, stable_seed
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """Two candidate replies to one conversation (which ends with the human's turn)."""
+    """Two candidate replies to one conversation (which ends with the human's turn). `principle_ids`,
+    when given, are this comparison's principles, before any given to `label` or drawn."""
 
     record_id: str
     conversation: tuple[Message, ...]
     responses: tuple[str, str]
+    principle_ids: tuple[str, ...] = ()
 
 
 # ---- label maths (pure) ---------------------------------------------------------------------
@@ -163,6 +171,56 @@ def few_shot_last(seed: int, record_id: str, cfg: FeedbackConfig) -> str | None:
     return OPTION_LABELS[stable_seed(seed, record_id, "few_shot") % 2]
 
 
+def _ask(lm: LM, cfg: FeedbackConfig, fmt: str, question: Callable[[int, str | None], Prompt], seeds: Sequence[int],
+         options: Sequence[str], on_call: Callable[[], None] | None,
+         ) -> tuple[list[tuple[float, float] | str], list[str | None]]:
+    """Ask `len(seeds)` two-option questions and read the options' probabilities; the one loop
+    that `label` and `violations` share.
+
+    `question(k, reasoning)` is job k's prompt: with `cfg.chain_of_thought` it is first called with
+    None for the prompt that asks for reasoning (sampled with `cfg.cot` and `seeds[k]`), then with
+    the reasoning for the prompt the options are scored after; without, once with None. Returns,
+    per job, (P(first option) normalised over the two, the two options' probability mass) or the
+    reason it has none (`cot_problem`'s, or "invalid_scores"), and the job's reasoning text (None
+    without chain of thought). One generate call, then one score call.
+    """
+    n = len(seeds)
+    cots: list[Completion | None] = [None] * n
+    if cfg.chain_of_thought:
+        sampling: Sampling = cfg.cot
+        if fmt == "raw":  # with no chat template nothing ends the turn but the transcript's next speaker
+            sampling = dataclasses.replace(sampling, stop=[*sampling.stop, *(s for s in RAW_STOPS
+                                                                             if s not in sampling.stop)])
+        for k, c in enumerate(lm.generate([question(k, None) for k in range(n)], sampling, seeds=list(seeds))):
+            cots[k] = c[0]
+        if on_call is not None:
+            on_call()
+
+    problems: list[str | None] = [cot_problem(c) if c is not None else None for c in cots]
+    ask = [k for k, prob in enumerate(problems) if prob is None]
+    contexts = [question(k, cot_reasoning(cots[k].text) if cots[k] is not None else None) for k in ask]
+    scores = lm.score_options(contexts, [list(options)] * len(contexts)) if contexts else []
+    if on_call is not None:
+        on_call()
+    if len(scores) != len(contexts):
+        raise RuntimeError(f"{lm.name}: score_options returned {len(scores)} results for {len(contexts)} prompts")
+    result: list[tuple[float, float] | str] = [prob if prob is not None else "" for prob in problems]
+    for k, sc in zip(ask, scores):
+        try:
+            result[k] = option_probs(sc)
+        except (TypeError, ValueError):
+            result[k] = "invalid_scores"
+    return result, [c.text if c is not None else None for c in cots]
+
+
+def _not_usable(reasons: Sequence[str]) -> tuple[str, str]:
+    """(status, reason) of a judgement none of whose principles could be used: an abstention when
+    every one held too little option mass, else a failure with the first other reason."""
+    if all(r == "low_option_mass" for r in reasons):
+        return STATUS_ABSTAIN, "low_option_mass"
+    return STATUS_FAILED, next(r for r in reasons if r != "low_option_mass")
+
+
 # ---- the core -------------------------------------------------------------------------------
 
 
@@ -175,10 +233,10 @@ def label(lm: LM, constitution: Constitution, comparisons: Sequence[Comparison],
     Returns one dict per comparison: record_id, status ("ok" | "abstain" | "failed"), reason,
     p_first (P(response 1 is better), None unless ok), principle_ids, orders (one entry per
     principle: p_ab, p_ba, mass_ab, mass_ba, cot_ab, cot_ba, status). `principle_ids` (else
-    `cfg.principle_ids`) fixes the principles for every comparison; otherwise `cfg.principles` are
-    drawn per record. `draws`, when given, are each comparison's own principles instead (an
-    ablation asks each pair under the principles its draw has left). `on_call` follows each model
-    call (progress).
+    `cfg.principle_ids`) fixes the principles for every comparison that names none of its own
+    (`Comparison.principle_ids`); otherwise `cfg.principles` are drawn per record. `draws`, when
+    given, are each comparison's principles instead of all these (an ablation asks each pair under
+    the principles its draw has left). `on_call` follows each model call (progress).
     """
     fixed = list(principle_ids) if principle_ids else list(cfg.principle_ids)
     if fixed:
@@ -188,6 +246,9 @@ def label(lm: LM, constitution: Constitution, comparisons: Sequence[Comparison],
             raise ValueError(f"draws: one non-empty list of principle ids per comparison is needed "
                              f"({len(draws)} lists for {len(comparisons)} comparisons)")
         check_principle_ids(constitution, sorted({p for d in draws for p in d}), "draws")
+    own = sorted({p for comp in comparisons for p in comp.principle_ids})
+    if own:
+        check_principle_ids(constitution, own, "Comparison.principle_ids")
     fmt = resolve_format(lm, cfg.format)
     lasts = [few_shot_last(seed, comp.record_id, cfg) for comp in comparisons]
     # One job per (comparison, principle, order); order 0 shows response 1 as (A).
@@ -197,7 +258,8 @@ def label(lm: LM, constitution: Constitution, comparisons: Sequence[Comparison],
     for ci, comp in enumerate(comparisons):
         first.append(len(jobs))
         pids = (list(draws[ci]) if draws is not None
-                else fixed or constitution.draw(seed, comp.record_id, cfg.principles, kind="preference"))
+                else list(comp.principle_ids) or fixed
+                or constitution.draw(seed, comp.record_id, cfg.principles, kind="preference"))
         pids_of.append(pids)
         for pi, pid in enumerate(pids):
             for order in (0, 1):
@@ -207,43 +269,14 @@ def label(lm: LM, constitution: Constitution, comparisons: Sequence[Comparison],
         r1, r2 = comparisons[ci].responses
         return (r1, r2) if order == 0 else (r2, r1)
 
-    cots: list[Completion | None] = [None] * len(jobs)
-    if cfg.chain_of_thought:
-        prompts = [as_format(constitution.choice_messages(comparisons[ci].conversation, options(ci, o), pid,
-                                                          cfg.few_shot, chain_of_thought=True, last=lasts[ci]), fmt)
-                   for ci, _, o, pid in jobs]
-        seeds = [stable_seed(seed, comparisons[ci].record_id, "cot", pid, o) for ci, _, o, pid in jobs]
-        sampling: Sampling = cfg.cot
-        if fmt == "raw":  # with no chat template nothing ends the turn but the transcript's next speaker
-            sampling = dataclasses.replace(sampling, stop=[*sampling.stop, *(s for s in RAW_STOPS
-                                                                             if s not in sampling.stop)])
-        for k, c in enumerate(lm.generate(prompts, sampling, seeds=seeds)):
-            cots[k] = c[0]
-        if on_call is not None:
-            on_call()
-
-    problems: list[str | None] = [cot_problem(c) if c is not None else None for c in cots]
-    ask = [k for k, prob in enumerate(problems) if prob is None]
-    contexts = []
-    for k in ask:
+    def question(k: int, reasoning: str | None) -> Prompt:
         ci, _, o, pid = jobs[k]
-        reasoning = cot_reasoning(cots[k].text) if cots[k] is not None else None
-        contexts.append(as_format(constitution.choice_messages(
-            comparisons[ci].conversation, options(ci, o), pid, cfg.few_shot, chain_of_thought=cfg.chain_of_thought,
-            reasoning=reasoning, last=lasts[ci]), fmt))
-    scores = lm.score_options(contexts, [list(OPTION_LABELS)] * len(contexts)) if contexts else []
-    if on_call is not None:
-        on_call()
-    if len(scores) != len(contexts):
-        raise RuntimeError(f"{lm.name}: score_options returned {len(scores)} results for {len(contexts)} prompts")
+        return as_format(constitution.choice_messages(comparisons[ci].conversation, options(ci, o), pid, cfg.few_shot,
+                                                      chain_of_thought=cfg.chain_of_thought, reasoning=reasoning,
+                                                      last=lasts[ci]), fmt)
 
-    # (P(option A), mass) per job, or the reason it has none.
-    result: dict[int, tuple[float, float] | str] = {k: prob for k, prob in enumerate(problems) if prob is not None}
-    for k, s in zip(ask, scores):
-        try:
-            result[k] = option_probs(s)
-        except (TypeError, ValueError):
-            result[k] = "invalid_scores"
+    seeds = [stable_seed(seed, comparisons[ci].record_id, "cot", pid, o) for ci, _, o, pid in jobs]
+    result, cots = _ask(lm, cfg, fmt, question, seeds, OPTION_LABELS, on_call)
 
     out = []
     for ci, comp in enumerate(comparisons):
@@ -251,7 +284,7 @@ def label(lm: LM, constitution: Constitution, comparisons: Sequence[Comparison],
         for pi, pid in enumerate(pids_of[ci]):
             ks = (first[ci] + 2 * pi, first[ci] + 2 * pi + 1)
             got = [result[k] for k in ks]
-            cot = [cots[k].text if cots[k] is not None else None for k in ks]
+            cot = [cots[k] for k in ks]
             entry: dict[str, Any] = {"principle_id": pid, "p_ab": None, "p_ba": None, "mass_ab": None,
                                      "mass_ba": None, "cot_ab": cot[0], "cot_ba": cot[1]}
             bad = [g for g in got if isinstance(g, str)]
@@ -269,6 +302,118 @@ def label(lm: LM, constitution: Constitution, comparisons: Sequence[Comparison],
     return out
 
 
+# ---- pointwise: does one reply break a principle? -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One assistant reply to a conversation (which ends with the human's turn). `principle_ids`,
+    when given, are the critique/revision principles to check it against, before any given to
+    `violations` or drawn."""
+
+    record_id: str
+    conversation: tuple[Message, ...]
+    reply: str
+    principle_ids: tuple[str, ...] = ()
+
+
+def check_critique_ids(constitution: Constitution, ids: Sequence[str], where: str = "principle_ids") -> None:
+    """Refuse ids that are not critique/revision principles of the constitution, naming the setting."""
+    known = {p.id for p in constitution.critique_revision}
+    bad = [i for i in ids if i not in known]
+    if bad:
+        raise ValueError(f"{where}: {', '.join(map(repr, bad))} not a critique/revision principle of constitution "
+                         f"{constitution.name!r} (its ids: {', '.join(sorted(known))})")
+
+
+def violations(lm: LM, constitution: Constitution, replies: Sequence[Reply], cfg: FeedbackConfig, seed: int,
+               principle_ids: Sequence[str] | None = None,
+               on_call: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    """A soft violation score per (reply, principle): how likely the judge finds that a reply
+    breaks a critique/revision principle; pure apart from the model calls.
+
+    Each reply is checked against its own `Reply.principle_ids`, else `principle_ids` (critique/
+    revision ids, the same for every reply), else `cfg.principles` principles drawn per record from
+    the constitution's critique/revision principles (seeded by `seed` and the record id). `cfg.principle_ids` names
+    preference principles and does not apply here; nor do worked examples (`cfg.few_shot`).
+
+    Per principle the question (`Constitution.violation_messages`) is asked in both polarities:
+    "does the reply have the problem?" scored as P(Yes) and "is it free of it?" scored as P(No),
+    each normalised over the two options; the principle's `p_violation` is their mean, so a judge
+    that always answers Yes (or always No) scores exactly 0.5. With `cfg.chain_of_thought` the
+    model reasons first, as in `label`, and each principle's score is clamped to `cfg.clamp`. A
+    polarity whose two options hold less than `cfg.min_option_mass` makes the principle abstain;
+    reasoning that is empty, cut off or forges a turn, and scores that are not log-probabilities,
+    make it fail. None of these is ever turned into a score.
+
+    Returns one dict per reply, in order: record_id, status ("ok" | "abstain" | "failed"), reason,
+    p_violation (the mean of the usable principles' scores, None unless ok), principle_ids, and
+    principles: per principle its principle_id, p_violation, p_has (P(Yes) to "does it have the
+    problem?"), p_free (P(No) to "is it free of it?"), mass_has, mass_free, cot_has, cot_free (the
+    reasoning, or None) and status. `on_call` follows each model call (progress).
+
+        [row] = violations(lm, constitution, [Reply("r1", conv, "Cut the padlock.")], cfg, seed=0,
+                           principle_ids=["harm-dangerous"])
+        flagged = row["status"] == "ok" and row["p_violation"] > 0.5
+    """
+    fixed = list(principle_ids or [])
+    if fixed:
+        check_critique_ids(constitution, fixed)
+    own = sorted({p for r in replies for p in r.principle_ids})
+    if own:
+        check_critique_ids(constitution, own, "Reply.principle_ids")
+    fmt = resolve_format(lm, cfg.format)
+    # One job per (reply, principle, polarity); polarity 0 asks "does it have the problem?".
+    jobs: list[tuple[int, int, str]] = []
+    pids_of: list[list[str]] = []
+    for ri, r in enumerate(replies):
+        pids = list(r.principle_ids) or fixed or constitution.draw(seed, r.record_id, cfg.principles,
+                                                                   kind="critique_revision")
+        pids_of.append(pids)
+        jobs += [(ri, pol, pid) for pid in pids for pol in (0, 1)]
+
+    def question(k: int, reasoning: str | None) -> Prompt:
+        ri, pol, pid = jobs[k]
+        return as_format(constitution.violation_messages(replies[ri].conversation, replies[ri].reply, pid,
+                                                         swap=bool(pol), chain_of_thought=cfg.chain_of_thought,
+                                                         reasoning=reasoning), fmt)
+
+    seeds = [stable_seed(seed, replies[ri].record_id, "violation-cot", pid, pol) for ri, pol, pid in jobs]
+    result, cots = _ask(lm, cfg, fmt, question, seeds, VIOLATION_OPTIONS, on_call)
+
+    out, k = [], 0
+    for ri, r in enumerate(replies):
+        entries = []
+        for pid in pids_of[ri]:
+            got, cot = result[k:k + 2], cots[k:k + 2]
+            k += 2
+            entry: dict[str, Any] = {"principle_id": pid, "p_violation": None, "p_has": None, "p_free": None,
+                                     "mass_has": None, "mass_free": None, "cot_has": cot[0], "cot_free": cot[1]}
+            bad = [g for g in got if isinstance(g, str)]
+            if bad:
+                entry["status"] = bad[0]
+            else:
+                (yes_has, m_has), (yes_free, m_free) = got  # type: ignore[misc]
+                # P(violation) is P(Yes) to "has it?" and P(No) = 1 - P(Yes) to "is it free of it?".
+                p = 0.5 * (yes_has + (1.0 - yes_free))
+                entry.update(p_violation=clamp(p, cfg.clamp) if cfg.chain_of_thought else p, p_has=yes_has,
+                             p_free=1.0 - yes_free, mass_has=m_has, mass_free=m_free)
+                entry["status"] = "low_option_mass" if min(m_has, m_free) < cfg.min_option_mass else STATUS_OK
+                if entry["status"] != STATUS_OK:
+                    entry["p_violation"] = None
+            entries.append(entry)
+        usable = [e for e in entries if e["status"] == STATUS_OK]
+        row: dict[str, Any] = {"record_id": r.record_id, "principle_ids": pids_of[ri], "principles": entries}
+        if usable:
+            row.update(status=STATUS_OK, reason=None,
+                       p_violation=sum(e["p_violation"] for e in usable) / len(usable))
+        else:
+            status, reason = _not_usable([e["status"] for e in entries])
+            row.update(status=status, reason=reason, p_violation=None)
+        out.append(row)
+    return out
+
+
 def combine(orders: Sequence[Mapping[str, Any]], cfg: FeedbackConfig) -> tuple[str, str | None, float | None]:
     """A comparison's (status, reason, p_first) from its principles' entries (`orders`, as `label`
     returns them): the mean of the usable principles' swap averages, clamped to `cfg.clamp` under
@@ -279,7 +424,5 @@ def combine(orders: Sequence[Mapping[str, Any]], cfg: FeedbackConfig) -> tuple[s
     if usable:
         p = sum(swap_average(e["p_ab"], e["p_ba"]) for e in usable) / len(usable)
         return STATUS_OK, None, clamp(p, cfg.clamp) if cfg.chain_of_thought else p
-    reasons = [e["status"] for e in orders]
-    if all(r == "low_option_mass" for r in reasons):
-        return STATUS_ABSTAIN, "low_option_mass", None
-    return STATUS_FAILED, next(r for r in reasons if r != "low_option_mass"), None
+    status, reason = _not_usable([e["status"] for e in orders])
+    return status, reason, None

@@ -11,7 +11,8 @@ or a hub dataset id. `where` names the row: `data/p.jsonl:12`, `task.json: examp
 - a human preference pair (stage `preferences`, `read_pairs`): hh-rlhf transcripts in `chosen` /
   `rejected`, or TRL's `prompt` / `chosen` / `rejected` rows as strings or messages (also the
   implicit-prompt form);
-- a comparison with a known answer (`cai eval labeller`, `read_items`): hh-rlhf pairs, BIG-bench
+- a comparison with a known answer (`cai eval labeller`, `read_items`): hh-rlhf pairs, TRL
+  `prompt` / `chosen` / `rejected` rows (a `cai constitution test` cases file is one), BIG-bench
   `hhh_alignment` task files, or the paper's pre-rendered `prompt` / `corrects` / `incorrects` rows.
 
 Every error is a `SourceError`; each reader raises its own kind (`PromptError`,
@@ -370,6 +371,17 @@ def _need(where: str, row: Row, fields: tuple[str, ...]) -> None:
             raise PreferenceDataError(f"{where}: missing field '{k}' (have {sorted(row)})")
 
 
+def prompt_conversation(where: str, value: Any, name: str = "prompt") -> Conversation:
+    """A prompt given as a string (one user turn) or as messages, checked: it must end with a
+    non-empty user message. Errors name `where` and the field."""
+    msgs = [{"role": "user", "content": value}] if isinstance(value, str) else _messages(where, name, value)
+    if msgs[-1]["role"] != "user":
+        raise PreferenceDataError(f"{where}: '{name}' must end with a user message")
+    if not msgs[-1]["content"].strip():
+        raise PreferenceDataError(f"{where}: '{name}' has an empty user message")
+    return msgs
+
+
 def _from_hh(where: str, row: Row) -> tuple[Conversation, str, str] | str:
     _need(where, row, ("chosen", "rejected"))
     for k in ("chosen", "rejected"):
@@ -609,7 +621,8 @@ def read_preference(path: str | Path, seed: int = 0, limit: int | None = None) -
     answers as strings or one assistant message; an optional `id` and `category`) as comparisons,
     `chosen` being the better reply; the first `limit` usable pairs. `builtin:NAME` reads a shipped
     pair set. Pairs whose two answers are the same, or whose conversations differ before the last
-    answer, are skipped and counted."""
+    answer, are skipped and counted, as are rows with neither `chosen` nor `rejected` (the flag
+    cases of a `cai constitution test` cases file, whose pair cases are read)."""
     path_s = str(path)
     file = shipped(path_s.split(":", 1)[1], "pair", EvalInputError) if path_s.startswith("builtin:") else Path(path)
     out = Source(path_s, "preference", [])
@@ -618,6 +631,9 @@ def read_preference(path: str | Path, seed: int = 0, limit: int | None = None) -
     for where, row in file_rows(file, "auto", EvalInputError):
         if limit is not None and len(out.items) >= limit:
             break
+        if "chosen" not in row and "rejected" not in row:  # e.g. a flag case of a constitution's cases
+            skipped["not_a_pair"] += 1
+            continue
         try:
             parsed = pair_of(where, row, "preference")
         except PreferenceDataError as e:

@@ -1,6 +1,6 @@
 """How well a feedback model labels multiple-choice comparisons with a known answer.
 
-Three kinds of input file, read by `cai.sources.read_items` and recognised by their content (or
+Four kinds of input file, read by `cai.sources.read_items` and recognised by their content (or
 forced with `--format`):
 
 - `hh`: hh-rlhf preference pairs, JSONL (optionally gzipped) rows `{"chosen", "rejected"}` holding
@@ -15,7 +15,9 @@ forced with `--format`):
 - `preference`: JSONL (or CSV) rows `{"prompt", "chosen", "rejected"}` in TRL's layout, with an
   optional `id` and `category`; `chosen` is the better reply. `builtin:NAME` reads a shipped pair set
   (`builtin:judge_pairs`, written for this: harmless, helpful and honest comparisons;
-  `builtin:helpful_pairs`). Items with a category are also summarised per category.
+  `builtin:helpful_pairs`). Items with a category are also summarised per category. A
+  constitution's regression cases (`cai constitution test`) are such a file; rows that are not
+  pairs (its flag cases) are skipped and counted.
 - `paper`: pre-rendered questions, JSONL rows `{"prompt", "corrects", "incorrects"}`, where the
   prompt already lists the options and the two lists hold the answer strings (" (A)", " (B)").
 
