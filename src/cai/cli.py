@@ -14,6 +14,8 @@
     cai eval attribution RUN [--margin 0.1]
     cai eval ablate RUN [--by principle|category] [--only NAME] [--retrain] [key=value ...]
     cai redteam generate [CONFIG] [key=value ...]
+    cai audit FILE [-c CONFIG] [key=value ...] [--threshold 0.5] [--principle ID] [--out DIR]
+    cai audit serve --upstream URL [-c CONFIG] [key=value ...] [--port 8100] [--enforce] [--queue-size N]
 
 Every command that uses a model takes the config form of `cai run`: a YAML config (`-c`, or the
 defaults) with dotted `key=value` overrides laid over it, e.g. `model.backend=openai`.
@@ -452,6 +454,91 @@ def cmd_redteam(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- audit ---------------------------------------------------------------------------------
+
+SERVE_ONLY = ("upstream", "port", "enforce", "queue_size", "api_key_env")
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """`cai audit FILE` (cai/evals/audit.py) or `cai audit serve --upstream URL` (cai/serve/proxy.py)."""
+    from cai import constitution as C
+    from cai.evals import audit
+    from cai.lm import load_lm
+
+    if not 0.0 <= args.threshold < 1.0:
+        raise ValueError(f"--threshold must be in [0, 1), got {args.threshold}")
+    rest, cfg = command_config(args, [args.target, *args.overrides])
+    serving = rest[:1] == ["serve"] and not Path("serve").is_file()
+    if len(rest) != 1:
+        raise ValueError(f"cai audit takes one FILE (or serve) and key=value overrides; got {' '.join(rest) or 'none'}")
+    if not serving:
+        given = [f"--{k.replace('_', '-')}" for k in SERVE_ONLY if getattr(args, k) not in (None, False)]
+        if given:
+            raise ValueError(f"cai audit FILE: {', '.join(given)} belong to `cai audit serve`")
+    constitution = C.load(cfg.constitution)
+    pids = audit.principles_to_check(constitution, args.principle)
+
+    def judge_lm():
+        return load_lm(dataclasses.replace(cfg.model, name=cfg.feedback.model))
+
+    if serving:
+        return audit_serve(args, cfg, constitution, pids, judge_lm)
+    out = args.out or str(Path("runs") / "audit" / Path(rest[0]).name.split(".")[0])
+    summary, rows = audit.audit_file(rest[0], cfg, constitution, judge_lm, out, args.threshold, pids,
+                                     allow_changed=args.allow_config_change)
+    print(f"audited {len(rows)} replies of {rest[0]} against {len(pids)} principles of {constitution.name} "
+          f"({constitution.hash}), judge {cfg.feedback.model}\n")
+    print(audit.table(summary))
+    queued = len((Path(out) / "queue.jsonl").read_text(encoding="utf-8").splitlines())
+    print(f"\nwrote {Path(out) / 'rows.jsonl'}, {Path(out) / 'queue.jsonl'} ({queued} to review) and "
+          f"{Path(out) / 'summary.json'}")
+    return 0
+
+
+def audit_serve(args: argparse.Namespace, cfg: PipelineConfig, constitution: Any, pids: list[str],
+                judge_lm: Any) -> int:
+    """`cai audit serve`: the proxy in front of --upstream until interrupted (Ctrl-C or SIGTERM)."""
+    import signal
+    import threading
+
+    from cai.evals import audit
+    from cai.serve import is_loopback
+    from cai.serve.proxy import AuditLog, AuditProxy, judge_for
+
+    if not args.upstream:
+        raise ValueError("cai audit serve needs --upstream URL (the OpenAI-compatible server to put the proxy in front of)")
+    queue_size = 64 if args.queue_size is None else args.queue_size
+    out = args.out or str(Path("runs") / "audit" / "serve")
+    stage = audit.open_stage(out, cfg, constitution, pids, args.allow_config_change)
+    log = AuditLog(stage, args.threshold, {"judge": cfg.feedback.model, "constitution": constitution.name,
+                                           "constitution_hash": constitution.hash, "seed": cfg.seed,
+                                           "principle_ids": pids, "upstream": args.upstream,
+                                           "enforce": bool(args.enforce)})
+    if not is_loopback(args.host):
+        print(f"warning: listening on {args.host}, not a loopback address: anyone who can reach this port can use "
+              "the upstream through the proxy (and its key)", file=sys.stderr, flush=True)
+    proxy = AuditProxy(args.upstream, judge_for(judge_lm, constitution, cfg, pids), log,
+                       judge_name=cfg.feedback.model, constitution=constitution, host=args.host,
+                       port=8100 if args.port is None else args.port, enforce=bool(args.enforce),
+                       queue_size=queue_size, api_key_env=args.api_key_env or "OPENAI_API_KEY")
+    print(f"auditing {proxy.url} -> {args.upstream} ({'enforce' if args.enforce else 'monitor'} mode, queue "
+          f"{queue_size}, {len(pids)} principles, judge {cfg.feedback.model}); writing {out} (Ctrl-C to stop)",
+          flush=True)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        proxy.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        proxy.close(wait=False)
+    print(f"stopped; {json.dumps(log.counters)}", file=sys.stderr)
+    return 0
+
+
 # ---- parser --------------------------------------------------------------------------------
 
 
@@ -629,6 +716,37 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--examples", type=int, default=8, metavar="N",
                     help="print up to N kept prompts, one per category (default 8)")
     rg.set_defaults(func=cmd_redteam)
+
+    au = sub.add_parser("audit", help="audit stored outputs (or, with `serve`, live traffic through a proxy) "
+                                      "against the constitution: per reply and principle a soft violation score, "
+                                      "a review queue and flag rates",
+                        description="cai audit FILE: FILE is JSONL of {id?, messages: [... assistant reply], "
+                                    "category?}, {id?, prompt, reply, category?} or OpenAI chat-completions log rows "
+                                    "{request: {messages}, response: {choices: [{message: {content}}]}}. "
+                                    "cai audit serve --upstream URL: an OpenAI-compatible proxy that forwards every "
+                                    "request unchanged and audits chat completions in the background. The judge "
+                                    "is the feedback stage's: feedback.model, feedback.format, "
+                                    "feedback.chain_of_thought, feedback.min_option_mass, feedback.chunk_size, "
+                                    "model.*, seed, constitution. DIR gets rows.jsonl, queue.jsonl, summary.json.")
+    au.add_argument("target", metavar="FILE|serve", help="a JSONL file of stored outputs, or `serve` for the proxy")
+    _add_overrides(au)
+    au.add_argument("--threshold", type=float, default=0.5,
+                    help="a principle's score above this flags the reply (default 0.5)")
+    au.add_argument("--principle", action="append", metavar="ID",
+                    help="check this critique/revision principle (repeat); default: all of them")
+    au.add_argument("--out", metavar="DIR", help="default runs/audit/<FILE's stem>, or runs/audit/serve")
+    au.add_argument("--allow-config-change", action="store_true",
+                    help="keep the judgements already in DIR even though the judge's settings changed")
+    au.add_argument("--upstream", metavar="URL", help="serve: the server to forward to, e.g. http://127.0.0.1:8000")
+    au.add_argument("--host", default="127.0.0.1", help="serve: address to bind (default loopback only)")
+    au.add_argument("--port", type=int, help="serve: port to listen on (default 8100; 0 picks a free one)")
+    au.add_argument("--enforce", action="store_true",
+                    help="serve: judge before answering and replace a flagged reply with a refusal (status 200)")
+    au.add_argument("--queue-size", type=int, help="serve: replies waiting for the judge at most (default 64); "
+                                                   "more are dropped and counted")
+    au.add_argument("--api-key-env", metavar="NAME",
+                    help="serve: the environment variable holding the upstream's key (default OPENAI_API_KEY)")
+    au.set_defaults(func=cmd_audit)
     return p
 
 

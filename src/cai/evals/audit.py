@@ -62,7 +62,7 @@ from cai.config import FeedbackConfig, PipelineConfig, fingerprint, plain
 from cai.constitution import Constitution
 from cai.evals.stats import wilson
 from cai.judge import Reply, check_critique_ids, violations
-from cai.lm.base import ROLES, LM, Message
+from cai.lm.base import LM, ROLES, Message
 from cai.records import STATUS_OK
 from cai.rundir import Stage, atomic_write, write_json
 from cai.sources import SourceError, file_rows
