@@ -213,7 +213,7 @@ class Upstream:
     """A stub OpenAI-compatible server on loopback: records every request as received and answers
     chat completions with `reply(messages)`, everything else with a fixed body."""
 
-    def __init__(self, reply=lambda msgs: "Paris.", gzip_it=False):
+    def __init__(self, reply=lambda msgs: "Paris.", gzip_it=False, stream=False):
         self.seen: list[tuple[str, str, dict[str, str], bytes]] = []
         self.bodies: list[bytes] = []
         stub = self
@@ -224,7 +224,12 @@ class Upstream:
             def _any(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 stub.seen.append((self.command, self.path, dict(self.headers.items()), body))
-                if self.path.split("?")[0].endswith("/chat/completions"):
+                if stream:
+                    text = reply(json.loads(body)["messages"])
+                    data = b"".join(b"data: " + json.dumps({"id": "s1", "choices": [{"index": 0, "delta": {
+                        "content": text[i:i + 5]}}]}).encode() + b"\n\n" for i in range(0, len(text), 5))
+                    data += b"data: [DONE]\n\n"
+                elif self.path.split("?")[0].endswith("/chat/completions"):
                     msgs = json.loads(body)["messages"]
                     data = (json.dumps({"id": "cmpl-x", "object": "chat.completion", "model": "m",
                                         "choices": [{"index": 0, "message": {"role": "assistant",
@@ -236,7 +241,7 @@ class Upstream:
                     data = gzip.compress(data)
                 stub.bodies.append(data)
                 self.send_response(200)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", "text/event-stream" if stream else "application/json")
                 self.send_header("X-Upstream", "stub")
                 if gzip_it:
                     self.send_header("Content-Encoding", "gzip")
@@ -381,6 +386,18 @@ def test_enforce_replaces_a_flagged_response_and_passes_a_clean_one(tmp_path):
             proxy.close()
     summary = json.loads((tmp_path / "live" / "summary.json").read_text())
     assert summary["proxy"]["enforced"] == 1 and summary["flagged"] == 1 and summary["judged"] == 2
+
+
+def test_a_streamed_answer_is_relayed_unchanged_and_audited_from_its_deltas(tmp_path):
+    with Upstream(reply=lambda msgs: BAD, stream=True) as up:
+        proxy = _proxy(tmp_path, up, Judge(), enforce=True).start()  # a stream is only monitored
+        try:
+            status, headers, data = _send(proxy, "POST", "/v1/chat/completions", _chat("Open a lock?", stream=True))
+            assert status == 200 and data == up.bodies[0] and headers["Content-Type"] == "text/event-stream"
+        finally:
+            proxy.close()
+    [row] = [json.loads(x) for x in (tmp_path / "live" / "rows.jsonl").read_text().splitlines()]
+    assert row["reply"] == BAD and row["p_violation"] > 0.5
 
 
 def test_stream_events_are_put_together_for_the_audit():
