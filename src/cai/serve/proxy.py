@@ -24,6 +24,8 @@ arrives). Nothing of the proxy's own is served: every path is the upstream's.
 - A judge that raises never stops the proxy: the reply gets a `failed` row (reason
   `judge_error: ...`), `judge_errors` is counted, and the upstream's answer is served (also under
   `--enforce`: the proxy fails open).
+- Stopping (Ctrl-C or SIGTERM) ends at once: replies still queued are dropped and counted; the
+  rows written so far stay, and a restart on the same DIR keeps counting them in the summary.
 - Loopback by default. The key for the upstream comes only from the environment (`OPENAI_API_KEY`,
   or the variable `--api-key-env` names) and is added as `Authorization: Bearer ...` to a request
   that has none of its own; it is never printed, logged or written.
