@@ -52,7 +52,15 @@ from typing import Any
 
 import yaml
 
-from cai.config import ConfigError, FeedbackConfig, PairSource, PipelineConfig, PromptSource, Sampling, load_config
+from cai.config import (
+    ConfigError,
+    FeedbackConfig,
+    PairSource,
+    PipelineConfig,
+    PromptSource,
+    Sampling,
+    load_config,
+)
 from cai.constitution import ConstitutionError
 from cai.constitution import load as load_constitution
 from cai.judge import Comparison, label
@@ -375,7 +383,6 @@ def config_case(rng: random.Random, root: Path, i: int) -> Case:
         needles.append(key_s)
     elif kind == "non_finite":
         key = rng.choice(FLOAT_LEAVES)
-        text = f"{'.'.join(key)}: PLACEHOLDER"
         text = yaml.safe_dump(_nest(key, 0.0)).replace("0.0", rng.choice([".nan", ".inf", "-.inf", ".NaN", ".Inf"]))
         needles.append(".".join(key))
     elif kind == "yaml_bomb":

@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from cai.config import short_repr, load_yaml, read_text
+from cai.config import load_yaml, read_text, short_repr
 from cai.lm.base import ROLES, Conversation, Message
 
 SCHEMA = "cai.constitution/v1"

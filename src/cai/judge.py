@@ -123,6 +123,10 @@ def option_probs(logprobs: Sequence[float]) -> tuple[float, float]:
     return za / (za + zb), math.exp(a) + math.exp(b)
 
 
+# A P(response 1 is better) this close to 0.5 is a tie, not a label that favours either response.
+TIE = 1e-9
+
+
 def swap_average(p_ab: float, p_ba: float) -> float:
     """P(response 1 is better) from both orders: `p_ab` is P(A) when response 1 is shown as (A),
     `p_ba` is P(B) when it is shown as (B). A constant first-slot bias cancels exactly."""
