@@ -191,9 +191,9 @@ class Constitution:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(
-            yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=100)
-        )
+        from cai.rundir import atomic_write
+
+        atomic_write(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=100))
 
     # ---- lookup and sampling --------------------------------------------------------------
 
