@@ -37,6 +37,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from cai.config import load_config
 from cai.constitution import load as load_constitution
@@ -158,12 +159,13 @@ def label_pairs(judge: BiasedJudge, pairs: Sequence[dict[str, Any]], run_dir: Pa
 def evaluate(judge: BiasedJudge, files: list[str], run_dir: Path, per_category: int | None,
              seed: int) -> dict[str, Any]:
     """The evaluation of the two answer files with `judge` as its judge; its summary."""
-    from cai.pipeline import evaluate_models
+    from cai import pipeline
 
     cfg = load_config(None, [f"run_dir={run_dir}", f"seed={seed}", f"eval.models=[{files[0]}, {files[1]}]",
                              f"eval.per_category={per_category if per_category else 'null'}", "eval.bootstrap=200",
                              "eval.judge_check=[builtin:helpful_pairs]", "eval.judge_check_limit=48"])
-    evaluate_models(cfg, lm_factory=lambda: judge)
+    with mock.patch.object(pipeline, "write_report", lambda run_dir: None):  # the HTML page is not looked at here
+        pipeline.evaluate_models(cfg, lm_factory=lambda: judge)
     return json.loads((run_dir / "eval" / "summary.json").read_text())
 
 

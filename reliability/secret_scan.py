@@ -38,6 +38,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from cai.models import cpu_description
 
@@ -151,11 +152,13 @@ def run_quick(root: Path, key: str, wrong_key: str, model: str | None = None) ->
     logging.getLogger().addHandler(handler)
     logging.captureWarnings(True)
     try:
+        write_report = pipeline.write_report
         with Server(lm, model, port=0, api_key=key) as srv, contextlib.redirect_stdout(out), \
-                contextlib.redirect_stderr(out):
+                contextlib.redirect_stderr(out), mock.patch.object(pipeline, "write_report", lambda run_dir: None):
             cfg = load_config(None, overrides(run_dir, model, srv.url, root / "none.jsonl", quick=True))
             pipeline.run(cfg, stop="sl_generate")
             pipeline.run(cfg, start="pairs", stop="feedback")
+            write_report(run_dir)  # once, at the end (drawing its plots is the slow part)
             replies = probe(srv.url, key)
             failures = {}
             for name, url, client_key in (("wrong key", srv.url, wrong_key), ("no server", _closed_url(), key)):
@@ -275,6 +278,7 @@ def run(quick: bool = False, workdir: str | Path | None = None, model: str | Non
                    "commands": got["commands"], "codes": got.get("codes", {}), "failed": got.get("failed", {}),
                    **found,
                    "control_found": bool(scan([control], {}, key)["hits"]),
+                   "report_scanned": (got["run_dirs"][0] / "report.html").is_file(),
                    "replies": {k: v.decode(errors="replace")[:300] for k, v in got["replies"].items()},
                    "requests_without_key_refused": got["replies"]["reply:no_key"].startswith(b"401")
                    and got["replies"]["reply:wrong_key"].startswith(b"401")}
@@ -296,7 +300,8 @@ def render(res: dict[str, Any]) -> str:
              f"{res['blobs']} captured outputs, errors and server replies, {res['bytes']:,} bytes, for the server's "
              "key and the wrong one (raw, base64, percent-encoded, as a Bearer header)",
              f"hits: {len(res['hits'])}" + "".join(f"\n  {h}" for h in res["hits"]),
-             f"control (the key planted in a file): {'found' if res['control_found'] else 'NOT FOUND'}",
+             f"control (the key planted in a file): {'found' if res['control_found'] else 'NOT FOUND'}; "
+             f"the run report was {'' if res['report_scanned'] else 'NOT '}among the files",
              f"requests without the key or with a wrong one refused (401): {res['requests_without_key_refused']}"]
     for name, body in res["replies"].items():
         lines.append(f"  {name}: {body}")
@@ -317,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
     complete = all(v == "complete" for v in res["stages"].values()) and not any(res["codes"].values())
-    return 0 if complete and not res["hits"] and res["control_found"] and res["requests_without_key_refused"] else 1
+    good = res["control_found"] and res["report_scanned"] and res["requests_without_key_refused"]
+    return 0 if complete and good and not res["hits"] else 1
 
 
 if __name__ == "__main__":

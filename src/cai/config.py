@@ -74,7 +74,7 @@ def read_text(path: Path, error: type[Exception]) -> str:
 
 
 _REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 80, 80
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 5, 5, 60, 60
 
 
 def short_repr(value: Any) -> str:
