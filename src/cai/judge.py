@@ -270,10 +270,10 @@ def label(lm: LM, constitution: Constitution, comparisons: Sequence[Comparison],
         if fmt == "raw":  # with no chat template nothing ends the turn but the transcript's next speaker
             sampling = dataclasses.replace(sampling, stop=[*sampling.stop, *(s for s in RAW_STOPS
                                                                              if s not in sampling.stop)])
-        got = lm.generate(prompts, sampling, seeds=seeds)
-        if not isinstance(got, list) or len(got) != len(prompts):
-            raise BackendError(f"{lm.name}: generate answered {_count(got)} for {len(prompts)} reasoning prompts")
-        cots = [_first(c) for c in got]  # type: ignore[misc]
+        answered = lm.generate(prompts, sampling, seeds=seeds)
+        if not isinstance(answered, list) or len(answered) != len(prompts):
+            raise BackendError(f"{lm.name}: generate answered {_count(answered)} for {len(prompts)} reasoning prompts")
+        cots = [_first(c) for c in answered]  # type: ignore[misc]
         if on_call is not None:
             on_call()
 
