@@ -64,7 +64,7 @@ from cai.config import (
 )
 from cai.constitution import ConstitutionError
 from cai.constitution import load as load_constitution
-from cai.judge import Comparison, label
+from cai.judge import Comparison, label, too_many_tokens
 from cai.lm.base import BackendError, Completion
 from cai.models import cpu_description
 from cai.records import STATUS_OK
@@ -200,7 +200,7 @@ def _bad_cot(rng: random.Random, kind: str) -> Any:
                            f"{forged} {GOOD_COT}", forged])
         return [Completion(text, "stop", 20)]
     if kind == "cot_too_long":
-        words = rng.randint(COT_LIMIT + 1, 20_000)
+        words = rng.randint(too_many_tokens(COT_LIMIT) + 1, 20_000)
         return [Completion(" ".join(["word"] * words), "stop", words)]
     if kind == "cot_wrong_type":
         return rng.choice([

@@ -147,11 +147,18 @@ TURN_MARKERS = (*SCAFFOLD_MARKERS, "<|start_header_id|>", "<|end_header_id|>", "
 FINISH_REASONS = ("stop", "length")
 
 
+def too_many_tokens(max_tokens: int) -> int:
+    """The token count above which a completion asked for at most `max_tokens` is not one: a little
+    over can come from counting the tokens of the text again (the OpenAI back-end does), far over
+    cannot."""
+    return max_tokens + max_tokens // 4 + 8
+
+
 def cot_problem(c: object, max_tokens: int | None = None) -> str | None:
     """Why a chain-of-thought completion cannot be used, or None: `cot_invalid` (not a completion,
     text that is not a string, an unknown finish reason or token count), `cot_empty`,
-    `cot_truncated` (cut off at the token limit), `cot_too_long` (more tokens than `max_tokens`, which
-    no back-end should send) or `cot_forged_turn`."""
+    `cot_truncated` (cut off at the token limit), `cot_too_long` (far more tokens than `max_tokens`,
+    `too_many_tokens`, which no back-end should send) or `cot_forged_turn`."""
     if not isinstance(c, Completion) or not isinstance(c.text, str) or c.finish_reason not in FINISH_REASONS \
             or isinstance(c.num_tokens, bool) or not isinstance(c.num_tokens, int) or c.num_tokens < 0:
         return "cot_invalid"
@@ -160,7 +167,7 @@ def cot_problem(c: object, max_tokens: int | None = None) -> str | None:
         return "cot_empty"
     if c.finish_reason == "length":
         return "cot_truncated"
-    if max_tokens is not None and c.num_tokens > max_tokens:
+    if max_tokens is not None and c.num_tokens > too_many_tokens(max_tokens):
         return "cot_too_long"
     if any(m in c.text for m in TURN_MARKERS) or text.startswith(("Human:", "Assistant:")):
         return "cot_forged_turn"
