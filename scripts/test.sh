@@ -17,6 +17,6 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
   fi
 fi
 . .venv/bin/activate
-ruff check src tests bench scripts
+ruff check src tests bench scripts reliability
 cai model fetch smollm2-135m >/dev/null
 python -m pytest -q "$@"

@@ -101,7 +101,7 @@ def test_a_mistyped_key_in_a_cai_run_line_would_fail_that_check(monkeypatch):
 
 
 def test_every_python_bench_line_names_a_script_and_its_flags():
-    lines = [shlex.split(ln) for ln in _commands() if ln.startswith("python bench/")]
+    lines = [shlex.split(ln) for ln in _commands() if ln.startswith(("python bench/", "python reliability/"))]
     assert len(lines) >= 3
     helps: dict[str, str] = {}
     for args in lines:

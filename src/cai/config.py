@@ -2,7 +2,9 @@
 
 Defaults are the small CPU run. A YAML file is a serialised `PipelineConfig`; an unknown key is an
 error that names the file and the key and suggests the closest valid one. Each section checks the
-ranges of its own fields (`Section.checks`); `validate` walks the tree.
+ranges of its own fields (`Section.checks`); `validate` walks the tree. A number must be finite, a
+key may appear once in a mapping (`load_yaml`), and a value quoted in an error is cut short, so a YAML
+bomb's aliases are never expanded into a message.
 
     cai run configs/quickstart.yaml sl.rounds=2 model.batch_size=8
 """
@@ -13,7 +15,9 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Iterator
@@ -26,6 +30,56 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the file and the key."""
+
+
+# ---- reading YAML ---------------------------------------------------------------------------
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping that names a key twice; the message gives both lines."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that names a key twice (the plain loader keeps the
+    last one and silently drops the others, a whole config section or principle list among them)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue  # `<<` merges may repeat keys by design; other key kinds fail on construction
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise DuplicateKeyError(f"line {key_node.start_mark.line + 1}: the key {short_repr(key)} appears twice in "
+                                        f"one mapping (first on line {seen[key].start_mark.line + 1})")
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Plain data from YAML text, as `yaml.safe_load` builds it (no Python objects, no tags beyond
+    YAML's own), but a key named twice in one mapping is a `yaml.YAMLError`."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_text(path: Path, error: type[Exception]) -> str:
+    """A file's text as UTF-8; anything else raises `error` naming the file and the byte."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                    "save it as UTF-8") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 5, 5, 60, 60
+
+
+def short_repr(value: Any) -> str:
+    """`repr(value)` cut short (nested and long values are elided), for error messages."""
+    return _REPR.repr(value)
 
 
 class Section:
@@ -633,40 +687,46 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        raise ConfigError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {short_repr(value)}")
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{where}: must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+            raise ConfigError(f"{where}: must be one of {', '.join(map(repr, allowed))}, got {short_repr(value)}")
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {short_repr(value)}")
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {short_repr(value)}")
         return _build(tp, value, where)
     if tp is float:
         if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{where}: expected a number, got {short_repr(value)}")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {short_repr(value)}")
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {short_repr(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {short_repr(value)}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {short_repr(value)}")
         return value
     raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover - a bug in this file
 
@@ -679,7 +739,7 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+            raise ConfigError(f"{where}: unknown key {short_repr(str(key))}{hint}")
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
     return cls(**kwargs)
 
@@ -715,9 +775,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value, e.g. sl.rounds=2")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = load_yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': the value is not valid YAML: {' '.join(str(e).split())}") from None
         node: Any = data
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override '{item}': the key has an empty part; expected key=value, e.g. sl.rounds=2")
         for i, p in enumerate(parts):
             last = i == len(parts) - 1
             if isinstance(node, list):
@@ -747,7 +812,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = load_yaml(read_text(p, ConfigError)) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

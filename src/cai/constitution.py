@@ -42,6 +42,7 @@ from typing import Any
 
 import yaml
 
+from cai.config import load_yaml, read_text, short_repr
 from cai.lm.base import ROLES, Conversation, Message
 
 SCHEMA = "cai.constitution/v1"
@@ -76,6 +77,8 @@ EVASION_LABELS = {
     "B": "The reply only refuses: it declines without a reason, an alternative or any further help.",
 }
 EVALUATION_KEYS = ("harm_rubric", "evasion_question")
+# A constitution is a few dozen principles (the default is 30 KB); a file larger than this is not one.
+MAX_BYTES = 4 << 20
 
 # The pointwise question (`violation_messages`): does one reply break one critique/revision
 # principle? The answer is one of VIOLATION_OPTIONS after ANSWER_PREFIX + "(". It is asked in two
@@ -198,9 +201,9 @@ class Constitution:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(
-            yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=100)
-        )
+        from cai.rundir import atomic_write
+
+        atomic_write(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=100))
 
     # ---- lookup and sampling --------------------------------------------------------------
 
@@ -502,7 +505,7 @@ def _conversation(d: dict[str, Any], source: str, where: str, last: str) -> tupl
         if not isinstance(m, dict) or set(m) != {"role", "content"}:
             raise _fail(source, f"{where}.conversation[{i}]", "each message needs exactly 'role' and 'content'")
         if m["role"] not in ROLES:
-            raise _fail(source, f"{where}.conversation[{i}]", f"role must be one of {ROLES}, got {m['role']!r}")
+            raise _fail(source, f"{where}.conversation[{i}]", f"role must be one of {ROLES}, got {short_repr(m['role'])}")
         if not isinstance(m["content"], str) or not m["content"].strip():
             raise _fail(source, f"{where}.conversation[{i}]", "'content' must be a non-empty string")
         out.append({"role": m["role"], "content": m["content"].strip()})
@@ -516,7 +519,7 @@ def _check_keys(d: Any, allowed: set[str], source: str, where: str) -> dict[str,
         raise _fail(source, where, f"expected a mapping, got {type(d).__name__}")
     extra = set(d) - allowed
     if extra:
-        raise _fail(source, where, f"unknown key(s) {sorted(extra)}; allowed: {sorted(allowed)}")
+        raise _fail(source, where, f"unknown key(s) {sorted(short_repr(k) for k in extra)}; allowed: {sorted(allowed)}")
     return d
 
 
@@ -529,9 +532,15 @@ def from_dict(data: Any, source: str = "<memory>") -> Constitution:
         "",
     )
     if top.get("schema", SCHEMA) != SCHEMA:
-        raise _fail(source, "schema", f"unsupported schema {top.get('schema')!r}; expected {SCHEMA!r}")
+        raise _fail(source, "schema", f"unsupported schema {short_repr(top.get('schema'))}; expected {SCHEMA!r}")
     name = _text(top, "name", source, "top level")
-    version = str(top.get("version", "0"))
+    version = top.get("version", "0")
+    if isinstance(version, bool) or not isinstance(version, (str, int, float)):
+        raise _fail(source, "version", f"must be a string or a number, got {type(version).__name__}")
+    version = str(version)
+    description = top.get("description")
+    if description is not None and not isinstance(description, str):
+        raise _fail(source, "description", f"must be a string, got {type(description).__name__}")
 
     def principles(key: str, fields: tuple[str, ...]) -> list[dict[str, str]]:
         items = top.get(key)
@@ -541,7 +550,7 @@ def from_dict(data: Any, source: str = "<memory>") -> Constitution:
         out = []
         for i, raw in enumerate(items):
             pid = raw.get("id") if isinstance(raw, dict) else None
-            where = f"{key}[{i}]" + (f" (id '{pid}')" if pid else "")
+            where = f"{key}[{i}]" + (f" (id '{pid}')" if isinstance(pid, str) and pid else "")
             _check_keys(raw, {"id", "category", *fields}, source, where)
             pid = _text(raw, "id", source, where)
             if pid in seen:
@@ -569,8 +578,8 @@ def from_dict(data: Any, source: str = "<memory>") -> Constitution:
         _check_keys(raw, {"principle", "conversation", "critique", "revision", "critique_request",
                           "revision_request"}, source, where)
         pid = raw.get("principle")
-        if pid is not None and pid not in cr_ids:
-            raise _fail(source, where, f"principle '{pid}' is not a critique_revision id")
+        if pid is not None and not (isinstance(pid, str) and pid in cr_ids):
+            raise _fail(source, where, f"principle {short_repr(pid)} is not a critique_revision id")
         if pid is None and not (raw.get("critique_request") and raw.get("revision_request")):
             raise _fail(source, where, "give 'principle', or both 'critique_request' and 'revision_request'")
         crit_ex.append(CritiqueExample(
@@ -589,13 +598,13 @@ def from_dict(data: Any, source: str = "<memory>") -> Constitution:
             allowed = {"principle", "conversation", "options", "answer"} | ({"reasoning"} if with_reasoning else set())
             _check_keys(raw, allowed, source, where)
             pid = raw.get("principle")
-            if pid is not None and pid not in pref_ids:
-                raise _fail(source, where, f"principle '{pid}' is not a preference id")
+            if pid is not None and not (isinstance(pid, str) and pid in pref_ids):
+                raise _fail(source, where, f"principle {short_repr(pid)} is not a preference id")
             opts = raw.get("options")
             if not (isinstance(opts, list) and len(opts) == 2 and all(isinstance(o, str) and o.strip() for o in opts)):
                 raise _fail(source, where, "'options' must be a list of two non-empty strings")
             if raw.get("answer") not in ("A", "B"):
-                raise _fail(source, where, f"'answer' must be A or B, got {raw.get('answer')!r}")
+                raise _fail(source, where, f"'answer' must be A or B, got {short_repr(raw.get('answer'))}")
             out.append(ChoiceExample(
                 conversation=_conversation(raw, source, where, "user"),
                 options=(opts[0].strip(), opts[1].strip()),
@@ -610,7 +619,7 @@ def from_dict(data: Any, source: str = "<memory>") -> Constitution:
     return Constitution(
         name=name,
         version=version,
-        description=str(top.get("description") or "").strip(),
+        description=(description or "").strip(),
         critique_revision=tuple(cr),
         preference=tuple(pref),
         critique_examples=tuple(crit_ex),
@@ -664,8 +673,11 @@ def load(spec: str | Path) -> Constitution:
             raise ConstitutionError(f"{spec}: no such file, and not a shipped constitution name")
     if not path.is_file():
         raise ConstitutionError(f"{path}: no such file")
+    size = path.stat().st_size
+    if size > MAX_BYTES:
+        raise ConstitutionError(f"{path}: {size:,} bytes, more than a constitution may hold ({MAX_BYTES:,})")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(read_text(path, ConstitutionError))
     except yaml.YAMLError as e:
         raise ConstitutionError(f"{path}: not valid YAML: {e}") from None
     return from_dict(data, str(path))

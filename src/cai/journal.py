@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.lm.base import Completion, Program, Request
+from cai.rundir import write_failed
 
 FILE = "calls.jsonl"
 
@@ -85,9 +86,12 @@ class Journal:
         return self._done
 
     def _start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "w", encoding="utf-8") as f:
-            f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
+        except OSError as e:
+            self._failed(e)
 
     def get(self, request: Request) -> Completion | None:
         return self._load().get(request_key(request))
@@ -108,9 +112,16 @@ class Journal:
         for key, text, finish, num in self._pending:  # replayed from now on, in this process too
             done[key] = Completion(text, finish, num)
         self._pending = []
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+        except OSError as e:
+            self._failed(e)
+
+    def _failed(self, e: OSError) -> None:
+        """Raise `RunDirError` for a failed journal write (a torn line it left is cut on the next load)."""
+        raise write_failed(self.path, e, "the stage's rows and the calls journalled before are intact") from None
 
     def discard(self) -> None:
         """Forget the calls kept since the last commit."""

@@ -28,7 +28,11 @@ kept. The settings are the feedback stage's (`FeedbackConfig`).
   clamped to `feedback.clamp` (default [0.4, 0.6]), since reasoning makes it overconfident.
   Reasoning that is empty, cut off at the token limit, or forges a chat turn is a counted
   failure, never a label.
-- Scores that are not finite log-probabilities are a counted failure too.
+- Scores that are not finite log-probabilities (a number <= 0 each, two per question, whose
+  probabilities do not add up to more than one) are a counted failure too. So is a reasoning
+  completion that is not one (of the wrong type, with an unknown finish reason, or longer than the
+  token limit), and reasoning that opens a turn of any common chat template. A back-end that answers
+  a call with the wrong number of results is a `BackendError` naming the model.
 
 One reply on its own is checked with `violations`: per (reply, critique/revision principle) a
 soft violation score from the options (Yes)/(No), asked in both polarities ("does the reply have
@@ -60,13 +64,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from cai.config import FeedbackConfig, Sampling
 from cai.constitution import ANSWER_PREFIX, OPTION_LABELS, VIOLATION_OPTIONS, Constitution, render_raw
-from cai.lm.base import LM, Completion, Message, Prompt
+from cai.lm.base import LM, BackendError, Completion, Message, Prompt
 from cai.records import SCAFFOLD_MARKERS, STATUS_ABSTAIN, STATUS_FAILED, STATUS_OK, stable_seed
 
 
@@ -84,19 +89,50 @@ class Comparison:
 # ---- label maths (pure) ---------------------------------------------------------------------
 
 
+# Two options' probabilities cannot add up to more than one; this much over is left to rounding
+# (bf16 logits scored in separate rows by a server can overshoot by a few percent).
+MAX_OPTION_MASS = 1.1
+
+
+def logprob_list(logprobs: object, n: int) -> list[float]:
+    """`logprobs` as `n` floats, each a finite log-probability (<= 0, up to rounding), whose
+    probabilities add up to at most MAX_OPTION_MASS. Raises ValueError naming what is wrong with
+    anything else: a value of the wrong type (a string, a bool, None), NaN, an infinity, a number too
+    large for a float, a positive number, the wrong count, or a list that is not a list."""
+    if not isinstance(logprobs, (list, tuple)):
+        raise ValueError(f"expected a list of {n} option scores, got {type(logprobs).__name__}")
+    if len(logprobs) != n:
+        raise ValueError(f"expected {n} option scores, got {len(logprobs)}")
+    out = []
+    for x in logprobs:
+        if isinstance(x, bool) or not isinstance(x, numbers.Real):
+            raise ValueError(f"option scores must be numbers, got {type(x).__name__}")
+        try:
+            v = float(x)
+        except OverflowError:
+            raise ValueError("option score too large for a float") from None
+        if not (math.isfinite(v) and v <= 1e-6):
+            raise ValueError(f"option scores must be finite log-probabilities (<= 0), got {v!r}")
+        out.append(v)
+    mass = math.fsum(math.exp(v) for v in out)
+    if mass > MAX_OPTION_MASS:
+        raise ValueError(f"the options' probabilities add up to {mass:.3f}, more than 1")
+    return out
+
+
 def option_probs(logprobs: Sequence[float]) -> tuple[float, float]:
     """(P(A) normalised over the two options, the options' total probability mass).
 
-    Raises ValueError for anything that is not a pair of finite log-probabilities (<= 0).
+    Raises ValueError for anything that is not a pair of finite log-probabilities (`logprob_list`).
     """
-    if len(logprobs) != 2:
-        raise ValueError(f"expected 2 option scores, got {len(logprobs)}")
-    a, b = (float(x) for x in logprobs)
-    if not all(math.isfinite(x) and x <= 1e-6 for x in (a, b)):
-        raise ValueError(f"option scores must be finite log-probabilities, got {a!r}, {b!r}")
+    a, b = logprob_list(logprobs, 2)
     m = max(a, b)
     za, zb = math.exp(a - m), math.exp(b - m)
     return za / (za + zb), math.exp(a) + math.exp(b)
+
+
+# A P(response 1 is better) this close to 0.5 is a tie, not a label that favours either response.
+TIE = 1e-9
 
 
 def swap_average(p_ab: float, p_ba: float) -> float:
@@ -111,16 +147,44 @@ def clamp(p: float, bounds: Sequence[float]) -> float:
     return min(max(p, lo), hi)
 
 
-def cot_problem(c: Completion) -> str | None:
-    """Why a chain-of-thought completion cannot be used, or None."""
+# Text that opens a new turn, in the raw transcript format or a common chat template (ChatML, Llama 3,
+# Llama 2 and Mistral, Gemma, Phi): reasoning that holds one writes the other side's turn itself.
+TURN_MARKERS = (*SCAFFOLD_MARKERS, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "[INST]", "[/INST]",
+                "<start_of_turn>", "<end_of_turn>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>",
+                "<|end|>")
+FINISH_REASONS = ("stop", "length")
+
+
+def too_many_tokens(max_tokens: int) -> int:
+    """The token count above which a completion asked for at most `max_tokens` is not one: a little
+    over can come from counting the tokens of the text again (the OpenAI back-end does), far over
+    cannot."""
+    return max_tokens + max_tokens // 4 + 8
+
+
+def cot_problem(c: object, max_tokens: int | None = None) -> str | None:
+    """Why a chain-of-thought completion cannot be used, or None: `cot_invalid` (not a completion,
+    text that is not a string, an unknown finish reason or token count), `cot_empty`,
+    `cot_truncated` (cut off at the token limit), `cot_too_long` (far more tokens than `max_tokens`,
+    `too_many_tokens`, which no back-end should send) or `cot_forged_turn`."""
+    if not isinstance(c, Completion) or not isinstance(c.text, str) or c.finish_reason not in FINISH_REASONS \
+            or isinstance(c.num_tokens, bool) or not isinstance(c.num_tokens, int) or c.num_tokens < 0:
+        return "cot_invalid"
     text = c.text.strip()
     if not text:
         return "cot_empty"
     if c.finish_reason == "length":
         return "cot_truncated"
-    if any(m in c.text for m in SCAFFOLD_MARKERS):
+    if max_tokens is not None and c.num_tokens > too_many_tokens(max_tokens):
+        return "cot_too_long"
+    if any(m in c.text for m in TURN_MARKERS) or text.startswith(("Human:", "Assistant:")):
         return "cot_forged_turn"
     return None
+
+
+def _first(samples: object) -> object:
+    """The first completion of one prompt's samples, or None when they are not a non-empty list."""
+    return samples[0] if isinstance(samples, list) and samples else None
 
 
 def cot_reasoning(text: str) -> str:
@@ -171,6 +235,11 @@ def few_shot_last(seed: int, record_id: str, cfg: FeedbackConfig) -> str | None:
     return OPTION_LABELS[stable_seed(seed, record_id, "few_shot") % 2]
 
 
+def _count(answer: object) -> str:
+    """How many results a back-end's answer holds, for an error message."""
+    return f"{len(answer)} results" if isinstance(answer, list) else f"a {type(answer).__name__}"
+
+
 def _ask(lm: LM, cfg: FeedbackConfig, fmt: str, question: Callable[[int, str | None], Prompt], seeds: Sequence[int],
          options: Sequence[str], on_call: Callable[[], None] | None,
          ) -> tuple[list[tuple[float, float] | str], list[str | None]]:
@@ -191,26 +260,30 @@ def _ask(lm: LM, cfg: FeedbackConfig, fmt: str, question: Callable[[int, str | N
         if fmt == "raw":  # with no chat template nothing ends the turn but the transcript's next speaker
             sampling = dataclasses.replace(sampling, stop=[*sampling.stop, *(s for s in RAW_STOPS
                                                                              if s not in sampling.stop)])
-        for k, c in enumerate(lm.generate([question(k, None) for k in range(n)], sampling, seeds=list(seeds))):
-            cots[k] = c[0]
+        prompts = [question(k, None) for k in range(n)]
+        answered = lm.generate(prompts, sampling, seeds=list(seeds))
+        if not isinstance(answered, list) or len(answered) != len(prompts):
+            raise BackendError(f"{lm.name}: generate answered {_count(answered)} for {len(prompts)} reasoning prompts")
+        cots = [_first(c) for c in answered]  # type: ignore[misc]
         if on_call is not None:
             on_call()
 
-    problems: list[str | None] = [cot_problem(c) if c is not None else None for c in cots]
+    problems: list[str | None] = [cot_problem(c, cfg.cot.max_new_tokens) if cfg.chain_of_thought else None
+                                  for c in cots]
     ask = [k for k, prob in enumerate(problems) if prob is None]
     contexts = [question(k, cot_reasoning(cots[k].text) if cots[k] is not None else None) for k in ask]
     scores = lm.score_options(contexts, [list(options)] * len(contexts)) if contexts else []
     if on_call is not None:
         on_call()
-    if len(scores) != len(contexts):
-        raise RuntimeError(f"{lm.name}: score_options returned {len(scores)} results for {len(contexts)} prompts")
+    if not isinstance(scores, list) or len(scores) != len(contexts):
+        raise BackendError(f"{lm.name}: score_options answered {_count(scores)} for {len(contexts)} prompts")
     result: list[tuple[float, float] | str] = [prob if prob is not None else "" for prob in problems]
     for k, sc in zip(ask, scores):
         try:
             result[k] = option_probs(sc)
         except (TypeError, ValueError):
             result[k] = "invalid_scores"
-    return result, [c.text if c is not None else None for c in cots]
+    return result, [c.text if isinstance(c, Completion) and isinstance(c.text, str) else None for c in cots]
 
 
 def _not_usable(reasons: Sequence[str]) -> tuple[str, str]:

@@ -10,6 +10,10 @@
 A chunk of rows is appended with one write and an fsync, so a killed run leaves whole chunks; a
 torn last line (a kill inside the write) is cut off on reopen and its records are redone. A stage
 whose fingerprint (its config, inputs and constitution) changed refuses to resume unless told to.
+A write that fails (a full disk, a folder made read-only, no permission) is a `RunDirError`
+naming the file and what is intact: a chunk that could not be appended whole is cut back off the
+rows file, and a half-written replacement file is removed, so the same command resumes cleanly
+once the cause is fixed.
 
     cai show runs/quickstart
 """
@@ -17,6 +21,8 @@ whose fingerprint (its config, inputs and constitution) changed refuses to resum
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
 import json
 import os
@@ -37,15 +43,82 @@ class StageError(RuntimeError):
     """A stage cannot go on (for example, nothing is left to train on); the message says why."""
 
 
+class RunDirError(StageError):
+    """A file of the run directory could not be written (no space left, a read-only folder, no
+    permission); the message names the file, the cause, and what is intact."""
+
+
+# Causes that go away when the user frees space or fixes the folder: the same command then resumes.
+_FIXABLE = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (the disk quota is full)",
+            errno.EROFS: "make the folder writable", errno.EACCES: "make the folder writable",
+            errno.EPERM: "make the folder writable"}
+
+
+def write_failed(path: Path, e: OSError, intact: str) -> RunDirError:
+    """The error for a failed write of `path`: what happened, what is `intact`, and what to do."""
+    cause = e.strerror or str(e)
+    todo = _FIXABLE.get(e.errno or 0, "fix the cause")
+    return RunDirError(f"{path}: cannot write: {cause} ({errno.errorcode.get(e.errno or 0, 'error')}); "
+                       f"{intact}; {todo} and run the same command again to resume")
+
+
+# Temporary files of `atomic_write` are named `.{name}.tmp-{pid}@{host}-{random}`, so a later write
+# can tell one left by a process that died (or a write that failed) from one still being written.
+_TMP = ".tmp-"
+_WRITING: set[str] = set()  # this process's temporary files being written now
+
+
+def _stale(tmp: Path) -> bool:
+    """Whether a temporary file of `atomic_write` belongs to no write in progress on this host."""
+    owner = tmp.name.rsplit(_TMP, 1)[-1].rsplit("-", 1)[0]
+    pid_s, _, host = owner.partition("@")
+    if host != platform.node() or not pid_s.isdigit():
+        return False  # another machine's (on a shared file system): not ours to judge
+    pid = int(pid_s)
+    if pid == os.getpid():
+        return str(tmp) not in _WRITING
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove the temporary files of earlier writes of `path` that no process is writing any more
+    (left by a kill, or by a write that failed where nothing could be removed)."""
+    with contextlib.suppress(OSError):
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}{_TMP}*"):
+            if _stale(tmp):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
+
 def atomic_write(path: Path, text: str) -> None:
-    """Write a file so readers see the old or the new content, never a half-written one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a file so readers see the old or the new content, never a half-written one. A failed
+    write leaves the old content and, where it can be removed, no temporary file (one that cannot
+    be is removed by the next write of the same file), and raises `RunDirError`."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TMP}{os.getpid()}@{platform.node()}-")
+        _WRITING.add(tmp)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise write_failed(path, e, "its previous content, if any, is unchanged") from None
+    finally:
+        if tmp is not None:
+            _WRITING.discard(tmp)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -133,8 +206,11 @@ class Stage:
         data = self.rows_path.read_bytes()
         if data and not data.endswith(b"\n"):
             cut = data.rfind(b"\n") + 1
-            with open(self.rows_path, "r+b") as f:
-                f.truncate(cut)
+            try:
+                with open(self.rows_path, "r+b") as f:
+                    f.truncate(cut)
+            except OSError as e:
+                raise write_failed(self.rows_path, e, "no row has been written since; nothing is lost") from None
 
     def manifest(self) -> dict[str, Any] | None:
         if not self.manifest_path.exists():
@@ -149,14 +225,31 @@ class Stage:
         return {r["record_id"] for r in self.rows()}
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
-        """Append rows with one write and an fsync (a chunk lands whole or, at worst, torn at the end)."""
-        blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        if not blob:
+        """Append rows with one write and an fsync (a chunk lands whole or, at worst, torn at the end).
+
+        A write that fails is cut back off the file, so the file holds the rows it held before, and
+        raises `RunDirError`; where the cut fails too (a folder made read-only), the torn tail is cut
+        when the stage is next opened."""
+        lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in rows]
+        if not lines:
             return
-        with open(self.rows_path, "a", encoding="utf-8") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
+        size = self.rows_path.stat().st_size if self.rows_path.exists() else 0
+        try:
+            with open(self.rows_path, "a", encoding="utf-8") as f:
+                f.write("".join(lines))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            cut = False
+            with contextlib.suppress(OSError):
+                with open(self.rows_path, "r+b") as f:
+                    f.truncate(size)
+                cut = True
+            kept = sum(1 for _ in read_jsonl(self.rows_path)) if self.rows_path.exists() else 0
+            intact = (f"the {kept} rows written before are intact" if kept else "no row was written before") + (
+                "" if cut else " (a torn tail after them is cut when the stage is next opened)")
+            raise write_failed(self.rows_path, e, f"{intact}; the {len(lines)} rows of this chunk were not kept") \
+                from None
 
     def restore_order(self, record_ids: Sequence[str]) -> None:
         """Rewrite the rows file in `record_ids` order (rows of other ids last, as they are) when

@@ -29,6 +29,7 @@ import csv
 import gzip
 import json
 import re
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -68,32 +69,72 @@ FILE_FORMATS = ("jsonl", "text", "csv")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".gz", ".txt", ".csv")
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+# A JSON escape of half a surrogate pair (`\ud800`): json.loads turns it into a string that cannot
+# be written as UTF-8, so a row holding one would fail only when a stage writes its rows.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def open_text(path: str | Path) -> IO[str]:
     """A text file, gunzipped when it starts with the gzip magic bytes (whatever its name)."""
     with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"
+        gz = f.read(2) == GZIP_MAGIC
     return gzip.open(path, "rt", encoding="utf-8") if gz else open(path, encoding="utf-8")
+
+
+def _all_lines(path: str | Path, error: type[Exception]) -> Iterator[tuple[int, str]]:
+    """(line number, line) for every line of a UTF-8 text file, gunzipped when it starts with the
+    gzip magic bytes. Lines are split at newlines and decoded one by one, so a byte that is not
+    UTF-8 is an `error` naming its line; a gzip stream that is damaged or cut off, or a file that
+    cannot be read, is an `error` naming the file."""
+    n = 0
+    try:
+        with open(path, "rb") as raw:
+            gz = raw.read(2) == GZIP_MAGIC
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            for n, blob in enumerate(f, 1):
+                try:
+                    yield n, blob.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise error(f"{path}:{n}: not UTF-8 text (byte {blob[e.start:e.start + 1]!r} at column "
+                                f"{e.start + 1}); save the file as UTF-8") from None
+    except (OSError, EOFError, zlib.error) as e:
+        what = "a damaged or cut-off gzip file" if gz and not isinstance(e, FileNotFoundError) else "cannot read"
+        raise error(f"{path}: {what} (after line {n}): {e}" if n else f"{path}: {what}: {e}") from None
 
 
 def _lines(path: str | Path, error: type[Exception]) -> Iterator[tuple[int, str]]:
     """(line number, line) for every non-blank line of a text file (gzipped or not)."""
+    return ((n, line) for n, line in _all_lines(path, error) if line.strip())
+
+
+def _writable(value: Any, where: str, error: type[Exception]) -> None:
+    """Refuse a parsed value holding half a surrogate pair, which no stage could write out as UTF-8."""
     try:
-        with open_text(path) as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    yield n, line
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise error(f"{path}: cannot read: {e}") from None
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise error(f"{where}: holds an unpaired surrogate escape (\\ud800-\\udfff), which is not text") from None
+
+
+def _parse_json(text: str, where: str, error: type[Exception], document: bool = False) -> Any:
+    """`json.loads(text)`, every failure an `error` naming `where` (and for a whole `document`, the
+    line of a syntax error)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{where}{f':{e.lineno}' if document else ''}: not valid JSON: {e.msg}") from None
+    except RecursionError:
+        raise error(f"{where}: not valid JSON: nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(text):
+        _writable(value, where, error)
+    return value
 
 
 def iter_jsonl(path: str | Path, error: type[Exception] = SourceError) -> Iterator[tuple[int, Row]]:
     """(line number, row) for every non-blank line of a JSONL file (gzipped or not). A line that is
     not a JSON object, or a file that cannot be read, raises `error` naming the file and line."""
     for n, line in _lines(path, error):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise error(f"{path}:{n}: not valid JSON: {e.msg}") from None
+        row = _parse_json(line, f"{path}:{n}", error)
         if not isinstance(row, dict):
             raise error(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
         yield n, row
@@ -103,33 +144,29 @@ def iter_csv(path: str | Path, error: type[Exception] = SourceError) -> Iterator
     """(line number, row) for every record of a CSV file whose first line names the columns (gzipped
     or not). Blank lines are skipped; an empty cell is None. A record with more or fewer cells than
     the header, or text the csv module cannot split, raises `error` naming the file and line."""
-    try:
-        with open_text(path) as f:
-            reader = csv.reader(f)
-            header: list[str] | None = None
-            end = 0  # the line the previous record ended on; a quoted cell may span lines
-            while True:
-                try:
-                    cells = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as e:
-                    raise error(f"{path}:{reader.line_num}: not valid CSV: {e}") from None
-                start, end = end + 1, reader.line_num
-                if not any(c.strip() for c in cells):
-                    continue
-                if header is None:
-                    # A spreadsheet's byte-order mark would otherwise stick to the first name.
-                    header = [c.strip().lstrip("\ufeff") for c in cells]
-                    twice = sorted({c for c in header if c and header.count(c) > 1})
-                    if twice:
-                        raise error(f"{path}:{start}: the header names {', '.join(map(repr, twice))} twice")
-                    continue
-                if len(cells) != len(header):
-                    raise error(f"{path}:{start}: {len(cells)} cells where the header has {len(header)}")
-                yield start, {k: v if v.strip() else None for k, v in zip(header, cells)}
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise error(f"{path}: cannot read: {e}") from None
+    reader = csv.reader(line for _, line in _all_lines(path, error))
+    header: list[str] | None = None
+    end = 0  # the line the previous record ended on; a quoted cell may span lines
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise error(f"{path}:{reader.line_num}: not valid CSV: {e}") from None
+        start, end = end + 1, reader.line_num
+        if not any(c.strip() for c in cells):
+            continue
+        if header is None:
+            # A spreadsheet's byte-order mark would otherwise stick to the first name.
+            header = [c.strip().lstrip("\ufeff") for c in cells]
+            twice = sorted({c for c in header if c and header.count(c) > 1})
+            if twice:
+                raise error(f"{path}:{start}: the header names {', '.join(map(repr, twice))} twice")
+            continue
+        if len(cells) != len(header):
+            raise error(f"{path}:{start}: {len(cells)} cells where the header has {len(header)}")
+        yield start, {k: v if v.strip() else None for k, v in zip(header, cells)}
 
 
 def file_format(path: str | Path, fmt: str = "auto") -> str:
@@ -143,12 +180,23 @@ def file_format(path: str | Path, fmt: str = "auto") -> str:
 
 def file_rows(path: str | Path, fmt: str, error: type[Exception]) -> Rows:
     """(where, row) for every row of a file laid out as `file_format(path, fmt)` says; a line of a
-    text file is the row {"prompt": line}."""
+    text file is the row {"prompt": line}. A file with no row at all (empty, blank lines only, or a
+    CSV header alone) is an `error`: a source that gives nothing is a mistake, not an empty set."""
     layout = file_format(path, fmt)
     if layout == "text":
-        return ((f"{path}:{n}", {"prompt": line.strip()}) for n, line in _lines(path, error))
-    numbered = iter_csv(path, error) if layout == "csv" else iter_jsonl(path, error)
-    return ((f"{path}:{n}", row) for n, row in numbered)
+        numbered: Iterator[tuple[int, Row]] = ((n, {"prompt": line.strip()}) for n, line in _lines(path, error))
+    else:
+        numbered = iter_csv(path, error) if layout == "csv" else iter_jsonl(path, error)
+    return _not_empty(((f"{path}:{n}", row) for n, row in numbered), path, error)
+
+
+def _not_empty(rows: Rows, path: str | Path, error: type[Exception]) -> Rows:
+    empty = True
+    for item in rows:
+        empty = False
+        yield item
+    if empty:
+        raise error(f"{path}: no rows: the file is empty or holds only blank lines (or a CSV header alone)")
 
 
 # ---- hh-rlhf transcripts ----------------------------------------------------------------------
@@ -320,7 +368,10 @@ def read_source(src: PromptSource) -> list[Row]:
             continue
         seen.add(text)
         rid = row.get("id") if isinstance(row.get("id"), str) else record_id_for(src.path, text)
-        out.append({"record_id": rid, "prompt": text, "category": row.get("category") or src.category,
+        category = row.get("category")
+        if category is not None and not isinstance(category, str):
+            raise PromptError(f"{where}: 'category' must be a string, got {type(category).__name__}")
+        out.append({"record_id": rid, "prompt": text, "category": category or src.category,
                     "source": src.path})
         if src.limit is not None and len(out) >= src.limit:
             break
@@ -570,13 +621,9 @@ def _task_files(path: Path) -> list[Path]:
 
 
 def _json(path: Path) -> Any:
-    try:
-        with open_text(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise EvalInputError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-    except (UnicodeDecodeError, EOFError, OSError) as e:
-        raise EvalInputError(f"{path}: cannot read: {e}") from None
+    """A whole JSON document (gzipped or not); errors name the file and, for bad JSON, the line."""
+    text = "".join(line for _, line in _all_lines(path, EvalInputError))
+    return _parse_json(text, str(path), EvalInputError, document=True)
 
 
 def _task_examples(path: Path) -> Rows:

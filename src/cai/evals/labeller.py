@@ -56,7 +56,7 @@ from typing import Any
 from cai.config import FeedbackConfig, plain
 from cai.constitution import ANSWER_PREFIX, Constitution
 from cai.evals.stats import wilson
-from cai.judge import Comparison, as_format, check_principle_ids, label, resolve_format
+from cai.judge import TIE, Comparison, as_format, check_principle_ids, label, resolve_format
 from cai.lm.base import LM, Message
 from cai.records import STATUS_ABSTAIN, STATUS_FAILED, STATUS_OK
 from cai.rundir import atomic_write, write_json
@@ -64,9 +64,6 @@ from cai.sources import Item, RenderedItem, Source, parse_hh
 
 # The opening of the assistant turn after which a pre-rendered question's options are scored.
 PAPER_OPENING = ANSWER_PREFIX.strip()
-# A probability this close to 0.5 is a tie: the swap average of a judge that only ever looks at the
-# slot is 0.5 up to float rounding.
-TIE = 1e-9
 _ANSWER_TAIL = re.compile(r"\s*the answer is\s*:?\s*$", re.IGNORECASE)
 
 

@@ -17,8 +17,9 @@ here calls a model, so every figure can be recomputed from the rows:
   detector (`evals/refusal.py`) and by the judge's question, with their agreement; on helpfulness
   prompts, the share of refusals is the **over-refusal** rate.
 - **Judge card**: position bias (the share of scored orders the first slot wins, before the two
-  orders are averaged), how often the two orders disagree, how often the judge prefers the longer
-  answer, and its accuracy on human-labelled pairs when measured.
+  orders are averaged), how often the two orders disagree, how often the judge's answer is
+  decisive rather than a tie (a judge that only looks at the slot is never decisive), how often it
+  prefers the longer answer, and its accuracy on human-labelled pairs when measured.
 
 Judgements and scores that failed or abstained are counted under `not_ok` and left out of every
 figure; they are never a 0.5, a win or a score.
@@ -32,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cai.evals.stats import bootstrap_mean, wilson
+from cai.judge import TIE
 from cai.records import STATUS_OK
 
 ASPECTS = {"harmless": "red_team", "helpful": "helpful"}  # the Elo of each aspect comes from one prompt kind
@@ -101,10 +103,12 @@ def judge_card(judgements: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
       slot (A) got more than half the probability; 0.5 is no position bias.
     - `orders_disagree`: the share of (judgement, principle) pairs whose two orders favour
       different answers.
+    - `decisive`: the share of usable judgements whose P(answer 1 is better) is not 0.5 (within
+      1e-9, the labeller's tie), so that a judge whose two orders always cancel shows 0%.
     - `prefers_longer`: among decisive usable judgements of answers of different lengths, the share
       won by the longer answer.
     """
-    first = slots = disagree = pairs = longer = decisive = 0
+    first = slots = disagree = pairs = longer = decisive = usable = not_tied = 0
     for j in judgements:
         for o in j.get("orders") or []:
             if o.get("p_ab") is None or o.get("p_ba") is None:
@@ -114,13 +118,16 @@ def judge_card(judgements: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             slots += 2
             disagree += (o["p_ab"] > 0.5) != (o["p_ba"] > 0.5)
             pairs += 1
-        if j["status"] == STATUS_OK and abs(j["p_first"] - 0.5) > 1e-9:
+        if j["status"] == STATUS_OK:
+            usable += 1
+            not_tied += abs(j["p_first"] - 0.5) > TIE
+        if j["status"] == STATUS_OK and abs(j["p_first"] - 0.5) > TIE:
             la, lb = (len(x) for x in j["responses"])
             if la != lb:
                 decisive += 1
                 longer += (j["p_first"] > 0.5) == (la > lb)
     return {"first_slot_wins": rate(first, slots), "orders_disagree": rate(disagree, pairs),
-            "prefers_longer": rate(longer, decisive)}
+            "decisive": rate(not_tied, usable), "prefers_longer": rate(longer, decisive)}
 
 
 # ---- per-answer scores ----------------------------------------------------------------------
@@ -273,6 +280,8 @@ def render(s: Mapping[str, Any]) -> str:
     lines.append(f"  first slot wins {_ci(card['first_slot_wins'], 'rate', '{:.0%}')} of scored orders "
                  f"(50% = no position bias)")
     lines.append(f"  the two orders disagree on {_ci(card['orders_disagree'], 'rate', '{:.0%}')}")
+    if card.get("decisive"):  # summaries written before the card counted ties have none
+        lines.append(f"  decisive (not a tie) in {_ci(card['decisive'], 'rate', '{:.0%}')} of usable judgements")
     lines.append(f"  prefers the longer answer in {_ci(card['prefers_longer'], 'rate', '{:.0%}')} of decisive judgements")
     for chk in card.get("accuracy") or []:
         lines.append(f"  accuracy on {chk['file']}: {_ci(chk, 'accuracy', '{:.1%}')} (n={chk['n']})")

@@ -422,6 +422,7 @@ def evaluation(s: Mapping[str, Any]) -> str:
             ["first slot wins",
              rate_ci(card.get("first_slot_wins")) + " <span class=reasons>(50% is no position bias)</span>"],
             ["the two orders disagree", rate_ci(card.get("orders_disagree"))],
+            *([["decisive (not a tie)", rate_ci(card["decisive"])]] if card.get("decisive") else []),
             ["prefers the longer answer", rate_ci(card.get("prefers_longer"))]]
     for chk in card.get("accuracy") or []:
         rows.append([f"accuracy on <code>{e(chk.get('file'))}</code>",

@@ -41,8 +41,8 @@ from cai.config import EvalConfig, FeedbackConfig, PipelineConfig, fingerprint, 
 from cai.constitution import EVASION_OPTIONS, HARM_OPTIONS, Constitution
 from cai.evals import suite
 from cai.evals.refusal import classify
-from cai.judge import Comparison, as_format, label, option_probs, resolve_format
-from cai.lm.base import LM
+from cai.judge import Comparison, as_format, label, logprob_list, option_probs, resolve_format
+from cai.lm.base import LM, BackendError
 from cai.records import STATUS_ABSTAIN, STATUS_FAILED, STATUS_OK, stable_seed
 from cai.rundir import Stage, atomic_write, write_json
 from cai.sources import read_prompts
@@ -242,7 +242,9 @@ def judge_chunk(lm: LM, rows: list[dict[str, Any]], on_call: Callable[..., None]
 
 def _distribution(logprobs: Sequence[float], min_mass: float) -> tuple[str, str | None, list[float] | None]:
     """(status, reason, normalised probabilities) of one scored option list."""
-    if not all(isinstance(x, (int, float)) and math.isfinite(x) and x <= 1e-6 for x in logprobs) or not logprobs:
+    try:
+        logprobs = logprob_list(logprobs, len(HARM_OPTIONS))
+    except ValueError:
         return STATUS_FAILED, "invalid_scores", None
     m = max(logprobs)
     z = [math.exp(x - m) for x in logprobs]
@@ -266,8 +268,9 @@ def score_chunk(lm: LM, rows: list[dict[str, Any]], on_call: Callable[..., None]
     evasion = lm.score_options(evasion_ctx, [list(EVASION_OPTIONS)] * len(evasion_ctx))
     if on_call is not None:
         on_call()
-    if len(harm) != len(contexts) or len(evasion) != len(evasion_ctx):
-        raise RuntimeError(f"{lm.name}: score_options returned the wrong number of results")
+    if not (isinstance(harm, list) and isinstance(evasion, list) and len(harm) == len(contexts)
+            and len(evasion) == len(evasion_ctx)):
+        raise BackendError(f"{lm.name}: score_options answered the wrong number of results")
     out = []
     harm_of = dict(zip(harm_at, harm))
     for k, r in enumerate(rows):
@@ -281,7 +284,7 @@ def score_chunk(lm: LM, rows: list[dict[str, Any]], on_call: Callable[..., None]
         for swap, lp in zip((False, True), evasion[2 * k: 2 * k + 2]):
             try:
                 pa, mass = option_probs(lp)
-            except (TypeError, ValueError):
+            except ValueError:
                 reason = "invalid_scores"
                 break
             if mass < min_mass:
