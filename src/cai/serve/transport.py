@@ -108,6 +108,8 @@ class _Handler(BaseHTTPRequestHandler):
         """One request, with every read bounded: `http.server`'s own loop, plus the timeouts."""
         limit: float = self.server.request_timeout_s  # type: ignore[attr-defined]
         self._phase = "idle"
+        # what `send_response` reads, for an answer sent before the request line is parsed
+        self.requestline, self.request_version, self.command = "", self.protocol_version, ""
         self.rfile.deadline = None  # type: ignore[attr-defined]
         try:
             if not self.rfile.wait_first(limit):  # type: ignore[attr-defined]
@@ -126,7 +128,6 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self.raw_requestline = self.rfile.readline(65537)
             if len(self.raw_requestline) > 65536:
-                self.requestline, self.request_version, self.command = "", "", ""
                 self.send_error(414, "request line too long")
                 return
             if not self.raw_requestline:
@@ -188,6 +189,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, err: APIError) -> None:
         with contextlib.suppress(OSError):
+            self.rfile.deadline = None  # type: ignore[attr-defined]
+            self.connection.settimeout(5.0)  # a refusal is short: a client that does not read it is let go
             self._send(err.status, err.body())
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
