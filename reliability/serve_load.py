@@ -28,7 +28,7 @@ traceback.
     python reliability/serve_load.py                       # smollm2-135m, 4 clients, 20 s, 16 new tokens
     python reliability/serve_load.py --clients 8 --seconds 60 --max-tokens 32
     python reliability/serve_load.py --model DIR --clients 2 --seconds 2 --max-tokens 4 \
-        --request-timeout 2 --slow-gap 0.5 --idle 8        # the quick variant the tests run (a tiny model)
+        --request-timeout 1 --slow-gap 0.25 --idle 8 --in-process   # the quick variant the tests run (a tiny model)
 """
 
 from __future__ import annotations
@@ -69,22 +69,31 @@ WEIGHTS = {"chat": 2, "completions": 2, "pooling": 1}
 
 @dataclass
 class Served:
-    proc: subprocess.Popen
+    proc: subprocess.Popen | None  # None: a `Server` in this process (`inproc`)
     root: str  # http://127.0.0.1:PORT
     port: int
-    log: Path
+    log: Path | None
+    inproc: Any = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else os.getpid()
 
     def rss_mb(self) -> float:
-        return _status_kb(self.proc.pid, "VmRSS") / 1024
+        return _status_kb(self.pid, "VmRSS") / 1024
 
     def peak_mb(self) -> float:
-        return _status_kb(self.proc.pid, "VmHWM") / 1024
+        return _status_kb(self.pid, "VmHWM") / 1024
 
-    def tracebacks(self) -> int:
-        return self.log.read_text(errors="replace").count("Traceback (most recent call last)")
+    def tracebacks(self) -> int | None:
+        """Tracebacks in the server's log (None in process: its log is this process's stderr)."""
+        return None if self.log is None else self.log.read_text(errors="replace").count("Traceback (most recent call last)")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.inproc is not None:
+            self.inproc.close()
+            self.inproc = None
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()  # SIGTERM: `cai serve` stops as on Ctrl-C
             try:
                 self.proc.wait(timeout=60)
@@ -124,6 +133,17 @@ def start_server(model: str, key: str, request_timeout_s: float, workdir: Path, 
         time.sleep(0.2)
     proc.kill()
     raise SystemExit(f"{name}: /health did not answer within {wait_s:g} s")
+
+
+def start_in_process(model: str, key: str, request_timeout_s: float, dtype: str = "float32",
+                     batch_size: int = 8) -> Served:
+    """`cai serve`'s `Server` in this process (the quick variant: no interpreter to start)."""
+    from cai.serve import Server, load
+
+    lm, reward = load(model, dtype, "cpu", batch_size)
+    srv = Server(lm, model, port=0, api_key=key, reward=reward, batch_size=batch_size,
+                 request_timeout_s=request_timeout_s).start()
+    return Served(None, srv.url.removesuffix("/v1"), srv.port, None, srv)
 
 
 def derive_pm(model: str, out: Path, seed: int) -> str:
@@ -438,8 +458,8 @@ def run_abuse(server: Served, key: str, request_timeout_s: float, slow_gap_s: fl
         msg = ""
         with contextlib.suppress(ValueError, KeyError, TypeError):
             msg = json.loads(res["body"])["error"]["message"]
-        rows.append({"case": c.name, "status": res["status"], "seconds": res["seconds"], "problems": problems,
-                     "message": msg})
+        rows.append({"case": c.name, "expect": list(c.expect), "status": res["status"], "seconds": res["seconds"],
+                     "problems": problems, "message": msg, "body": res["body"][:2000]})
     lat = [p["latency"] for p in probes if p["error"] is None]
     return {"cases": rows, "good_during": {"requests": len(probes), "errors": sum(p["error"] is not None
                                                                                   for p in probes),
@@ -453,44 +473,49 @@ def run_abuse(server: Served, key: str, request_timeout_s: float, slow_gap_s: fl
 
 def run(model: str = "smollm2-135m", clients: int = 4, seconds: float = 20, max_tokens: int = 16,
         seed: int = 0, pm: str = "auto", request_timeout_s: float = 5.0, slow_gap_s: float = 1.0,
-        idle: int = 32, bound_s: float = 30.0, dtype: str = "float32") -> dict[str, Any]:
-    """Start the server(s), warm them up, load them, abuse the language-model server; stop them."""
+        idle: int = 32, bound_s: float = 30.0, dtype: str = "float32", in_process: bool = False) -> dict[str, Any]:
+    """Start the server(s), warm them up, load them, abuse the language-model server; stop them.
+    `in_process`: the servers run in this process (memory figures then include the clients)."""
     key = secrets.token_urlsafe(24)
     servers: dict[str, Served] = {}
     with tempfile.TemporaryDirectory(prefix="cai-serve-load-") as tmp:
         work = Path(tmp)
         try:
-            lm = start_server(model, key, request_timeout_s, work, "lm", dtype)
+            def start(path: str, name: str) -> Served:
+                if in_process:
+                    return start_in_process(path, key, request_timeout_s, dtype)
+                return start_server(path, key, request_timeout_s, work, name, dtype)
+
+            lm = start(model, "lm")
             servers["chat"] = servers["completions"] = lm
             pm_note = "none (--pm none)"
             if pm != "none":
                 pm_dir = derive_pm(model, work / "pm", seed) if pm == "auto" else pm
                 pm_note = f"{model} weights, seeded random one-output head" if pm == "auto" else pm
-                servers["pooling"] = start_server(pm_dir, key, request_timeout_s, work, "pm", dtype)
+                servers["pooling"] = start(pm_dir, "pm")
             uniq = {id(s): s for s in servers.values()}
+            pm_srv = servers.get("pooling")
+            # each process once (in process, both servers share this one)
+            procs = [("lm", lm)] + ([("pm", pm_srv)] if pm_srv is not None and pm_srv.pid != lm.pid else [])
             for kind in servers:  # warm-up: one request of each kind before memory is first read
                 path, body = _request(kind, random.Random(seed), max_tokens)
                 httpx.post(servers[kind].root + path, json=body, timeout=300, headers={"Authorization": f"Bearer {key}"})
-            rss = {name: {"warm_mb": s.rss_mb()} for name, s in (("lm", lm), ("pm", servers.get("pooling")))
-                   if s is not None}
+            rss = {name: {"warm_mb": s.rss_mb()} for name, s in procs}
             load = run_load(servers, key, clients, seconds, max_tokens, seed)
-            for name, s in (("lm", lm), ("pm", servers.get("pooling"))):
-                if s is not None:
-                    rss[name]["after_load_mb"] = s.rss_mb()
+            for name, s in procs:
+                rss[name]["after_load_mb"] = s.rss_mb()
             abuse = run_abuse(lm, key, request_timeout_s, slow_gap_s, idle, bound_s)
-            for name, s in (("lm", lm), ("pm", servers.get("pooling"))):
-                if s is not None:
-                    rss[name]["after_abuse_mb"] = s.rss_mb()
-                    rss[name]["peak_mb"] = s.peak_mb()
+            for name, s in procs:
+                rss[name]["after_abuse_mb"] = s.rss_mb()
+                rss[name]["peak_mb"] = s.peak_mb()
             healthy = httpx.get(f"{lm.root}/health", timeout=30).status_code == 200
             for s in uniq.values():
                 s.stop()
-            tracebacks = {name: s.tracebacks() for name, s in (("lm", lm), ("pm", servers.get("pooling")))
-                          if s is not None}
+            tracebacks = {name: s.tracebacks() for name, s in procs}
         finally:
             for s in servers.values():
                 s.stop()
-    return {"model": model, "pm": pm_note, "seed": seed, "max_tokens": max_tokens, "dtype": dtype,
+    return {"model": model, "pm": pm_note, "in_process": in_process, "seed": seed, "max_tokens": max_tokens, "dtype": dtype,
             "request_timeout_s": request_timeout_s, "slow_gap_s": slow_gap_s, "idle": idle, "load": load,
             "rss": rss, "abuse": abuse, "healthy_after": healthy, "server_tracebacks": tracebacks}
 
@@ -506,6 +531,8 @@ def failures(res: dict[str, Any]) -> list[str]:
     if not res["healthy_after"]:
         out.append("the server was not healthy after the abuse")
     out += [f"{name} server log: {n} tracebacks" for name, n in res["server_tracebacks"].items() if n]
+    if res["load"]["requests"] == 0:
+        out.append("load: no request finished")
     return out
 
 
@@ -513,7 +540,8 @@ def render(res: dict[str, Any]) -> str:
     ld = res["load"]
     ci = ld["error_rate_ci"]
     mean_ci = ld["mean_s_ci"]
-    lines = [f"cai serve {res['model']} ({res['dtype']}); pooling: {res['pm']}; seed {res['seed']}",
+    where = "in this process (memory includes the clients)" if res["in_process"] else "its own process"
+    lines = [f"cai serve {res['model']} ({res['dtype']}), {where}; pooling: {res['pm']}; seed {res['seed']}",
              f"load: {ld['clients']} clients for {ld['seconds']:g} s, max_tokens {res['max_tokens']}: "
              f"{ld['requests']} requests, {ld['requests_per_s']:.2f} req/s, {ld['tokens_per_s']:.1f} generated tok/s; "
              f"latency p50 {ld['p50_s']:.3f} s, p99 {ld['p99_s']:.3f} s"
@@ -523,7 +551,7 @@ def render(res: dict[str, Any]) -> str:
     for k, v in ld["per_kind"].items():
         lines.append(f"  {k:<12}{v['requests']:>9}{v['errors']:>8}{v['p50_s']:>9.3f}{v['p99_s']:>9.3f}")
     for name, r in res["rss"].items():
-        lines.append(f"memory ({name} server): RSS {r['warm_mb']:.0f} MB warm, {r['after_load_mb']:.0f} MB after load "
+        lines.append(f"memory ({name if not res['in_process'] else 'this'} process): RSS {r['warm_mb']:.0f} MB warm, {r['after_load_mb']:.0f} MB after load "
                      f"({r['after_load_mb'] - r['warm_mb']:+.0f}), {r['after_abuse_mb']:.0f} MB after abuse "
                      f"({r['after_abuse_mb'] - r['warm_mb']:+.0f}); peak {r['peak_mb']:.0f} MB")
     ab = res["abuse"]
@@ -546,7 +574,8 @@ def render(res: dict[str, Any]) -> str:
     lines.append(f"well-formed chat during the abuse: {g['requests'] - g['errors']}/{g['requests']} answered, "
                  f"p50 {g['p50_s']:.3f} s, max {g['max_s']:.3f} s (idle server p50 {ab['good_idle_p50_s']:.3f} s)")
     lines.append(f"healthy after: {res['healthy_after']}; tracebacks in the server logs: "
-                 + ", ".join(f"{k} {v}" for k, v in res["server_tracebacks"].items()))
+                 + ", ".join(f"{k} {'not read (in process)' if v is None else v}"
+                             for k, v in res["server_tracebacks"].items()))
     for f in failures(res):
         lines.append(f"FAILED: {f}")
     return "\n".join(lines)
@@ -565,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bound", type=float, default=30.0, help="seconds an abuse case may take to be answered "
                                                               "(slow and idle ones: the request timeout + 5)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--in-process", action="store_true", help="run the servers in this process (quick; memory "
+                                                                "figures then include the clients)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="FILE", help="also write the figures here")
     args = ap.parse_args(argv)
@@ -572,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"CPU: {cpu_description()}; Python {sys.version.split()[0]}; seed {args.seed}", flush=True)
     res = run(args.model, args.clients, args.seconds, args.max_tokens, args.seed, args.pm, args.request_timeout,
-              args.slow_gap, args.idle, args.bound, args.dtype)
+              args.slow_gap, args.idle, args.bound, args.dtype, args.in_process)
     print(render(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
