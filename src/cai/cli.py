@@ -6,6 +6,7 @@
     cai constitution validate|show|diff|convert ...
     cai chat MODEL [-c CONFIG] [key=value ...] [-p PROMPT]
     cai serve MODEL [-c CONFIG] [key=value ...] [--host 127.0.0.1] [--port 8000] [--api-key-env NAME]
+              [--request-timeout S]
     cai model fetch smollm2-135m
     cai eval labeller FILE [FILE ...] [-c CONFIG] [key=value ...] [--limit N]
     cai eval models [CONFIG] [key=value ...]
