@@ -477,6 +477,7 @@ def run(model: str = "smollm2-135m", clients: int = 4, seconds: float = 20, max_
     """Start the server(s), warm them up, load them, abuse the language-model server; stop them.
     `in_process`: the servers run in this process (memory figures then include the clients)."""
     key = secrets.token_urlsafe(24)
+    loadavg = [os.getloadavg()[0]]  # the machine's own load: on shared cores it moves every figure
     servers: dict[str, Served] = {}
     with tempfile.TemporaryDirectory(prefix="cai-serve-load-") as tmp:
         work = Path(tmp)
@@ -509,6 +510,7 @@ def run(model: str = "smollm2-135m", clients: int = 4, seconds: float = 20, max_
                 rss[name]["after_abuse_mb"] = s.rss_mb()
                 rss[name]["peak_mb"] = s.peak_mb()
             healthy = httpx.get(f"{lm.root}/health", timeout=30).status_code == 200
+            loadavg.append(os.getloadavg()[0])
             for s in uniq.values():
                 s.stop()
             tracebacks = {name: s.tracebacks() for name, s in procs}
@@ -516,7 +518,7 @@ def run(model: str = "smollm2-135m", clients: int = 4, seconds: float = 20, max_
             for s in servers.values():
                 s.stop()
     return {"model": model, "pm": pm_note, "in_process": in_process, "seed": seed, "max_tokens": max_tokens, "dtype": dtype,
-            "request_timeout_s": request_timeout_s, "slow_gap_s": slow_gap_s, "idle": idle, "load": load,
+            "request_timeout_s": request_timeout_s, "slow_gap_s": slow_gap_s, "idle": idle, "loadavg": loadavg, "load": load,
             "rss": rss, "abuse": abuse, "healthy_after": healthy, "server_tracebacks": tracebacks}
 
 
@@ -541,7 +543,8 @@ def render(res: dict[str, Any]) -> str:
     ci = ld["error_rate_ci"]
     mean_ci = ld["mean_s_ci"]
     where = "in this process (memory includes the clients)" if res["in_process"] else "its own process"
-    lines = [f"cai serve {res['model']} ({res['dtype']}), {where}; pooling: {res['pm']}; seed {res['seed']}",
+    lines = [f"cai serve {res['model']} ({res['dtype']}), {where}; pooling: {res['pm']}; seed {res['seed']}; "
+             f"machine load average {res['loadavg'][0]:.1f} at the start, {res['loadavg'][-1]:.1f} at the end",
              f"load: {ld['clients']} clients for {ld['seconds']:g} s, max_tokens {res['max_tokens']}: "
              f"{ld['requests']} requests, {ld['requests_per_s']:.2f} req/s, {ld['tokens_per_s']:.1f} generated tok/s; "
              f"latency p50 {ld['p50_s']:.3f} s, p99 {ld['p99_s']:.3f} s"
