@@ -8,7 +8,8 @@ that size costs, though its scores mean nothing.
 
 Load: `--clients` threads, each with its own keep-alive connection, send requests back to back for
 `--seconds`: chat completions, completions with `echo` and `logprobs` (the way the OpenAI back-end
-scores options), and pooling, drawn with a seeded generator (weights 2:2:1). Every answer is
+scores options), and pooling; client i starts with kind i, then draws with a seeded generator
+(weights 2:2:1). Every answer is
 checked for its shape (a chat message; one log-probability per token; a finite reward); anything
 else is an error. Printed: requests and generated tokens a second, p50/p99 latency per kind, the
 error rate with its Wilson interval, and each server's resident memory (RSS) after a warm-up,
@@ -206,8 +207,12 @@ def _client_loop(i: int, servers: dict[str, Served], key: str, kinds: list[str],
     clients = {k: httpx.Client(base_url=servers[k].root, timeout=timeout_s,
                                headers={"Authorization": f"Bearer {key}"}) for k in kinds}
     try:
+        first = True
         while time.monotonic() < stop_at:
-            kind = rng.choices(kinds, weights)[0]
+            # the first request of client i is of kind i (round robin), so that every kind is sent
+            # even when a slow machine lets each client finish only a request or two
+            kind = kinds[i % len(kinds)] if first else rng.choices(kinds, weights)[0]
+            first = False
             path, body = _request(kind, rng, max_tokens)
             t0 = time.monotonic()
             row: dict[str, Any] = {"kind": kind, "error": None, "tokens": 0}

@@ -4,8 +4,9 @@ A refused or failed request gets `{"error": {"message", "type", "param", "code"}
 field (its message starts with the field's name), 401 a missing or wrong key, 404 an unknown route
 or model, 405 a known route with the wrong method (or a method the server has no use for), 408 a
 request not received in time, 411 a chunked body, 413 a body over the size limit, 414 and 431 a
-request line or headers too long, 503 a server shutting down or out of connections. Raised by request parsing, the routes and the scheduler; tested by
-`pytest tests/test_serve.py`.
+request line or headers too long, 503 a server shutting down or out of connections. Raised by
+request parsing, the routes, the scheduler and the transport; tested by `pytest tests/test_serve.py`
+and `pytest tests/test_reliability_serve_load.py`.
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ does a request not received in full (a client sending a byte a second), and an i
 connection is closed quietly. The route, method and API key are checked before the body is read;
 chunked bodies get a 411; past `max_connections` open connections a new one gets a 503 at once.
 Every refusal is an OpenAI-style JSON body, `http.server`'s own ones (bad request line, too many
-headers) included. `Server` puts the scheduler, the routes and the HTTP server
-together; it binds to 127.0.0.1 unless told otherwise (`is_loopback` tells whether a host is only
-reachable from this machine). Closing it stops accepting, answers or refuses what is queued, ends
-open connections and joins every thread.
+headers) included. `Server` puts the scheduler, the routes and the HTTP server together; it binds
+to 127.0.0.1 unless told otherwise (`is_loopback` tells whether a host is only reachable from this
+machine). Closing it stops accepting, answers or refuses what is queued, ends open connections and
+joins every thread.
 
     python -c "from cai.serve import Server; from cai.lm.hf import HFModel; \
       from cai.config import ModelConfig; lm = HFModel.from_config(ModelConfig()); \
@@ -135,13 +135,13 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if not self.parse_request():  # it has answered the error itself
                 return
+            self._served += 1
             if not hasattr(self, "do_" + self.command):
                 self.close_connection = True
                 self._error(APIError(405, f"method {self.command} is not allowed; use GET or POST"))
                 return
             getattr(self, "do_" + self.command)()
             self.wfile.flush()
-            self._served += 1
         except TimeoutError:
             self.close_connection = True
             if self._phase == "reading":
