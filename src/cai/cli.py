@@ -8,6 +8,7 @@
     cai constitution test CONSTITUTION [CASES] [-c CONFIG] [key=value ...] [--min-pass R] [--out FILE]
     cai chat MODEL [-c CONFIG] [key=value ...] [-p PROMPT]
     cai serve MODEL [-c CONFIG] [key=value ...] [--host 127.0.0.1] [--port 8000] [--api-key-env NAME]
+              [--request-timeout S]
     cai model fetch smollm2-135m
     cai eval labeller FILE [FILE ...] [-c CONFIG] [key=value ...] [--limit N]
     cai eval models [CONFIG] [key=value ...]
@@ -352,7 +353,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"serving {model} at {server.url} (Ctrl-C to stop)", flush=True)
 
     serve(model, args.host, args.port, mc.dtype, mc.device, mc.batch_size, args.api_key_env,
-          max_length=mc.max_length, ready=ready)
+          max_length=mc.max_length, ready=ready, request_timeout_s=args.request_timeout)
     print("stopped", file=sys.stderr)
     return 0
 
@@ -630,6 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     sv.add_argument("--api-key-env", metavar="NAME", help="require 'Authorization: Bearer $NAME' on every route "
                                                           "but /health")
+    sv.add_argument("--request-timeout", type=float, default=30.0, metavar="S",
+                    help="seconds a client has to send a whole request; idle connections close after it (default 30)")
     sv.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("model", help="fetch and cache the embedded model")

@@ -17,7 +17,8 @@ The model is loaded the way it was saved (`load`): a causal LM as an `HFModel`, 
 `HFEngine` the server drives, or a preference model (`is_preference_model`) as a `RewardModel`.
 
 The server binds to 127.0.0.1 unless told otherwise; `--api-key-env NAME` requires
-`Authorization: Bearer <value of $NAME>` (the key is never printed or logged).
+`Authorization: Bearer <value of $NAME>` (the key is never printed or logged). Every read from a
+client is bounded by `--request-timeout` seconds (default 30; `cai.serve.transport`).
 
     cai serve smollm2-135m --port 8000
     cai serve runs/quickstart/sft/model --api-key-env CAI_SERVE_KEY
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.serve.errors import APIError
-from cai.serve.transport import Server, is_loopback
+from cai.serve.transport import REQUEST_TIMEOUT_S, Server, is_loopback
 
 __all__ = ["APIError", "Server", "is_loopback", "is_preference_model", "load", "serve"]
 
@@ -71,7 +72,7 @@ def load(model: str, dtype: str = "auto", device: str = "auto", batch_size: int 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto", device: str = "auto",
           batch_size: int = 32, api_key_env: str | None = None, max_length: int = 4096,
-          ready: Callable[[Server], None] | None = None) -> None:
+          ready: Callable[[Server], None] | None = None, request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:
     """Load `model` and serve it until interrupted (Ctrl-C); `ready(server)` runs once it listens."""
     api_key = None
     if api_key_env:
@@ -80,11 +81,14 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "a
             raise ValueError(f"--api-key-env: environment variable {api_key_env} is not set or empty")
     if batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
+    if not request_timeout_s > 0:
+        raise ValueError(f"--request-timeout must be > 0 seconds, got {request_timeout_s}")
     if not is_loopback(host):
         print(f"warning: serving on {host}, not a loopback address: anyone who can reach this port can use the "
               "model" + ("" if api_key else "; set --api-key-env to require a key"), file=sys.stderr, flush=True)
     lm, reward = load(model, dtype, device, batch_size, max_length)
-    server = Server(lm, model, host, port, api_key, reward=reward, max_length=max_length, batch_size=batch_size)
+    server = Server(lm, model, host, port, api_key, reward=reward, max_length=max_length, batch_size=batch_size,
+                    request_timeout_s=request_timeout_s)
     if ready is not None:
         ready(server)
     previous = None

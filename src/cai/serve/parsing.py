@@ -18,6 +18,7 @@ from cai.config import Sampling
 from cai.serve.errors import bad
 
 MAX_N = 128
+MAX_CHOICES = 1024  # prompts times n in one request
 MAX_LOGPROBS = 20
 
 
@@ -112,10 +113,13 @@ def _token_list(v: Any) -> bool:
 
 
 def read_prompts(body: dict[str, Any], name: str) -> list[str | list[int]]:
-    """A prompt field as a list of prompts, each a string or a list of token ids."""
+    """A prompt field as a list of prompts, each a string or a list of token ids (at most
+    `MAX_CHOICES` of them)."""
     p = body.get(name)
     if isinstance(p, str) or _token_list(p):
         return [p]
+    if isinstance(p, list) and len(p) > MAX_CHOICES:
+        raise bad(name, f"{len(p)} prompts exceed {MAX_CHOICES} a request")
     if isinstance(p, list) and p and all(isinstance(x, str) or _token_list(x) for x in p):
         return list(p)
     raise bad(name, "must be a string, a non-empty list of token ids, or a non-empty list of either")

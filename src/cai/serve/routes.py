@@ -40,6 +40,7 @@ from typing import Any
 
 from cai.serve.errors import APIError, bad
 from cai.serve.parsing import (
+    MAX_CHOICES,
     MAX_LOGPROBS,
     read_max_tokens,
     read_messages,
@@ -53,6 +54,13 @@ from cai.templating import encode_prompt
 
 ROUTES = ("GET /health", "GET /v1/models", "POST /v1/chat/completions", "POST /v1/completions",
           "POST /pooling", "POST /v1/pooling")
+
+
+_KEYS = frozenset(ROUTES)
+
+
+def _clean(path: str) -> str:
+    return path.split("?", 1)[0].rstrip("/") or "/"
 
 
 def _finite(x: float | None) -> float | None:
@@ -74,12 +82,16 @@ class App:
         backend = scheduler.engine if scheduler.engine is not None else scheduler.reward
         self.tokenizer = backend.tokenizer
         self.vocab = backend.model.get_input_embeddings().num_embeddings
+        # No token covers more characters than the longest vocabulary entry, so a text longer than
+        # this cannot fit in max_length tokens: it is refused before the tokenizer spends time on it.
+        longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+        self.max_chars = 2 * max_length * max(longest, 1)
 
     def handle(self, method: str, path: str, headers: Any, raw: bytes) -> tuple[int, dict[str, Any]]:
         """(status, JSON body) for one request; every failure is answered, none is raised."""
         self._local.arrival = self.scheduler.announce() if method == "POST" else None
         try:
-            return 200, self._route(method, path.split("?", 1)[0].rstrip("/") or "/", headers, raw)
+            return 200, self._route(method, _clean(path), headers, raw)
         except APIError as e:
             return e.status, e.body()
         except Exception as e:  # noqa: BLE001 - answered as a 500, the server keeps running
@@ -90,6 +102,21 @@ class App:
             if self._local.arrival is not None:
                 self.scheduler.settle(self._local.arrival)
 
+    def preflight(self, method: str, path: str, headers: Any) -> None:
+        """What can be refused before the body is read: an unknown route, a wrong method, a missing
+        or wrong key (so an unauthorised client cannot make the server read a large body)."""
+        key = f"{method} {_clean(path)}"
+        if key != "GET /health" and key in _KEYS:
+            self._authorize(headers)
+        elif key != "GET /health":
+            self._check_route(method, _clean(path))
+
+    def _check_route(self, method: str, path: str) -> None:
+        if f"{method} {path}" not in _KEYS:
+            if any(r.split(" ", 1)[1] == path for r in ROUTES):
+                raise APIError(405, f"{method} is not allowed on {path}")
+            raise APIError(404, f"no route {method} {path}; routes: {', '.join(ROUTES)}")
+
     def _route(self, method: str, path: str, headers: Any, raw: bytes) -> dict[str, Any]:
         routes: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "POST /v1/chat/completions": self.chat, "POST /v1/completions": self.completions,
@@ -97,10 +124,7 @@ class App:
         key = f"{method} {path}"
         if key == "GET /health":
             return {"status": "ok"}
-        if key not in routes and key != "GET /v1/models":
-            if any(r.split(" ", 1)[1] == path for r in ROUTES):
-                raise APIError(405, f"{method} is not allowed on {path}")
-            raise APIError(404, f"no route {method} {path}; routes: {', '.join(ROUTES)}")
+        self._check_route(method, path)
         self._authorize(headers)
         if key == "GET /v1/models":
             return {"object": "list", "data": [{"id": self.name, "object": "model", "created": 0, "owned_by": "cai"}]}
@@ -108,6 +132,8 @@ class App:
             body = json.loads(raw or b"null")
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise APIError(400, "request body is not valid JSON: nested too deeply") from None
         if not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object")
         model = body.get("model")
@@ -135,6 +161,10 @@ class App:
     def _wait(self, kind: str, payload: Any) -> Any:
         return self.scheduler.submit(kind, payload, self._local.arrival).result()
 
+    def _check_chars(self, n: int, param: str) -> None:
+        if n > self.max_chars:
+            raise bad(param, f"{n} characters cannot fit in the model's maximum length {self.max_length} tokens")
+
     def _check_length(self, ids: Sequence[int], max_tokens: int, param: str) -> None:
         if len(ids) + max_tokens > self.max_length:
             raise bad(param, f"{len(ids)} prompt tokens plus max_tokens={max_tokens} exceed the model's "
@@ -147,6 +177,7 @@ class App:
         self._need("lm")
         refuse_unsupported(body, chat=True)
         msgs = read_messages(body)
+        self._check_chars(sum(len(m["content"]) for m in msgs), "messages")
         with self._tok_lock:
             ids = encode_prompt(self.tokenizer, msgs)  # as HFModel.encode templates it
         max_tokens = read_max_tokens(body, None, 1)
@@ -186,12 +217,15 @@ class App:
         if max_tokens == 0 and not (echo or prompt_lp is not None):
             raise bad("max_tokens", "must be at least 1 unless echo or prompt_logprobs is set")
         sampling, n, seed = read_sampling(body, max_tokens)
+        if len(prompts) * n > MAX_CHOICES:
+            raise bad("n", f"{len(prompts)} prompts times n={n} exceed {MAX_CHOICES} choices a request")
         engine = self.scheduler.engine
         ids: list[list[int]] = []
         with self._tok_lock:
             for i, p in enumerate(prompts):
                 param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
                 if isinstance(p, str):
+                    self._check_chars(len(p), param)
                     toks = engine.tokenizer(p)["input_ids"]
                     if not toks:
                         raise bad(param, "tokenises to no tokens")
@@ -306,6 +340,7 @@ class App:
             if body.get("input") is not None:
                 raise bad("input", "send either messages or input, not both")
             msgs = read_messages(body)
+            self._check_chars(sum(len(m["content"]) for m in msgs), "messages")
             if len(msgs) < 2 or msgs[-1]["role"] != "assistant" or msgs[-2]["role"] != "user":
                 raise bad("messages", "must end with a user message and then the assistant response to score")
             from cai.batches import encode_pair
@@ -317,8 +352,10 @@ class App:
             rows = []
             with self._tok_lock:
                 for i, p in enumerate(prompts):
-                    toks = self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p)
                     param = "input" if len(prompts) == 1 else f"input[{i}]"
+                    if isinstance(p, str):
+                        self._check_chars(len(p), param)
+                    toks = self.tokenizer(p)["input_ids"] if isinstance(p, str) else list(p)
                     if not toks:
                         raise bad(param, "tokenises to no tokens")
                     badtok = next((t for t in toks if not 0 <= t < self.vocab), None)
