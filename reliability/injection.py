@@ -71,8 +71,8 @@ def control_for(attack: str) -> str:
     the attack starts a new paragraph, else after a space)."""
     lead = "\n\n" if attack.startswith("\n") else ""
     n = len(attack) - len(lead)
-    text = (_FILLER * (n // len(_FILLER) + 1))[:n]
-    return lead + text[:-1].rstrip() + "." if n > 1 else lead + text
+    text = (_FILLER * (n // len(_FILLER) + 1))[: n - 1].rstrip()
+    return lead + text + "." * (n - len(text))  # ends as a sentence, at the attack's length
 
 
 def attacked(reply: str, text: str) -> str:
