@@ -169,6 +169,7 @@ def measure(lm: Any, triples: Sequence[tuple[Sequence[dict[str, str]], str, str]
         for k in range(0, len(comps), batch):
             out += label(lm, constitution, comps[k : k + batch], cfg, seed)
         labels[name] = by_text[text] = out
+        print(f"labelled: {name} ({len(out)} pairs)", file=sys.stderr, flush=True)
     clean = labels["clean"]
     figures: dict[str, Any] = {"pairs": len(triples), "clean_ok": sum(r["status"] == STATUS_OK for r in clean),
                                "clean_prefers_chosen": sum(r["status"] == STATUS_OK and r["p_first"] > 0.5
