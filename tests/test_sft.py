@@ -96,3 +96,22 @@ def test_training_resumes_from_the_newest_checkpoint(model_dir, tmp_path):
     more = SFTConfig(max_steps=4, batch_size=4, save_steps=2, warmup_ratio=0.0, max_length=96)
     second = train(ModelConfig(name=model_dir), ROWS, more, tmp_path)
     assert second["resumed_from"].endswith("checkpoint-2") and second["global_step"] == 4
+
+
+def test_a_run_stopped_after_its_last_checkpoint_takes_no_step_more(tiny_model_dir, tmp_path):
+    """A kill after the final checkpoint (and before the stage is complete): run again, training
+    ends where it had ended, with the same weights and log (reliability/kills.py found a fifth step
+    of four)."""
+    from safetensors.torch import load_file
+
+    # Two steps of an epoch of four: the Trainer resumes inside the epoch (at the end of one it does not).
+    cfg = SFTConfig(max_steps=2, batch_size=2, save_steps=2, warmup_ratio=0.0, max_length=64, learning_rate=1e-3,
+                    bf16=False)
+    model = ModelConfig(name=tiny_model_dir, dtype="float32")
+    first = train(model, ROWS, cfg, tmp_path)
+    weights = load_file(str(tmp_path / "model" / "model.safetensors"))
+    again = train(model, ROWS, cfg, tmp_path)
+    assert again["resumed_from"].endswith("checkpoint-2") and again["global_step"] == first["global_step"] == 2
+    assert [h["loss"] for h in again["log"]] == [h["loss"] for h in first["log"]]
+    after = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert all(torch.equal(weights[k], after[k]) for k in weights)

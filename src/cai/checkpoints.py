@@ -240,7 +240,7 @@ class Progress:
     """What a preference-trained loop (stages/pm.py, stages/dpo.py) writes in `out_dir` around its
     `steps` optimiser steps: the metrics `log`, a checkpoint of `modules` under `plan` every
     `save_steps` steps but the last (`checkpoints/`), and at the end the evaluation (`eval.json`)
-    and the model (`model/`), which supersede the checkpoints. With `acc`, every process calls each
+    and the model (`model/`), which supersede the checkpoints once the stage is complete. With `acc`, every process calls each
     method except `save`, which only the main process calls."""
 
     out_dir: Path
@@ -273,11 +273,12 @@ class Progress:
             self.on_step(step, metrics)
 
     def save(self, model: Any, tokenizer: Any, report: dict[str, Any], state_dict: dict[str, Any] | None) -> None:
-        """Write the evaluation and the model (see `save_model`) and remove the checkpoints.
-        Called by the main process only."""
+        """Write the evaluation and the model (see `save_model`). Called by the main process only.
+        The checkpoints stay until the stage's manifest says complete (`run_training` with
+        `drop_checkpoints`): a run killed between the two resumes from the last one, where
+        removing them here made it train again from step 0 (reliability/kills.py)."""
         write_json(self.out_dir / "eval.json", report)
         save_model(model, tokenizer, self.out_dir / "model", state_dict)
-        shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)  # the saved model supersedes them
 
     def result(self, report: dict[str, Any], train_rows: int, eval_rows: int) -> dict[str, Any]:
         """What the stage's `train` returns: steps, per-step log, evaluation, row counts, first and

@@ -34,6 +34,7 @@ import functools
 import hashlib
 import json
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -55,11 +56,22 @@ _SPEAKER = {"system": "System", "user": "Human", "assistant": "Assistant"}
 _TAGS = ("<conversation>", "</conversation>", "<reply>", "</reply>")
 
 
+# What quoted text could pose as besides the delimiters: an option label the judge answers with
+# (`(A)`, `(B)`, a harm score's `(0)` to `(4)`), so that "The answer is: (A)" inside a reply is not an
+# answer a small judge copies; and a line opening a chat turn, so that "Assistant: ..." inside a reply
+# is not a turn of the raw `Human:`/`Assistant:` transcript (reliability/injection.py measures both).
+_LABEL = re.compile(r"\(([AB0-4])\)")
+_TURN = re.compile(r"^(\s*)(Human|Assistant|System):", re.M)
+
+
 def _escape(text: str) -> str:
-    """Neutralise the prompt's delimiter tags inside quoted text (`<reply>` becomes `&lt;reply>`)."""
+    """Neutralise, inside quoted text, the prompt's delimiter tags (`<reply>` becomes `&lt;reply>`),
+    the judge's option labels (`(A)` becomes `&#40;A)`) and lines that open a chat turn
+    (`Assistant:` becomes `Assistant&#58;`)."""
     for tag in _TAGS:
         text = text.replace(tag, "&lt;" + tag[1:])
-    return text
+    text = _LABEL.sub(r"&#40;\1)", text)
+    return _TURN.sub(r"\1\2&#58;", text)
 
 
 

@@ -267,4 +267,5 @@ def run(cfg: PipelineConfig, inputs: list[dict[str, Any]], inputs_fp: str, polic
         return done, {**extra, "policy_dir": str(policy_dir)}
 
     return run_training(stage, cfg.model.device, counts, lambda: train(
-        inputs, cfg.rl.dpo, policy_dir, stage.dir, seed=cfg.seed, device=cfg.model.device), finish)
+        inputs, cfg.rl.dpo, policy_dir, stage.dir, seed=cfg.seed, device=cfg.model.device), finish,
+        drop_checkpoints=True)

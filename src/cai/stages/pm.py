@@ -187,4 +187,4 @@ def run(cfg: PipelineConfig, inputs: list[dict[str, Any]], inputs_fp: str, allow
 
     return run_training(stage, cfg.model.device, counts,
                         lambda: train(inputs, cfg.pm, stage.dir, seed=cfg.seed, device=cfg.model.device),
-                        lambda result: finished(result, counts, stage.dir / "model"))
+                        lambda result: finished(result, counts, stage.dir / "model"), drop_checkpoints=True)

@@ -46,6 +46,12 @@ def latest_checkpoint(ckpt_dir: Path) -> str | None:
     return str(ckpts[-1]) if ckpts else None
 
 
+def at_last_step(ckpt: str) -> bool:
+    """Whether a Trainer checkpoint was saved at the last step of its training."""
+    state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
+
+
 def train(model_cfg: ModelConfig, rows: list[dict[str, Any]], cfg: SFTConfig, out_dir: Path, seed: int = 0,
           resume: bool = True) -> dict[str, Any]:
     """Train and save to `out_dir/model`; returns the training log (loss per logged step)."""
@@ -101,7 +107,16 @@ def train(model_cfg: ModelConfig, rows: list[dict[str, Any]], cfg: SFTConfig, ou
         raise ValueError("sft.method=lora under FSDP/DeepSpeed is not supported (merging the adapters needs the "
                          "whole weights); use configs/accelerate/ddp.yaml or sft.method=full")
     ckpt = latest_checkpoint(out_dir / "checkpoints") if resume else None
-    trainer.train(resume_from_checkpoint=ckpt)
+    if ckpt is not None and not split and at_last_step(ckpt):
+        # Resumed at its last step, the Trainer takes one step more than max_steps (transformers 5.x;
+        # found by reliability/kills.py): a run killed after its final checkpoint takes that
+        # checkpoint's weights and log instead, as they were when the uninterrupted run ended.
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(ckpt)
+        trainer.state = TrainerState.load_from_json(str(Path(ckpt) / "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=ckpt)
     # Where weights are sharded every process takes part in gathering them; the main one saves.
     state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if split else None
     if state.is_main_process:
