@@ -46,10 +46,18 @@ def latest_checkpoint(ckpt_dir: Path) -> str | None:
     return str(ckpts[-1]) if ckpts else None
 
 
-def at_last_step(ckpt: str) -> bool:
-    """Whether a Trainer checkpoint was saved at the last step of its training."""
+def at_last_step(ckpt: str, cfg: SFTConfig) -> bool:
+    """Whether a Trainer checkpoint was saved at the last step of the training `cfg` asks for: its
+    `max_steps`, or (with max_steps -1) the checkpoint's own last step when it was taken with the
+    same number of epochs. A run asked to go further than the checkpoint's is not at its end."""
     state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
-    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
+    if cfg.max_steps > 0:
+        target = cfg.max_steps
+    elif state.get("num_train_epochs") == cfg.epochs:
+        target = state.get("max_steps", 0)
+    else:
+        return False
+    return target > 0 and state.get("global_step", 0) >= target
 
 
 def train(model_cfg: ModelConfig, rows: list[dict[str, Any]], cfg: SFTConfig, out_dir: Path, seed: int = 0,
@@ -107,7 +115,7 @@ def train(model_cfg: ModelConfig, rows: list[dict[str, Any]], cfg: SFTConfig, ou
         raise ValueError("sft.method=lora under FSDP/DeepSpeed is not supported (merging the adapters needs the "
                          "whole weights); use configs/accelerate/ddp.yaml or sft.method=full")
     ckpt = latest_checkpoint(out_dir / "checkpoints") if resume else None
-    if ckpt is not None and not split and at_last_step(ckpt):
+    if ckpt is not None and not split and at_last_step(ckpt, cfg):
         # Resumed at its last step, the Trainer takes one step more than max_steps (transformers 5.x;
         # found by reliability/kills.py): a run killed after its final checkpoint takes that
         # checkpoint's weights and log instead, as they were when the uninterrupted run ended.
