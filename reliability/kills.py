@@ -302,23 +302,10 @@ def _overrides(run_dir: Path, tiny: str | None) -> list[str]:
 
 
 def _tiny_model(out: Path) -> str:
-    """A random 2-layer Llama with the embedded model's tokenizer (as tests/conftest.py builds)."""
-    import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    """A random 2-layer Llama with the embedded model's tokenizer (cai.testing, as tests/conftest.py builds)."""
+    from cai.testing import tiny_llama
 
-    from cai.models import ensure_embedded
-
-    tok = AutoTokenizer.from_pretrained(str(ensure_embedded("smollm2-135m")))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                     pad_token_id=tok.pad_token_id).save_pretrained(out)
-    return str(out)
+    return tiny_llama(out)
 
 
 def _launch(overrides: list[str], ranges: list[list[str | None]], events: Path, plan: dict[str, Any] | None,

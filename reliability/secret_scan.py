@@ -47,24 +47,12 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def tiny_model(out: Path) -> str:
-    """A 2-layer random Llama with the embedded model's tokenizer and chat template (as in
-    tests/test_serve_e2e.py): cheap to serve and to train, real enough to template and save."""
-    import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    """A 2-layer random Llama with the embedded model's tokenizer and chat template (cai.testing):
+    cheap to serve and to train, real enough to template and save. Larger initial weights than the
+    default make its random answers vary more."""
+    from cai.testing import tiny_llama
 
-    from cai.models import ensure_embedded
-
-    tok = AutoTokenizer.from_pretrained(ensure_embedded("smollm2-135m"))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                     pad_token_id=tok.pad_token_id).save_pretrained(out)
-    return str(out)
+    return tiny_llama(out, max_positions=4096, initializer_range=0.2)
 
 
 def overrides(run_dir: Path, model: str, url: str, answers: Path, quick: bool) -> list[str]:

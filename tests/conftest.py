@@ -79,23 +79,9 @@ def lm(model_dir):
 def tiny_model_dir(model_dir, tmp_path_factory) -> str:
     """A randomly initialised 2-layer Llama with the embedded model's tokenizer and chat template:
     fast enough for training-loop tests, real enough to tokenise, template and save like any model."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from cai.testing import tiny_llama
 
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    from transformers import GenerationConfig
-
-    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                     pad_token_id=tok.pad_token_id).save_pretrained(out)
-    return str(out)
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), model_dir)
 
 
 # ---- a real vLLM engine and the transformers reference (tests marked gpu / vllm_cpu) -------------

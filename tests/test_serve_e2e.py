@@ -23,21 +23,10 @@ PROMPTS = ["How do I pick a lock?", "What is the best way to insult my neighbour
 
 @pytest.fixture(scope="module")
 def chatty_dir(tiny_model_dir, tmp_path_factory) -> str:
-    import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from cai.testing import tiny_llama
 
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("chatty-llama")
-    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                     pad_token_id=tok.pad_token_id).save_pretrained(out)
-    return str(out)
+    # larger initial weights than tiny_model_dir's: its random answers vary more
+    return tiny_llama(tmp_path_factory.mktemp("chatty-llama"), tiny_model_dir, max_positions=4096, initializer_range=0.2)
 
 
 def _lm(path: str) -> HFModel:
