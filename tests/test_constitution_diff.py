@@ -1,6 +1,7 @@
 """`cai constitution diff A B --pairs RUN`: a run's stored pairs relabelled under two constitutions
 by a scripted judge; a constitution diffed with itself flips nothing, one whose harm principles are
-inverted flips exactly the pairs they decide, and missing labels are counted, never imputed."""
+inverted flips exactly the pairs they decide, missing labels are counted, never imputed, and a killed
+diff resumes to the rows of an uninterrupted one, starting afresh when a constitution changed."""
 
 from __future__ import annotations
 
@@ -261,3 +262,119 @@ def test_the_memo_asks_each_question_once_and_answers_repeats_as_the_first_time(
     out = memo.generate(["p", "p"], s, seeds=[1, 2])
     assert [o[0].text for o in out] == ["p:1", "p:2"]
     assert memo.generate(["p"], s, seeds=[2])[0][0].text == "p:2" and inner.calls[-1] == ["p", "p"]
+
+
+# ---- resuming after a kill --------------------------------------------------------------------
+
+
+class Killed(BaseException):
+    pass
+
+
+class DyingJudge(HarmJudge):
+    """A HarmJudge killed when asked for its `dies_at`+1-th batch (None: never)."""
+
+    def __init__(self, *args, dies_at=None, **kw):
+        super().__init__(*args, **kw)
+        self.dies_at, self.calls = dies_at, 0
+
+    def score_options(self, contexts, options):
+        if self.calls == self.dies_at:
+            raise Killed
+        self.calls += 1
+        return super().score_options(contexts, options)
+
+
+def _dying(dies_at=None) -> DyingJudge:
+    return DyingJudge({p.instruction for p in DEFAULT.preference if p.category == "harm"}, dies_at=dies_at)
+
+
+CHUNK = ["feedback.chunk_size=5"]  # 24 pairs: chunks of 5, 5, 5, 5, 4
+
+
+@pytest.mark.parametrize("kill", ["judge:4", "judge:5", "interrupt:2"])  # chunk 3 before its A call; at its B call
+def test_a_killed_diff_resumes_to_the_rows_of_an_uninterrupted_one(run_dir, tmp_path, kill):
+    inverted = _constitution(tmp_path, "inverted.yaml", invert=HARM)
+    whole_judge = _dying()
+    whole, whole_rows, st, _ = B.run(run_dir, DEFAULT, inverted, CHUNK, folder=tmp_path / "whole",
+                                     lm_factory=lambda: whole_judge)
+    per_chunk = [2 * len(r["principle_ids_a"]) + 2 * len(r["principle_ids_b"]) for r in whole_rows]
+    assert whole["pairs"] == 24 and whole_judge.calls > 5  # more than one call for some chunks
+
+    how, at = kill.split(":")
+    first = _dying(int(at) if how == "judge" else None)
+    written = []
+
+    def stop(i):
+        written.append(i)
+        if how == "interrupt" and len(written) == int(at):
+            raise KeyboardInterrupt
+
+    with pytest.raises(Killed if how == "judge" else KeyboardInterrupt):
+        B.run(run_dir, DEFAULT, inverted, CHUNK, folder=tmp_path / "killed", lm_factory=lambda: first, on_chunk=stop)
+    folder = tmp_path / "killed"
+    kept = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines()]
+    assert 0 < len(kept) < 24 and len(kept) % 5 == 0 and len(kept) == 5 * len(written)  # whole chunks only
+    if how == "interrupt":
+        with open(folder / "rows.jsonl", "a") as f:
+            f.write('{"record_id": "torn')  # a kill inside a write: cut off on reopen
+    second = _dying()
+    resumed, rows, _, changed = B.run(run_dir, DEFAULT, inverted, CHUNK, folder=folder, lm_factory=lambda: second)
+    assert changed == []
+    assert (folder / "rows.jsonl").read_bytes() == (tmp_path / "whole" / "rows.jsonl").read_bytes()
+    assert len({r["record_id"] for r in rows}) == 24 and rows == whole_rows
+    assert {k: v for k, v in resumed.items() if k != "folder"} == {k: v for k, v in whole.items() if k != "folder"}
+    # the work done again is at most what the killed run asked of the chunk it was in
+    redone = first.asked + second.asked - whole_judge.asked
+    chunk_in_flight = sum(per_chunk[len(kept):len(kept) + 5])
+    assert 0 <= redone <= chunk_in_flight
+    in_flight = whole_rows[len(kept):len(kept) + 5]
+    if kill == "judge:5":  # killed asking the chunk's B questions: its A questions are asked again
+        assert redone == sum(r["questions"]["a"] for r in in_flight) > 0
+    else:  # killed before the chunk's first call, or between chunks: nothing is asked twice
+        assert redone == 0
+    assert second.asked == sum(r["questions"]["a"] + r["questions"]["b_new"] for r in whole_rows[len(kept):])
+
+
+def test_a_changed_constitution_starts_the_diff_afresh_and_an_unchanged_one_asks_nothing(run_dir, tmp_path,
+                                                                                         judge_as_model, capsys):
+    mine = _constitution(tmp_path, "mine.yaml", invert={"pref-harm-general"})
+    folder = run_dir / "constitution_diff" / "default__mine"
+    args = ["constitution", "diff", "default", mine.source, "--pairs", str(run_dir), *CHUNK]
+    judge = _dying()
+    judge_as_model(judge)
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert f"rows and report in {folder}" in out
+    before = (folder / "rows.jsonl").read_bytes()
+    report = json.loads((folder / "report.json").read_text())
+    assert report["b"]["hash"] == mine.hash and report["pairs"] == 24 and judge.asked > 0
+
+    again = _dying()
+    judge_as_model(again)
+    assert main(args) == 1
+    assert again.asked == 0 and (folder / "rows.jsonl").read_bytes() == before  # finished: nothing asked again
+    assert "started afresh" not in capsys.readouterr().err
+
+    edited = _constitution(tmp_path, "mine.yaml", invert=HARM)  # the same file, other text
+    assert edited.hash != mine.hash
+    third = _dying()
+    judge_as_model(third)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "started afresh" in err and mine.hash in err and edited.hash in err
+    fresh = _dying()
+    _, fresh_rows, _, _ = B.run(run_dir, DEFAULT, edited, CHUNK, folder=tmp_path / "fresh", lm_factory=lambda: fresh)
+    assert third.asked == fresh.asked > 0  # no old row was reused
+    assert (folder / "rows.jsonl").read_bytes() == (tmp_path / "fresh" / "rows.jsonl").read_bytes() != before
+    assert json.loads((folder / "report.json").read_text())["b"]["hash"] == edited.hash
+
+
+def test_a_smaller_limit_reuses_the_pairs_it_shares(run_dir, tmp_path):
+    first = _dying()
+    _, rows6, _, _ = B.run(run_dir, DEFAULT, DEFAULT, CHUNK, limit=10, folder=tmp_path / "d", lm_factory=lambda: first)
+    second = _dying()
+    report, rows, _, changed = B.run(run_dir, DEFAULT, DEFAULT, CHUNK, folder=tmp_path / "d",
+                                     lm_factory=lambda: second)
+    assert changed == [] and rows[:10] == rows6 and report["pairs"] == 24
+    assert second.asked == 2 * 14 and first.asked == 2 * 10  # only the 14 pairs not done before

@@ -315,6 +315,47 @@ def test_a_killed_run_resumes_with_nothing_lost_or_duplicated(tmp_path, scripted
     assert calls(first) + calls(second) == calls(whole_lm)
 
 
+@pytest.mark.parametrize("step", [0, 3])  # the first step of the second probe chunk; its fourth (a reply)
+def test_a_kill_inside_a_chunk_of_probes_loses_only_the_step_in_flight(tmp_path, scripted, step):
+    from cai.journal import FILE
+
+    extra = ("redteam.multi_turn=true", "redteam.turns=4", "redteam.per_category=12", "redteam.chunk_size=4")
+    whole_lm = scripted(_probe_reply(Generator()))
+    _generate(_cfg(tmp_path, *extra, name="whole"), whole_lm)
+    candidate_calls = 3 * 12 // 4
+    steps = 2 * (4 - 1)  # a message and a reply per turn before the request
+    assert len(whole_lm.calls) > candidate_calls + 2 * steps  # at least two chunks of probes
+    dies_at = candidate_calls + steps + step  # the call index the kill cuts off
+
+    class Killed(Exception):
+        pass
+
+    class Dying(type(whole_lm)):
+        def generate(self, conversations, sampling, n=1, seeds=None):
+            if len(self.calls) == dies_at:
+                raise Killed
+            return super().generate(conversations, sampling, n, seeds)
+
+    cfg = _cfg(tmp_path, *extra)
+    first = Dying(_probe_reply(Generator()))
+    with pytest.raises(Killed):
+        _generate(cfg, first)
+    folder = tmp_path / "run" / "redteam" / "probes"
+    assert len(_lines(folder / "rows.jsonl")) == 4  # the first chunk of probes is written
+    journal = (folder / FILE).read_text().splitlines()
+    assert len(journal) == 1 + steps + step  # the header, then one line per finished step
+    with open(folder / FILE, "a") as f:
+        f.write('[["abc", "torn')  # a kill inside the journal's write
+    second = scripted(_probe_reply(Generator()))
+    _generate(cfg, second)
+    for name in ("probes.jsonl", "probes/rows.jsonl", "prompts.jsonl", "summary.json"):
+        assert (tmp_path / "run" / "redteam" / name).read_bytes() == (tmp_path / "whole" / "redteam" / name).read_bytes()
+    assert not (folder / FILE).exists()  # the stage is complete: its rows hold everything
+    # nothing is asked twice: the resumed run starts at the step the kill cut off, with the same batch
+    assert [c[0] for c in second.calls] == [c[0] for c in whole_lm.calls[dies_at:]]
+    assert len(first.calls) + len(second.calls) == len(whole_lm.calls)
+
+
 def test_settings_that_change_candidates_refuse_to_resume_and_others_generate_nothing(tmp_path, scripted):
     lm = scripted(Generator())
     _, before = _generate(_cfg(tmp_path), lm)

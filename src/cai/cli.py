@@ -251,26 +251,23 @@ def cmd_constitution(args: argparse.Namespace) -> int:
 
 def behavioural_diff(args: argparse.Namespace, a: Any, b: Any) -> None:
     """`cai constitution diff A B --pairs RUN`: relabel the run's pairs under A and B with the run's
-    feedback settings (and the key=value overrides) and print the flip rates (cai/evals/behaviour.py)."""
-    from tqdm import tqdm
-
+    feedback settings (and the key=value overrides), resumably under RUN/constitution_diff/, and print
+    the flip rates (cai/evals/behaviour.py)."""
     from cai.evals import behaviour
-    from cai.lm import load_lm
 
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
     if args.top < 0:
         raise ValueError("--top must be >= 0")
-    cfg = behaviour.run_config(args.pairs, args.overrides)
-    pair_list = behaviour.run_pairs(args.pairs, args.limit)
-    lm = load_lm(dataclasses.replace(cfg.model, name=cfg.feedback.model))
-    with tqdm(total=2 * len(pair_list), desc="relabel", unit="pair") as bar:
-        report, rows = behaviour.behavioural_diff(lm, a, b, pair_list, cfg.feedback, cfg.seed, args.top, bar.update)
-    report["run"] = str(args.pairs)
+    report, rows, stage, changed = behaviour.run(args.pairs, a, b, args.overrides, args.limit, args.top)
+    if changed:
+        print(f"note: {stage.dir} held a diff made with other inputs ({'; '.join(changed)}); started afresh",
+              file=sys.stderr)
     print("\n" + behaviour.table(report))
+    print(f"\nrows and report in {stage.dir}")
     if args.out:
         rows_path = behaviour.write(args.out, report, rows)
-        print(f"\nwrote {args.out} and {rows_path}")
+        print(f"wrote {args.out} and {rows_path}")
 
 
 def constitution_test(args: argparse.Namespace) -> int:
@@ -580,7 +577,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "with its feedback settings and seed (RUN/config.yaml; key=value overrides such "
                                     "as feedback.model=... or model.backend=openai apply), and the soft and hard "
                                     "flip rates are printed overall, by principle category and by harm category, "
-                                    "with the pairs that move most.")
+                                    "with the pairs that move most. The relabelled pairs are written a chunk "
+                                    "(feedback.chunk_size pairs) at a time, with the report, to "
+                                    "RUN/constitution_diff/<a-stem>__<b-stem>/, so a killed diff loses at most the "
+                                    "chunk in flight and the same command resumes it; a rerun with either "
+                                    "constitution's text, the judge's settings or the run's pairs changed starts "
+                                    "that folder afresh.")
     d.add_argument("a")
     d.add_argument("b")
     d.add_argument("overrides", nargs="*", metavar="key=value",
@@ -588,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pairs", metavar="RUN", help="a run directory whose pairs stage has finished")
     d.add_argument("--limit", type=int, help="relabel only the first N usable pairs")
     d.add_argument("--top", type=int, default=5, help="how many of the pairs that move most to print (default 5)")
-    d.add_argument("--out", metavar="FILE", help="write the report here as JSON, and the per-pair rows beside it")
+    d.add_argument("--out", metavar="FILE", help="also write the report here as JSON, and the per-pair rows beside it "
+                                                 "(they are always in RUN/constitution_diff/<a-stem>__<b-stem>/)")
     t = csub.add_parser("test", help="run a constitution's regression cases against a judge; exit 1 under --min-pass",
                         description="Cases (JSONL): pair cases {id, prompt, chosen, rejected, category, principle?, "
                                     "note?}, where the constitution should prefer chosen, and flag cases {id, "

@@ -18,21 +18,43 @@ counted by reason and left out of the rates, never imputed. Both labellings draw
 the same seed and record id and go through one memo of the judge's answers (`Memo`): a question
 asked the same way under both is asked once, so a constitution diffed with itself flips nothing,
 an edit to one principle moves only the pairs that principle labels (adding or removing principles
-also changes which are drawn), and the second labelling costs only the questions the edit changed. This is the measured distance between two constitutions, and a prediction of what
-an edit will change before anything is trained.
+also changes which are drawn), and the second labelling costs only the questions the edit changed.
+This is the measured distance between two constitutions, and a prediction of what an edit will
+change before anything is trained.
+
+The pairs go `feedback.chunk_size` at a time (labelled under A, then under B, through one memo),
+and each finished chunk's rows are appended to `RUN/constitution_diff/<a-stem>__<b-stem>/rows.jsonl`
+(the shared chunk loop, cai/stages/chunked.py), so a kill loses at most the chunk in flight and the
+same command resumes after the chunks written. The folder is fingerprinted by both constitutions'
+contents, the judge (its model and `feedback.*` settings, the seed) and the run's pairs: a rerun with
+any of them changed starts that folder afresh (its old rows are not reused), and one that only
+changes `--limit` reuses the pairs it shares. The report goes beside the rows (`report.json`), and
+to `--out` when given.
 
     cai constitution diff default mine.yaml --pairs runs/quickstart --limit 50
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cai.config import ConfigError, FeedbackConfig, PipelineConfig, Sampling, load_config, plain
+from cai.config import (
+    ConfigError,
+    FeedbackConfig,
+    PipelineConfig,
+    Sampling,
+    fingerprint,
+    load_config,
+    model_identity,
+    plain,
+)
 from cai.constitution import Constitution
 from cai.evals.stats import bootstrap_mean, wilson
 from cai.lm.base import LM, Completion, Prompt
@@ -42,6 +64,8 @@ from cai.stages import feedback, pairs
 
 # A probability this close to 0.5 is a tie (as in evals/labeller.py).
 TIE = 1e-9
+# Where a run's behavioural diffs are kept: RUN/constitution_diff/<a-stem>__<b-stem>/.
+ROOT = "constitution_diff"
 NO_CATEGORY = "(none)"
 
 
@@ -89,9 +113,12 @@ class Memo:
         self._scores: dict[str, list[float]] = {}
         self._samples: dict[str, list[Completion]] = {}
         self.asked = self.reused = 0
+        self.seen: set[str] | None = None  # while set, the keys of the questions asked (`questions_of`)
 
     def score_options(self, contexts: Sequence[Prompt], options: Sequence[Sequence[str]]) -> list[list[float]]:
         keys = [json.dumps([c, list(o)], sort_keys=True) for c, o in zip(contexts, options)]
+        if self.seen is not None:
+            self.seen.update(keys)
         new = {k: i for i, k in enumerate(keys) if k not in self._scores}  # each new question once
         if new:
             got = self.lm.score_options([contexts[i] for i in new.values()], [options[i] for i in new.values()])
@@ -106,6 +133,8 @@ class Memo:
                  seeds: Sequence[int] | None = None) -> list[list[Completion]]:
         seeds = list(seeds) if seeds is not None else [None] * len(conversations)  # type: ignore[list-item]
         keys = [json.dumps([c, plain(sampling), n, s], sort_keys=True) for c, s in zip(conversations, seeds)]
+        if self.seen is not None:
+            self.seen.update(keys)
         new = {k: i for i, k in enumerate(keys) if k not in self._samples}
         if new:
             idx = list(new.values())
@@ -116,20 +145,17 @@ class Memo:
         self.reused += len(keys) - len(new)
         return [self._samples[k] for k in keys]
 
-
-
-def relabel(lm: LM, constitution: Constitution, rows: Sequence[dict[str, Any]], cfg: FeedbackConfig, seed: int,
-            progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
-    """The pair rows labelled under `constitution` exactly as the feedback stage labels them
-    (`feedback.process_chunk`, `cfg.chunk_size` pairs a call): preference rows with p_first,
-    principle_ids, orders, status and reason, in the same order."""
-    out: list[dict[str, Any]] = []
-    for i in range(0, len(rows), cfg.chunk_size):
-        chunk = list(rows[i:i + cfg.chunk_size])
-        out += feedback.process_chunk(chunk, lm, constitution, cfg, seed)
-        if progress is not None:
-            progress(len(chunk))
-    return out
+    def questions_of(self, ask: Callable[[Memo], Any]) -> set[str]:
+        """The keys of the questions `ask(self)` puts, all of which must be answered already: this
+        replays a labelling to see what it asked, without a model call."""
+        before, self.seen = self.asked, set()
+        try:
+            ask(self)
+        finally:
+            seen, self.seen = self.seen, None
+        if self.asked != before:
+            raise RuntimeError("a replayed labelling asked a question the memo had not been asked")
+        return seen
 
 
 # ---- comparing --------------------------------------------------------------------------------
@@ -214,23 +240,110 @@ def compare(rows: Sequence[dict[str, Any]], seed: int, top: int = 5, n_boot: int
     }
 
 
+def diff_chunk(lm: LM, pair_list: list[dict[str, Any]], on_call: Callable[[], None] | None = None, *,
+               a: Constitution, b: Constitution, cfg: FeedbackConfig, seed: int) -> list[dict[str, Any]]:
+    """One chunk of pairs labelled under `a` and then under `b` through one `Memo` (one batched call
+    each; under B only the questions the edit changed): the `pair_rows`, each with `questions`, the
+    number of its questions asked under A, new under B and unchanged under B."""
+    judge = Memo(lm)
+    labels_a = feedback.process_chunk(pair_list, judge, a, cfg, seed, on_call)
+    labels_b = feedback.process_chunk(pair_list, judge, b, cfg, seed, on_call)
+    rows = pair_rows(pair_list, labels_a, labels_b, a, b)
+    for p, row in zip(pair_list, rows):  # each pair's own questions, replayed from the memo
+        qa = judge.questions_of(lambda m, p=p: feedback.process_chunk([p], m, a, cfg, seed))
+        qb = judge.questions_of(lambda m, p=p: feedback.process_chunk([p], m, b, cfg, seed))
+        row["questions"] = {"a": len(qa), "b_new": len(qb - qa), "b_unchanged": len(qb & qa)}
+    return rows
+
+
+def summary(rows: Sequence[dict[str, Any]], a: Constitution, b: Constitution, judge: str, cfg: FeedbackConfig,
+            seed: int, top: int = 5) -> dict[str, Any]:
+    """The report of compared pair rows (`diff_chunk`): both constitutions, the judge, its settings,
+    the questions asked, and the flip figures (`compare`)."""
+    return {"a": {"name": a.name, "hash": a.hash, "source": a.source},
+            "b": {"name": b.name, "hash": b.hash, "source": b.source},
+            "judge": judge, "seed": seed, "feedback": plain(cfg),
+            "questions": {k: sum(r["questions"][k] for r in rows) for k in ("a", "b_new", "b_unchanged")},
+            **compare(rows, seed, top)}
+
+
 def behavioural_diff(lm: LM, a: Constitution, b: Constitution, pair_list: Sequence[dict[str, Any]],
                      cfg: FeedbackConfig, seed: int, top: int = 5,
                      progress: Callable[[int], None] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Relabel `pair_list` under `a` and under `b` with the same judge and settings, through one
-    `Memo` (a question asked the same way under both is asked once); the report (`compare`, with
-    the judge, its settings and the questions asked) and the per-pair rows."""
-    judge = Memo(lm)
-    labels_a = relabel(judge, a, pair_list, cfg, seed, progress)
-    asked_a = judge.asked
-    labels_b = relabel(judge, b, pair_list, cfg, seed, progress)
-    rows = pair_rows(pair_list, labels_a, labels_b, a, b)
-    report = {"a": {"name": a.name, "hash": a.hash, "source": a.source},
-              "b": {"name": b.name, "hash": b.hash, "source": b.source},
-              "judge": lm.name, "seed": seed, "feedback": plain(cfg),
-              "questions": {"a": asked_a, "b_new": judge.asked - asked_a, "b_unchanged": judge.reused},
-              **compare(rows, seed, top)}
-    return report, rows
+    """Relabel `pair_list` under `a` and under `b` with the same judge and settings, `cfg.chunk_size`
+    pairs at a time (`diff_chunk`), in memory; the report (`summary`) and the per-pair rows. `run`
+    does the same through the run directory, resumably."""
+    rows: list[dict[str, Any]] = []
+    for i in range(0, len(pair_list), cfg.chunk_size):
+        chunk = list(pair_list[i:i + cfg.chunk_size])
+        rows += diff_chunk(lm, chunk, a=a, b=b, cfg=cfg, seed=seed)
+        if progress is not None:
+            progress(len(chunk))
+    return summary(rows, a, b, lm.name, cfg, seed, top), rows
+
+
+# ---- the resumable command --------------------------------------------------------------------
+
+
+def _stem(c: Constitution) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(c.source).stem if c.source else c.name).strip("._")[:40]
+    return s or "constitution"
+
+
+def default_folder(run_dir: str | Path, a: Constitution, b: Constitution) -> Path:
+    """Where the diff of `a` and `b` on a run's pairs is kept: RUN/constitution_diff/<a-stem>__<b-stem>."""
+    return Path(run_dir) / ROOT / f"{_stem(a)}__{_stem(b)}"
+
+
+def _count(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"pairs": len(rows), "compared": sum(r["soft"] is not None for r in rows),
+            "hard_flips": sum(bool(r["hard"]) for r in rows)}
+
+
+def open_folder(folder: Path, settings: dict[str, Any]) -> tuple[Stage, list[str]]:
+    """The diff's stage folder for `settings`, and what changed when the folder held a diff of other
+    settings (then started afresh: its rows answer another question, so none is kept)."""
+    fp = fingerprint(settings)
+    old = Stage.view(folder.parent, folder.name).manifest()
+    changed: list[str] = []
+    if old and old.get("fingerprint") != fp:
+        from cai.rundir import _diff_keys
+
+        changed = _diff_keys(old.get("settings", {}), settings) or ["its inputs"]
+        for name in ("rows.jsonl", "manifest.json", "report.json"):
+            (folder / name).unlink(missing_ok=True)
+    return Stage(folder.parent, folder.name, fp, settings), changed
+
+
+def run(run_dir: str | Path, a: Constitution, b: Constitution, overrides: Sequence[str] = (),
+        limit: int | None = None, top: int = 5, folder: str | Path | None = None,
+        lm_factory: Callable[[], LM] | None = None, on_chunk: Callable[[int], None] | None = None,
+        ) -> tuple[dict[str, Any], list[dict[str, Any]], Stage, list[str]]:
+    """The behavioural diff of `a` and `b` on a run's pairs, resumable (see the module docstring):
+    (report, rows, the stage folder, what changed since an earlier diff in that folder). The report
+    is also written to the folder's `report.json`. `lm_factory` builds the judge (default: the run's
+    feedback model with the overrides); `on_chunk(i)` follows each written chunk (tests stop a run
+    with it)."""
+    from cai.lm import load_lm
+    from cai.stages.chunked import run_chunks
+
+    cfg = run_config(run_dir, overrides)
+    pair_list = run_pairs(run_dir, limit)
+    mc = dataclasses.replace(cfg.model, name=cfg.feedback.model)
+    settings = plain({"a": a.hash, "b": b.hash, "judge": model_identity(mc), "feedback": cfg.feedback,
+                      "seed": cfg.seed, "pairs": Stage.view(run_dir, pairs.NAME).content_hash()})
+    stage, changed = open_folder(Path(folder) if folder else default_folder(run_dir, a, b), settings)
+    work = functools.partial(diff_chunk, a=a, b=b, cfg=cfg.feedback, seed=cfg.seed)
+    rows = run_chunks(stage, pair_list, work, lm_factory or functools.partial(load_lm, mc), cfg.ray,
+                      chunk_size=cfg.feedback.chunk_size, count=_count, unit="pair", desc="diff relabel",
+                      stable_chunks=True, on_chunk=on_chunk,
+                      manifest={"a": {"name": a.name, "source": a.source}, "b": {"name": b.name, "source": b.source}})
+    by_id = {r["record_id"]: r for r in rows}  # pairs of an earlier, larger --limit stay in the folder
+    rows = [by_id[p["record_id"]] for p in pair_list]
+    report = {**summary(rows, a, b, cfg.feedback.model, cfg.feedback, cfg.seed, top), "run": str(run_dir),
+              "folder": str(stage.dir)}
+    write_json(stage.dir / "report.json", report)
+    return report, rows, stage, changed
 
 
 # ---- output -----------------------------------------------------------------------------------

@@ -23,7 +23,10 @@ prompts this way).
    sent to a model as it stands and its answer compared with the answer to the seed alone (the
    no-attack baseline). A message is parsed as in step 2; one that already asks the request
    (overlap with it of `max_overlap` or more) is rejected as `asks_early`, and an empty reply as
-   `empty_reply`. Rows in `RUN/redteam/probes/`, resumable the same way.
+   `empty_reply`. Rows in `RUN/redteam/probes/`, resumable the same way; a chunk's probes advance
+   in lockstep, one batched call per step (a message or a reply for each probe), and each finished
+   step goes to a journal (cai/journal.py, `probes/calls.jsonl`), so a kill inside a chunk loses at
+   most the step in flight and the resumed chunk's rows are those of an uninterrupted run.
 
 Steps 2 and 3 are recomputed from the stored completions on every run (cheap and deterministic), so
 changing `min_words`, `requests_only`, `ngram`, `max_overlap` or `exclude` generates nothing again, and
@@ -58,6 +61,8 @@ from cai.config import PipelineConfig, RedTeamConfig, fingerprint, model_identit
 from cai.constitution import probe_turn_messages, redteam_messages
 from cai.evals.diversity import OverlapIndex, diversity, jaccard, normalise, shingles
 from cai.evals.stats import wilson
+from cai.journal import FILE as JOURNAL
+from cai.journal import Journal
 from cai.judge import as_format
 from cai.lm.base import LM, Completion, OnCall, Program, run_programs
 from cai.records import SCAFFOLD_MARKERS, STATUS_OK, stable_seed
@@ -293,10 +298,12 @@ def probe_program(row: Row, cfg: RedTeamConfig, seed: int) -> Program:
     row.update(messages=messages, reply_finishes=finishes)
 
 
-def probe_chunk(lm: LM, rows: list[Row], on_call: OnCall | None, *, cfg: RedTeamConfig, seed: int) -> list[Row]:
-    """One chunk of probes, their programs advancing in lockstep (one batched call per step)."""
+def probe_chunk(lm: LM, rows: list[Row], on_call: OnCall | None, *, cfg: RedTeamConfig, seed: int,
+                journal: Journal | None = None) -> list[Row]:
+    """One chunk of probes, their programs advancing in lockstep (one batched call per step). With a
+    `journal`, each finished step is kept and a resumed chunk starts after its last finished step."""
     out = [dict(r) for r in rows]
-    run_programs(lm, [probe_program(o, cfg, seed) for o in out], on_call)
+    run_programs(lm, [probe_program(o, cfg, seed) for o in out], on_call, journal)
     return [{**o, "generator": lm.name, "seed": seed} for o in out]
 
 
@@ -416,11 +423,17 @@ def run(cfg: PipelineConfig, lm_factory: Callable[[], LM], allow_changed: bool =
         pstage = Stage(cfg.run_dir, f"{FOLDER}/probes", fingerprint(psettings), psettings, allow_changed)
         precords = [{"record_id": f"{rt.id_prefix}p-{r['record_id']}", "category": cat, "seed_id": r["record_id"],
                      "prompt": r["prompt"]} for cat, pool in pools.items() for r in pool]
-        work = functools.partial(probe_chunk, cfg=rt, seed=cfg.seed)
+        # A probe is 2 * (turns - 1) calls, so a chunk is many: the journal keeps each finished step
+        # (not on Ray, whose workers need not share the run directory: there a kill loses the
+        # chunks in flight).
+        journal = None if cfg.ray.enabled else Journal(pstage.dir / JOURNAL, pstage.fingerprint)
+        work = functools.partial(probe_chunk, cfg=rt, seed=cfg.seed, journal=journal)
         probes = _mine(run_chunks(pstage, precords, work, lm_factory, cfg.ray, chunk_size=rt.chunk_size,
                                   count=_count_probes, unit="probe", desc="redteam probes", stable_chunks=True,
                                   calls=lambda chunk: 2 * (rt.turns - 1) * len(chunk), on_chunk=on_chunk),
                        precords)
+        if journal is not None:
+            journal.remove()
         _write_jsonl(root / "probes.jsonl", [
             {"id": p["record_id"], "category": p["category"], "prompt": p["prompt"], "messages": p["messages"],
              "seed_id": p["seed_id"], "generator": p["generator"], "seed": p["seed"]}
