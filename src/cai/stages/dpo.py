@@ -105,6 +105,7 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
     import torch
     from tqdm import tqdm
 
+    from cai import training
     from cai.batches import preference_pairs
     from cai.checkpoints import MetricsLog, Progress
     from cai.distributed import (
@@ -149,6 +150,7 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
 
     step_size = cfg.batch_size * cfg.grad_accum
     steps = steps_for(len(pairs), step_size, cfg.epochs, cfg.max_steps, seed)
+    widths = [max(len(m["chosen"][0]), len(m["rejected"][0])) for m in pairs]
     opt, sched = optimizer_and_schedule(model.parameters(), cfg.learning_rate, len(steps), cfg.warmup_ratio)
     model, opt = prepare(acc, micro_size, model, opt)
     modules = {"model": model, "optimizer": opt, "scheduler": sched}
@@ -165,17 +167,21 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=acc.device)
         parts = []
-        for k in range(0, len(idx), cfg.batch_size):
-            micro = list(local_rows(idx[k: k + cfg.batch_size], acc))
-            last = k + cfg.batch_size >= len(idx)
+        # The step's pairs longest first, so each micro-batch pads to a similar length (looked up at
+        # call time: tests compare it with other cuts). Every process cuts the same way.
+        cuts = training.micro_batches(idx, widths, cfg.batch_size, acc.num_processes, cfg.micro_tokens)
+        for c, cut in enumerate(cuts):
+            micro = list(local_rows(cut, acc))
+            last = c == len(cuts) - 1
             # Gradients are reduced once, on the step's last micro-batch.
             with contextlib.nullcontext() if last else acc.no_sync(model):
                 with acc.autocast():
                     loss, stats = dpo_loss(model, [pairs[i] for i in micro], ref_c[micro], ref_r[micro], cfg.beta,
                                            cfg.soft_labels, pad_id, acc.device)
                 # Each process's mean over its equal share, averaged over processes by the gradient
-                # reduction, is the micro-batch's mean; weighted by the micro-batch's share of the step.
-                loss = loss * (cfg.batch_size / len(idx))
+                # reduction, is the micro-batch's mean; weighted by the micro-batch's share of the
+                # step, the sum over micro-batches is the per-pair mean over the whole step.
+                loss = loss * (len(cut) / len(idx))
                 acc.backward(loss)
             total += loss.detach()
             parts.append(stats)

@@ -63,6 +63,7 @@ def train(rows: Sequence[dict[str, Any]], cfg: PMConfig, out_dir: Path, seed: in
     import torch
     from tqdm import tqdm
 
+    from cai import training
     from cai.batches import pad_batch, preference_pairs
     from cai.checkpoints import MetricsLog, Progress
     from cai.distributed import (
@@ -90,6 +91,7 @@ def train(rows: Sequence[dict[str, Any]], cfg: PMConfig, out_dir: Path, seed: in
 
     step_size = cfg.batch_size * cfg.grad_accum
     steps = steps_for(len(pairs), step_size, cfg.epochs, cfg.max_steps, seed)
+    widths = [max(len(m["chosen"][0]), len(m["rejected"][0])) for m in pairs]
     # Body and head in one module, so one prepare() covers both and DDP reduces both's gradients.
     # The score function is looked up at call time (benchmarks wrap it).
     scorer = Joint(lambda m, ids, att: reward.last_token_scores(m.model, ids, att), model=model)
@@ -113,19 +115,23 @@ def train(rows: Sequence[dict[str, Any]], cfg: PMConfig, out_dir: Path, seed: in
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=acc.device)
         margins, targets = [], []
-        for k in range(0, len(idx), cfg.batch_size):
-            micro = [pairs[i] for i in local_rows(idx[k: k + cfg.batch_size], acc)]
+        # The step's pairs longest first, so each micro-batch pads to a similar length (looked up at
+        # call time: tests compare it with other cuts). Every process cuts the same way.
+        cuts = training.micro_batches(idx, widths, cfg.batch_size, acc.num_processes, cfg.micro_tokens)
+        for c, cut in enumerate(cuts):
+            micro = [pairs[i] for i in local_rows(cut, acc)]
             batch = pad_batch([m["chosen"][0] for m in micro] + [m["rejected"][0] for m in micro], tok.pad_token_id)
             p = torch.tensor([m["p"] for m in micro], device=acc.device)
-            last = k + cfg.batch_size >= len(idx)
+            last = c == len(cuts) - 1
             # Gradients are reduced once, on the step's last micro-batch.
             with contextlib.nullcontext() if last else acc.no_sync(scorer):
                 with acc.autocast():
                     scores = scorer(batch["input_ids"].to(acc.device), batch["attention_mask"].to(acc.device))
                 margin = scores[: len(micro)] - scores[len(micro):]
                 # Each process's mean over its equal share, averaged over processes by the gradient
-                # reduction, is the micro-batch's mean; weighted by the micro-batch's share of the step.
-                loss = soft_bt_loss(margin, p) * (cfg.batch_size / len(idx))
+                # reduction, is the micro-batch's mean; weighted by the micro-batch's share of the
+                # step, the sum over micro-batches is the per-pair mean over the whole step.
+                loss = soft_bt_loss(margin, p) * (len(cut) / len(idx))
                 acc.backward(loss)
             total += loss.detach()
             margins.append(margin.detach())
