@@ -66,11 +66,11 @@ def test_a_token_budget_packs_short_rows_together_and_keeps_equal_shares():
         micro_batches(rows[:7], lengths, 8, processes=2)
 
 
-def test_micro_tokens_is_range_checked(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("pm:\n  micro_tokens: -1\n")
-    with pytest.raises(Exception, match="pm.micro_tokens must be >= 0"):
-        load_config(str(bad))
+@pytest.mark.parametrize("section", ["pm", "rl.dpo"])
+def test_micro_tokens_is_range_checked(section):
+    with pytest.raises(Exception, match=f"{section}.micro_tokens must be >= 0"):
+        load_config(None, [f"{section}.micro_tokens=-1"])
+    assert load_config(None, [f"{section}.micro_tokens=2048"])
 
 
 def count_positions(monkeypatch) -> list[int]:
