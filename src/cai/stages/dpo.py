@@ -14,6 +14,11 @@ the saved model. Checkpoints go to `<run>/dpo/checkpoints` (the adapters only, w
 run resumes with the same data order and RNG state. Per-step loss, margin, reward accuracy and chosen/rejected implicit rewards are logged to
 `<run>/dpo/metrics.jsonl`; the model is saved as safetensors with its tokenizer in `<run>/dpo/model`.
 
+A step's `batch_size * grad_accum` pairs are cut into micro-batches longest first
+(`training.micro_batches`), so each pads to a similar length; `rl.dpo.micro_tokens` > 0 also caps
+the token positions of one micro-batch. Each micro-batch's mean loss is weighted by its share of
+the step's pairs, so the step's gradient is the per-pair mean whatever the cut.
+
 Under `accelerate launch` (configs in `configs/accelerate/`) `rl.dpo.batch_size` stays the global
 micro-batch: each process takes its share of it and of the reference pass, and the step matches a
 single process's on the same rows. Only the main process writes.

@@ -14,6 +14,11 @@ go to `<run>/pm/checkpoints` and a stopped run resumes from the newest one with 
 and RNG state. The model is saved as a standard transformers sequence-classification model
 (safetensors and tokenizer) in `<run>/pm/model`; `reward.RewardModel` loads it for the PPO stage.
 
+A step's `batch_size * grad_accum` pairs are cut into micro-batches longest first
+(`training.micro_batches`), so each pads to a similar length; `pm.micro_tokens` > 0 also caps
+the token positions of one micro-batch. Each micro-batch's mean loss is weighted by its share of
+the step's pairs, so the step's gradient is the per-pair mean whatever the cut.
+
 Under `accelerate launch` (configs in `configs/accelerate/`) `pm.batch_size` stays the global
 micro-batch: each process scores its share, the body and score head are one module for DDP /
 FSDP / ZeRO, and the step matches a single process's on the same rows. Only the main process writes.
