@@ -9,9 +9,11 @@ Three parts, each timed beside its naive twin on the same model, dtype and rows:
    Comparisons per second count both orders as one comparison. The two must give the same labels
    up to bf16 noise (max |dp| is printed; `--dtype float32` checks them exactly).
 2. Preference model: `pm.train` steps (forward, backward, optimiser step) with 8 pairs per micro-
-   batch against the one-pair-at-a-time loop (batch 1, 8 gradient-accumulation steps: the same rows
-   and the same update, so the losses must agree), in tokens per second; then `RewardModel.score`
-   batched (8) against one sequence at a time, on the trained model.
+   batch, or with `--pm-micro-tokens N` the step's 8 pairs cut longest first into micro-batches of
+   at most N token positions (`pm.micro_tokens`), against the one-pair-at-a-time loop (batch 1, 8
+   gradient-accumulation steps: the same rows and the same update, so the losses must agree), in
+   tokens per second; then `RewardModel.score` batched (8) against one sequence at a time, on the
+   trained model.
 3. PPO: `ppo.train` steps with the stage's batched KV-cache sampler against the same steps with the
    rollout's sampling done one prompt at a time by `model.generate` (the sampler is swapped in for
    the run; reward scoring, log-probability passes and the PPO update are the stage's own on both
@@ -32,6 +34,7 @@ many-fold for a while: compare the ratios of quiet runs, or use `--threads 1`).
     python bench/bench_rl_cai.py                      # a few minutes on a 2-core CPU
     python bench/bench_rl_cai.py --comparisons 64 --naive-comparisons 8 --pm-steps 5 --ppo-steps 4
     python bench/bench_rl_cai.py --parts labelling --dtype float32 --comparisons 8   # exact label check
+    python bench/bench_rl_cai.py --parts pm --pm-micro-tokens 1024                   # PM by token budget
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from cai.records import record_id_for
 from cai.sources import hh_pair, read_source
 from cai.stages import pm, ppo
 from cai.templating import encode_chat
-from cai.training import steps_for
+from cai.training import micro_batches, steps_for
 
 # The shared data folder beside the repository (../shared from its root).
 HH_PAIRS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
@@ -230,21 +233,25 @@ def pm_step(rows: list[dict[str, Any]], cfg: Any, out: Path, seed: int, device: 
     return end[0][0] - start[0], end[0][1]
 
 
-def padded(lengths: Sequence[int], micro: int) -> int:
-    """Token positions the model computes when `lengths` (chosen then rejected, per pair) are run
-    `micro` pairs at a time, each micro-batch padded to its longest sequence."""
-    pairs = list(zip(lengths[0::2], lengths[1::2]))
-    return sum(2 * len(g) * max(max(p) for p in g) for g in (pairs[k: k + micro] for k in range(0, len(pairs), micro)))
+def padded(pairs: Sequence[dict[str, Any]], idx: Sequence[int], micro: int, max_tokens: int) -> int:
+    """Token positions the model computes for one step's pairs `idx` cut as the stage cuts them
+    (`training.micro_batches`: longest first, `micro` pairs or `max_tokens` at most), each
+    micro-batch's chosen and rejected sequences padded to its longest."""
+    widths = [max(len(p["chosen"][0]), len(p["rejected"][0])) for p in pairs]
+    return sum(2 * len(c) * max(widths[i] for i in c) for c in micro_batches(idx, widths, micro, 1, max_tokens))
 
 
 def bench_pm(cfg: Any, model_cfg: ModelConfig, comps: list[judge.Comparison], steps: int, batch: int,
-             rounds: int, tmp: Path, device: str) -> tuple[dict[str, Any], Path]:
+             rounds: int, tmp: Path, device: str, micro_tokens: int) -> tuple[dict[str, Any], Path]:
     base = replace(cfg.pm, epochs=1.0, save_steps=10**9, report_to=[])
     tok = AutoTokenizer.from_pretrained(resolve(base.model))
     print(f"\npreference model: {base.model}, {steps} rounds of one step of {batch} pairs per side (each the "
-          f"first step of a fresh run; rows change by round), max_length {base.max_length}, bf16 autocast {base.bf16}")
+          f"first step of a fresh run; rows change by round), max_length {base.max_length}, bf16 autocast {base.bf16}, "
+          f"batched side's token budget micro_tokens {micro_tokens or 'none'}")
     micro = {"batch": batch, "naive": 1}
-    cfgs = {name: replace(base, batch_size=bs, grad_accum=batch // bs) for name, bs in micro.items()}
+    budget = {"batch": micro_tokens, "naive": 0}
+    cfgs = {name: replace(base, batch_size=bs, grad_accum=batch // bs, micro_tokens=budget[name])
+            for name, bs in micro.items()}
     secs = dict.fromkeys(micro, 0.0)
     pad = dict.fromkeys(micro, 0)
     losses: dict[str, list[float]] = {name: [] for name in micro}
@@ -254,12 +261,11 @@ def bench_pm(cfg: Any, model_cfg: ModelConfig, comps: list[judge.Comparison], st
         pairs = preference_pairs(tok, rows, base.max_length)
         # The step's rows in the stage's own seeded order (micro-batches are cut from it).
         idx = steps_for(len(pairs), batch, base.epochs, 1, cfg.seed)[0]
-        lengths = [n for i in idx for n in (len(pairs[i]["chosen"][0]), len(pairs[i]["rejected"][0]))]
-        tok_n += sum(lengths)
+        tok_n += sum(len(pairs[i]["chosen"][0]) + len(pairs[i]["rejected"][0]) for i in idx)
         for name in sorted(micro, reverse=bool(k % 2)):  # who goes first alternates
             dt, loss = pm_step(rows, cfgs[name], tmp / f"pm-{name}-{k}", cfg.seed, device)
             secs[name] += dt
-            pad[name] += padded(lengths, micro[name])
+            pad[name] += padded(pairs, idx, micro[name], budget[name])
             losses[name].append(loss)
             if (name, k) != ("batch", 0):  # that one's model is kept for scoring
                 shutil.rmtree(tmp / f"pm-{name}-{k}", ignore_errors=True)
@@ -397,6 +403,8 @@ def main() -> None:
     ap.add_argument("--multi-turn", action="store_true", help="hh-rlhf: use multi-turn conversations too")
     ap.add_argument("--pm-steps", type=int, default=2, help="preference-model steps per side, one per round")
     ap.add_argument("--pm-batch", type=int, default=8, help="pairs per optimiser step")
+    ap.add_argument("--pm-micro-tokens", type=int, default=None, help="the batched side's token budget per "
+                    "micro-batch (pm.micro_tokens; default: the config's; 0: one micro-batch of --pm-batch pairs)")
     ap.add_argument("--ppo-steps", type=int, default=2, help="PPO steps per side")
     ap.add_argument("--dtype", default=None, help="inference dtype (default: the config's, auto = bf16 where "
                     "the CPU has it); float32 makes the label check exact")
@@ -434,7 +442,8 @@ def main() -> None:
         reward_dir = None
         if "pm" in parts:
             got, reward_dir = bench_pm(cfg, model_cfg, comps, args.pm_steps, args.pm_batch, args.rounds, tmp,
-                                       model_cfg.device)
+                                       model_cfg.device, cfg.pm.micro_tokens if args.pm_micro_tokens is None
+                                       else args.pm_micro_tokens)
             summary |= got
         if "ppo" in parts:
             prompts = [[{"role": "user", "content": r["prompt"]}]

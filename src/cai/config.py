@@ -447,15 +447,20 @@ class PreferencesConfig(Section):
 
 @dataclass(frozen=True)
 class PMConfig(EpochTrainingConfig):
-    """The preference model: a scalar head on `model`, trained on soft targets."""
+    """The preference model: a scalar head on `model`, trained on soft targets. A step's pairs are
+    cut into micro-batches longest first (`training.micro_batches`); `micro_tokens` > 0 caps the
+    token positions one micro-batch computes (chosen and rejected, padding included, all processes
+    together), so short pairs go in larger micro-batches than long ones; 0 cuts `batch_size` pairs."""
 
     model: str = "smollm2-135m"
     learning_rate: float = 1e-5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    micro_tokens: int = 0
 
     def checks(self, at: str) -> list[tuple[bool, str]]:
         return super().checks(at) + [
+            (self.micro_tokens >= 0, f"{at}.micro_tokens must be >= 0 (0: micro-batches of batch_size pairs)"),
             (self.weight_decay >= 0, f"{at}.weight_decay must be >= 0"),
             (self.max_grad_norm > 0, f"{at}.max_grad_norm must be > 0"),
         ]
@@ -516,9 +521,11 @@ class DPOConfig(LoRATrainingConfig):
     soft_labels: bool = True
     learning_rate: float = 1e-6
     max_grad_norm: float = 1.0
+    micro_tokens: int = 0
 
     def checks(self, at: str) -> list[tuple[bool, str]]:
         return super().checks(at) + [
+            (self.micro_tokens >= 0, f"{at}.micro_tokens must be >= 0 (0: micro-batches of batch_size pairs)"),
             (self.beta > 0, f"{at}.beta must be > 0"),
             (self.max_grad_norm > 0, f"{at}.max_grad_norm must be > 0"),
         ]

@@ -1,6 +1,6 @@
 """The schedule of the training loops we own (preference model, DPO, PPO): which rows every
-optimiser step takes, from a seeded shuffle per epoch, and the optimiser with its learning-rate
-schedule.
+optimiser step takes, from a seeded shuffle per epoch, how a step's rows are cut into micro-batches
+(in length order, optionally by a token budget), and the optimiser with its learning-rate schedule.
 
 The loops themselves live in their stage files (`stages/pm.py`, `stages/dpo.py`, `stages/ppo.py`),
 each short enough to read top to bottom, built from small parts: batches.py (rows to token
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -40,6 +41,33 @@ def steps_for(n: int, batch_size: int, epochs: float, max_steps: int, seed: int)
     """`batch_order`, cut to `max_steps` when that is positive."""
     steps = batch_order(n, batch_size, epochs, seed)
     return steps[:max_steps] if max_steps > 0 else steps
+
+
+def micro_batches(rows: Sequence[int], lengths: Sequence[int], batch_size: int, processes: int = 1,
+                  max_tokens: int = 0, seqs_per_row: int = 2) -> list[list[int]]:
+    """One optimiser step's `rows` cut into micro-batches in length order, longest first, so each
+    micro-batch pads to a similar length: at most `batch_size` rows each and, when `max_tokens` is
+    positive, at most `max_tokens` token positions computed per forward pass (`seqs_per_row`
+    sequences per row, each padded to the micro-batch's longest, `lengths[i]` being row i's longest
+    sequence). A micro-batch is cut to a multiple of `processes` rows (each process takes an equal
+    share) and never below one row per process, however long its rows. The step's rows are the same
+    set as before; only their grouping changes, so a loss normalised per row over the step (weight
+    len(micro) / len(rows) per micro-batch mean) gives the same gradient up to summation order."""
+    if batch_size < processes or batch_size % processes or len(rows) % processes:
+        raise ValueError(f"micro_batches: batch_size ({batch_size}) and the step's rows ({len(rows)}) must be "
+                         f"multiples of the {processes} processes")
+    # Ties keep the step's order, so the cut depends on the rows and lengths only.
+    order = sorted(range(len(rows)), key=lambda j: -lengths[rows[j]])
+    out: list[list[int]] = []
+    k = 0
+    while k < len(order):
+        width = max(1, lengths[rows[order[k]]])  # the longest left: it sets this micro-batch's padding
+        n = batch_size
+        if max_tokens > 0:
+            n = min(n, max(processes, max_tokens // (seqs_per_row * width) // processes * processes))
+        out.append([rows[j] for j in order[k: k + n]])
+        k += n
+    return out
 
 
 def optimizer_and_schedule(params: Any, lr: float, total_steps: int, warmup_ratio: float,

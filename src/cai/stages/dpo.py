@@ -14,6 +14,11 @@ the saved model. Checkpoints go to `<run>/dpo/checkpoints` (the adapters only, w
 run resumes with the same data order and RNG state. Per-step loss, margin, reward accuracy and chosen/rejected implicit rewards are logged to
 `<run>/dpo/metrics.jsonl`; the model is saved as safetensors with its tokenizer in `<run>/dpo/model`.
 
+A step's `batch_size * grad_accum` pairs are cut into micro-batches longest first
+(`training.micro_batches`), so each pads to a similar length; `rl.dpo.micro_tokens` > 0 also caps
+the token positions of one micro-batch. Each micro-batch's mean loss is weighted by its share of
+the step's pairs, so the step's gradient is the per-pair mean whatever the cut.
+
 Under `accelerate launch` (configs in `configs/accelerate/`) `rl.dpo.batch_size` stays the global
 micro-batch: each process takes its share of it and of the reference pass, and the step matches a
 single process's on the same rows. Only the main process writes.
@@ -105,6 +110,7 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
     import torch
     from tqdm import tqdm
 
+    from cai import training
     from cai.batches import preference_pairs
     from cai.checkpoints import MetricsLog, Progress
     from cai.distributed import (
@@ -149,6 +155,7 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
 
     step_size = cfg.batch_size * cfg.grad_accum
     steps = steps_for(len(pairs), step_size, cfg.epochs, cfg.max_steps, seed)
+    widths = [max(len(m["chosen"][0]), len(m["rejected"][0])) for m in pairs]
     opt, sched = optimizer_and_schedule(model.parameters(), cfg.learning_rate, len(steps), cfg.warmup_ratio)
     model, opt = prepare(acc, micro_size, model, opt)
     modules = {"model": model, "optimizer": opt, "scheduler": sched}
@@ -165,17 +172,21 @@ def train(rows: Sequence[dict[str, Any]], cfg: DPOConfig, policy_dir: str, out_d
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=acc.device)
         parts = []
-        for k in range(0, len(idx), cfg.batch_size):
-            micro = list(local_rows(idx[k: k + cfg.batch_size], acc))
-            last = k + cfg.batch_size >= len(idx)
+        # The step's pairs longest first, so each micro-batch pads to a similar length (looked up at
+        # call time: tests compare it with other cuts). Every process cuts the same way.
+        cuts = training.micro_batches(idx, widths, cfg.batch_size, acc.num_processes, cfg.micro_tokens)
+        for c, cut in enumerate(cuts):
+            micro = list(local_rows(cut, acc))
+            last = c == len(cuts) - 1
             # Gradients are reduced once, on the step's last micro-batch.
             with contextlib.nullcontext() if last else acc.no_sync(model):
                 with acc.autocast():
                     loss, stats = dpo_loss(model, [pairs[i] for i in micro], ref_c[micro], ref_r[micro], cfg.beta,
                                            cfg.soft_labels, pad_id, acc.device)
                 # Each process's mean over its equal share, averaged over processes by the gradient
-                # reduction, is the micro-batch's mean; weighted by the micro-batch's share of the step.
-                loss = loss * (cfg.batch_size / len(idx))
+                # reduction, is the micro-batch's mean; weighted by the micro-batch's share of the
+                # step, the sum over micro-batches is the per-pair mean over the whole step.
+                loss = loss * (len(cut) / len(idx))
                 acc.backward(loss)
             total += loss.detach()
             parts.append(stats)

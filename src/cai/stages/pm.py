@@ -14,6 +14,11 @@ go to `<run>/pm/checkpoints` and a stopped run resumes from the newest one with 
 and RNG state. The model is saved as a standard transformers sequence-classification model
 (safetensors and tokenizer) in `<run>/pm/model`; `reward.RewardModel` loads it for the PPO stage.
 
+A step's `batch_size * grad_accum` pairs are cut into micro-batches longest first
+(`training.micro_batches`), so each pads to a similar length; `pm.micro_tokens` > 0 also caps
+the token positions of one micro-batch. Each micro-batch's mean loss is weighted by its share of
+the step's pairs, so the step's gradient is the per-pair mean whatever the cut.
+
 Under `accelerate launch` (configs in `configs/accelerate/`) `pm.batch_size` stays the global
 micro-batch: each process scores its share, the body and score head are one module for DDP /
 FSDP / ZeRO, and the step matches a single process's on the same rows. Only the main process writes.
@@ -63,6 +68,7 @@ def train(rows: Sequence[dict[str, Any]], cfg: PMConfig, out_dir: Path, seed: in
     import torch
     from tqdm import tqdm
 
+    from cai import training
     from cai.batches import pad_batch, preference_pairs
     from cai.checkpoints import MetricsLog, Progress
     from cai.distributed import (
@@ -90,6 +96,7 @@ def train(rows: Sequence[dict[str, Any]], cfg: PMConfig, out_dir: Path, seed: in
 
     step_size = cfg.batch_size * cfg.grad_accum
     steps = steps_for(len(pairs), step_size, cfg.epochs, cfg.max_steps, seed)
+    widths = [max(len(m["chosen"][0]), len(m["rejected"][0])) for m in pairs]
     # Body and head in one module, so one prepare() covers both and DDP reduces both's gradients.
     # The score function is looked up at call time (benchmarks wrap it).
     scorer = Joint(lambda m, ids, att: reward.last_token_scores(m.model, ids, att), model=model)
@@ -113,19 +120,23 @@ def train(rows: Sequence[dict[str, Any]], cfg: PMConfig, out_dir: Path, seed: in
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=acc.device)
         margins, targets = [], []
-        for k in range(0, len(idx), cfg.batch_size):
-            micro = [pairs[i] for i in local_rows(idx[k: k + cfg.batch_size], acc)]
+        # The step's pairs longest first, so each micro-batch pads to a similar length (looked up at
+        # call time: tests compare it with other cuts). Every process cuts the same way.
+        cuts = training.micro_batches(idx, widths, cfg.batch_size, acc.num_processes, cfg.micro_tokens)
+        for c, cut in enumerate(cuts):
+            micro = [pairs[i] for i in local_rows(cut, acc)]
             batch = pad_batch([m["chosen"][0] for m in micro] + [m["rejected"][0] for m in micro], tok.pad_token_id)
             p = torch.tensor([m["p"] for m in micro], device=acc.device)
-            last = k + cfg.batch_size >= len(idx)
+            last = c == len(cuts) - 1
             # Gradients are reduced once, on the step's last micro-batch.
             with contextlib.nullcontext() if last else acc.no_sync(scorer):
                 with acc.autocast():
                     scores = scorer(batch["input_ids"].to(acc.device), batch["attention_mask"].to(acc.device))
                 margin = scores[: len(micro)] - scores[len(micro):]
                 # Each process's mean over its equal share, averaged over processes by the gradient
-                # reduction, is the micro-batch's mean; weighted by the micro-batch's share of the step.
-                loss = soft_bt_loss(margin, p) * (cfg.batch_size / len(idx))
+                # reduction, is the micro-batch's mean; weighted by the micro-batch's share of the
+                # step, the sum over micro-batches is the per-pair mean over the whole step.
+                loss = soft_bt_loss(margin, p) * (len(cut) / len(idx))
                 acc.backward(loss)
             total += loss.detach()
             margins.append(margin.detach())
