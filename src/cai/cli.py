@@ -268,9 +268,9 @@ def behavioural_diff(args: argparse.Namespace, a: Any, b: Any) -> None:
         report, rows = behaviour.behavioural_diff(lm, a, b, pair_list, cfg.feedback, cfg.seed, args.top, bar.update)
     report["run"] = str(args.pairs)
     print("\n" + behaviour.table(report))
-    if args.out:
-        rows_path = behaviour.write(args.out, report, rows)
-        print(f"\nwrote {args.out} and {rows_path}")
+    out = args.out or behaviour.default_out(args.pairs, a, b)  # under the run, where its report finds it
+    rows_path = behaviour.write(out, report, rows)
+    print(f"\nwrote {out} and {rows_path}")
 
 
 def constitution_test(args: argparse.Namespace) -> int:
@@ -588,7 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pairs", metavar="RUN", help="a run directory whose pairs stage has finished")
     d.add_argument("--limit", type=int, help="relabel only the first N usable pairs")
     d.add_argument("--top", type=int, default=5, help="how many of the pairs that move most to print (default 5)")
-    d.add_argument("--out", metavar="FILE", help="write the report here as JSON, and the per-pair rows beside it")
+    d.add_argument("--out", metavar="FILE", help="write the report here as JSON, and the per-pair rows beside it "
+                                                 "(default RUN/constitution_diff/<A>-vs-<B>/diff.json)")
     t = csub.add_parser("test", help="run a constitution's regression cases against a judge; exit 1 under --min-pass",
                         description="Cases (JSONL): pair cases {id, prompt, chosen, rejected, category, principle?, "
                                     "note?}, where the constitution should prefer chosen, and flag cases {id, "
@@ -604,7 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-c", "--config", help="YAML config (the defaults when omitted)")
     t.add_argument("--min-pass", type=float, default=1.0,
                    help="the pass rate under which the command exits 1 (default 1.0: every case must pass)")
-    t.add_argument("--out", metavar="FILE", help="write the per-case rows here (JSONL), and the summary beside it")
+    t.add_argument("--out", metavar="FILE", help="write the per-case rows here (JSONL), and the summary beside it; "
+                                                 "RUN/cases/<name>.jsonl puts them in RUN's report")
     cv = csub.add_parser("convert", help="from the paper's prompt folder or llm-swarm JSON")
     cv.add_argument("src")
     cv.add_argument("-o", "--output", required=True)
@@ -737,7 +739,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a principle's score above this flags the reply (default 0.5)")
     au.add_argument("--principle", action="append", metavar="ID",
                     help="check this critique/revision principle (repeat); default: all of them")
-    au.add_argument("--out", metavar="DIR", help="default runs/audit/<FILE's stem>, or runs/audit/serve")
+    au.add_argument("--out", metavar="DIR", help="default runs/audit/<FILE's stem>, or runs/audit/serve; "
+                                                "RUN/audit/<name> puts the results in RUN's report")
     au.add_argument("--allow-config-change", action="store_true",
                     help="keep the judgements already in DIR even though the judge's settings changed")
     au.add_argument("--upstream", metavar="URL", help="serve: the server to forward to, e.g. http://127.0.0.1:8000")

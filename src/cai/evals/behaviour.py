@@ -22,11 +22,15 @@ also changes which are drawn), and the second labelling costs only the questions
 an edit will change before anything is trained.
 
     cai constitution diff default mine.yaml --pairs runs/quickstart --limit 50
+
+The report goes to `RUN/constitution_diff/<A>-vs-<B>/diff.json` (`default_out`; `--out FILE`
+chooses another place), with the per-pair rows beside it, where the run report finds it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,6 +47,7 @@ from cai.stages import feedback, pairs
 # A probability this close to 0.5 is a tie (as in evals/labeller.py).
 TIE = 1e-9
 NO_CATEGORY = "(none)"
+ROOT = "constitution_diff"  # under the run directory: one folder per diffed pair of constitutions
 
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -278,6 +283,20 @@ def table(report: dict[str, Any]) -> str:
             lines.append(f"  {r['p_a']:.3f} -> {r['p_b']:.3f}  {'FLIP ' if r['hard'] else ''}{r['record_id']} "
                          f"[{pids}] {_clean(r['prompt'], 70)}")
     return "\n".join(lines)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._]+", "-", text).strip("-.") or "x"
+
+
+def default_out(run_dir: str | Path, a: Constitution, b: Constitution) -> Path:
+    """Where the diff of `a` and `b` on the pairs of `run_dir` goes unless `--out` says:
+    `RUN/constitution_diff/<A>-vs-<B>/diff.json` by the constitutions' names, with their hashes
+    added when the names are the same (a constitution and an edited copy of it)."""
+    na, nb = _slug(a.name), _slug(b.name)
+    if na == nb:
+        na, nb = f"{na}.{a.hash[:8]}", f"{nb}.{b.hash[:8]}"
+    return Path(run_dir) / ROOT / f"{na}-vs-{nb}" / "diff.json"
 
 
 def write(out: str | Path, report: dict[str, Any], rows: Sequence[dict[str, Any]]) -> Path:
