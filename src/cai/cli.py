@@ -607,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-c", "--config", help="YAML config (the defaults when omitted)")
     t.add_argument("--min-pass", type=float, default=1.0,
                    help="the pass rate under which the command exits 1 (default 1.0: every case must pass)")
-    t.add_argument("--out", metavar="FILE", help="write the per-case rows here (JSONL), and the summary beside it")
+    t.add_argument("--out", metavar="FILE", help="write the per-case rows here (JSONL), and the summary beside it; "
+                                                 "RUN/cases/<name>.jsonl puts them in RUN's report")
     cv = csub.add_parser("convert", help="from the paper's prompt folder or llm-swarm JSON")
     cv.add_argument("src")
     cv.add_argument("-o", "--output", required=True)
@@ -740,7 +741,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a principle's score above this flags the reply (default 0.5)")
     au.add_argument("--principle", action="append", metavar="ID",
                     help="check this critique/revision principle (repeat); default: all of them")
-    au.add_argument("--out", metavar="DIR", help="default runs/audit/<FILE's stem>, or runs/audit/serve")
+    au.add_argument("--out", metavar="DIR", help="default runs/audit/<FILE's stem>, or runs/audit/serve; "
+                                                "RUN/audit/<name> puts the results in RUN's report")
     au.add_argument("--allow-config-change", action="store_true",
                     help="keep the judgements already in DIR even though the judge's settings changed")
     au.add_argument("--upstream", metavar="URL", help="serve: the server to forward to, e.g. http://127.0.0.1:8000")

@@ -11,7 +11,7 @@ Each stage reads an earlier stage's rows from the run directory (`INPUTS`) and i
 with their content hash, followed by the fingerprints of the trained models it builds on, so
 changing an upstream input is noticed downstream. `_run_stage` calls each stage with what it
 reads and, for a generating stage, its model; the generating stages hold one back-end at a time
-(`_Models`), and it is freed before any other stage runs. When the stages are done (or one fails),
+(`Models`), and it is freed before any other stage runs. When the stages are done (or one fails),
 the run report is written to `RUN/report.html` (cai/report/); a report that cannot be written is
 a logged warning, never a failed run.
 """
@@ -118,7 +118,7 @@ def select(start: str | None, stop: str | None, method: str = "ppo", evaluate: b
     return [s for s in STAGES[i : j + 1] if ONLY_FOR.get(s, method) == method and (s != "evaluate" or evaluate)]
 
 
-class _Models:
+class Models:
     """The generating stages' back-ends, one held at a time (the next model, or a training stage,
     may need the memory). `lm_factory`, when given, replaces every model (tests use a scripted one)."""
 
@@ -144,7 +144,7 @@ class _Models:
         self.held.clear()
 
 
-def _run_stage(name: str, cfg: PipelineConfig, models: _Models, constitution: Constitution, allow_changed: bool,
+def _run_stage(name: str, cfg: PipelineConfig, models: Models, constitution: Constitution, allow_changed: bool,
                on_chunk: Callable[[int], None] | None) -> Stage:
     """Run stage `name` on its inputs (`INPUTS`) and, for a generating stage, its model."""
     if name == "prompts":
@@ -186,7 +186,7 @@ def run(cfg: PipelineConfig, start: str | None = None, stop: str | None = None, 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     constitution.save(run_dir / "constitution.yaml")
-    models = _Models(cfg, lm_factory)
+    models = Models(cfg, lm_factory)
     done: dict[str, Stage] = {}
     # Under `accelerate launch` (WORLD_SIZE > 1) every process runs this loop: training stages on
     # all of them, data stages on the main one while the others wait, then read its rows.
@@ -236,7 +236,7 @@ def evaluate_models(cfg: PipelineConfig, allow_changed: bool = False, lm_factory
     run report is rewritten after it."""
     constitution = constitution_mod.load(cfg.constitution)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    models = _Models(cfg, lm_factory)
+    models = Models(cfg, lm_factory)
     try:
         stage = evaluate.run(cfg, models.factory, models.release, functools.partial(_trained, cfg), constitution,
                              allow_changed, on_chunk)
@@ -252,7 +252,7 @@ def generate_redteam(cfg: PipelineConfig, allow_changed: bool = False, lm_factor
     """`cai redteam generate`: red-team prompts written by `redteam.model` (default `model.name`) into
     `RUN/redteam/` (cai/stages/redteam.py); one back-end serves the candidates and the probes."""
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    models = _Models(cfg, lm_factory)
+    models = Models(cfg, lm_factory)
     try:
         return redteam.run(cfg, models.factory(cfg.redteam.model or cfg.model.name), allow_changed, on_chunk)
     finally:

@@ -47,7 +47,7 @@ from typing import Any
 from cai.config import ConfigError, FeedbackConfig, PipelineConfig, fingerprint, load_config, plain
 from cai.constitution import CATEGORIES, Constitution
 from cai.evals.attribution import RunError, feedback_rows, run_config, run_constitution
-from cai.evals.suite import _r, mean_ci, rate
+from cai.evals.suite import mean_ci, rate, rounded
 from cai.judge import Comparison, combine, label
 from cai.lm.base import LM
 from cai.records import STATUS_ABSTAIN, STATUS_FAILED, STATUS_OK
@@ -313,7 +313,7 @@ def run(run_dir: str | Path, by: str = "principle", overrides: Sequence[str] = (
             raise RunError(f"{Path(run_dir) / 'pm'}: --retrain compares with the run's preference model, and the run "
                            f"has no finished one (a run with rl.method dpo trains none)")
     model, _ = pipeline.policy_model(cfg, cfg.feedback.model)
-    models = pipeline._Models(cfg, lm_factory)
+    models = pipeline.Models(cfg, lm_factory)
     inputs_fp = f"{fb_stage.content_hash()}:{(fb_stage.manifest() or {}).get('fingerprint')}"
     work = functools.partial(relabel_chunk, constitution=constitution, cfg=cfg.feedback, seed=cfg.seed)
 
@@ -353,9 +353,9 @@ def run(run_dir: str | Path, by: str = "principle", overrides: Sequence[str] = (
 
     out = Path(run_dir) / ROOT / by / "summary.json"
     if only:  # the other ablations of an earlier run on the same labels stay in the summary
-        results, baseline = _merged(out, _r(results), baseline, inputs_fp, [a.name for a in ablations(constitution, by)])
+        results, baseline = _merged(out, rounded(results), baseline, inputs_fp, [a.name for a in ablations(constitution, by)])
     retrained = any("pm" in a for a in results)
-    summary = _r({
+    summary = rounded({
         "run": str(run_dir), "by": by, "constitution": constitution.name, "constitution_hash": constitution.hash,
         "feedback_model": model, "feedback": plain(cfg.feedback), "seed": cfg.seed, "bootstrap": n_boot,
         "inputs": inputs_fp, "pairs": len(fb_rows), "retrain": retrained, "baseline_pm": baseline,

@@ -38,7 +38,7 @@ from typing import Any
 from cai.config import FeedbackConfig, PipelineConfig, load_config, plain
 from cai.constitution import Constitution, ConstitutionError
 from cai.constitution import load as load_constitution
-from cai.evals.suite import _r, mean_ci, rate
+from cai.evals.suite import mean_ci, rate, rounded
 from cai.judge import combine, swap_average
 from cai.records import STATUS_OK
 from cai.rundir import Stage, write_json
@@ -190,7 +190,7 @@ def attribute(rows: Sequence[Mapping[str, Any]], constitution: Constitution, cfg
                       "mean_gap": sum(abs(pa - pb) for pa, pb in vals) / len(vals)})
     pairs.sort(key=lambda d: (-d["disagree"]["rate"], -d["n"], -d["mean_gap"], d["principles"]))
     ok = [r for r in rows if r["status"] == STATUS_OK]
-    return _r({
+    return rounded({
         "rows": len(rows), "ok": len(ok),
         "not_ok_by_reason": dict(sorted(Counter(f"{r['status']}:{r.get('reason')}" for r in rows
                                                 if r["status"] != STATUS_OK).items())),

@@ -40,14 +40,14 @@ ASPECTS = {"harmless": "red_team", "helpful": "helpful"}  # the Elo of each aspe
 DIGITS = 4  # floats in summary.json are rounded, so that the file is the same byte for byte on every run
 
 
-def _r(x: Any) -> Any:
+def rounded(x: Any) -> Any:
     """`x` with every float rounded to DIGITS (non-finite floats become None)."""
     if isinstance(x, float):
         return round(x, DIGITS) if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {k: _r(v) for k, v in x.items()}
+        return {k: rounded(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_r(v) for v in x]
+        return [rounded(v) for v in x]
     return x
 
 
@@ -209,7 +209,7 @@ def summarise(models: Sequence[str], prompts: Sequence[Mapping[str, Any]],
         "preference_model": pm,
         "judge_card": {**judge, **judge_card(judgements)},
     }
-    return _r(summary)
+    return rounded(summary)
 
 
 # ---- printing -------------------------------------------------------------------------------

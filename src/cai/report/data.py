@@ -3,7 +3,8 @@
 `load_run(run_dir)` reads every stage's manifest and the rows and logs the report draws from:
 `sl_generate/rows.jsonl` (critique traces), `feedback/rows.jsonl` (AI labels), `preferences/`,
 `pm/` and `dpo/` (`eval.json`, `metrics.jsonl`), `sft/train_log.json`, `ppo/metrics.jsonl` and
-`eval/summary.json`. A part the run has not produced is None, and the page leaves its section out.
+`eval/summary.json`, and the summaries of the constitution-as-code commands (`CODE_RESULTS`). A
+part the run has not produced is None, and the page leaves its section out.
 Figures are computed here, so they can be tested without a browser:
 
     python -c "from cai.report.data import load_run; print(load_run('runs/quickstart')['sl']['draws'])"
@@ -274,6 +275,103 @@ def training(run: Path, name: str) -> dict[str, Any] | None:
             "status": (m or {}).get("status"), "counts": (m or {}).get("counts") or {}}
 
 
+# ---- the constitution as code ---------------------------------------------------------------
+
+# Where the report finds the results of the constitution-as-code commands, under the run directory.
+# The commands tied to a run write there by default; the others write there when --out (or
+# run_dir) points into the run:
+#   cases/<name>.summary.json        cai constitution test C [CASES] --out RUN/cases/<name>.jsonl
+#                                    (its per-case rows, <name>.jsonl beside it, give the failing cases)
+#   constitution_diff/*/report.json  cai constitution diff A B --pairs RUN (per-pair rows.jsonl beside it)
+#   eval/attribution.json            cai eval attribution RUN
+#   ablate/<by>/summary.json         cai eval ablate RUN [--by category]
+#   audit/<name>/summary.json        cai audit FILE --out RUN/audit/<name>
+#   redteam/summary.json             cai redteam generate run_dir=RUN
+CODE_RESULTS = {
+    "cases": "cases/*.summary.json",
+    "diff": "constitution_diff/*/report.json",
+    "attribution": "eval/attribution.json",
+    "ablation": "ablate/*/summary.json",
+    "audit": "audit/*/summary.json",
+    "redteam": "redteam/summary.json",
+}
+MAX_FAILING_CASES = 50  # failing cases listed per cases file; the page says when there are more
+MAX_REPLY_CHARS = 400  # each response of a diff's pairs that moved most, cut here
+
+
+def _summary_file(run: Path, path: Path) -> dict[str, Any]:
+    """{file, summary} of one results file, or {file, error} when it is not a JSON object (a
+    malformed file is a note on the page, never a failed report)."""
+    name = str(path.relative_to(run))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        return {"file": name, "error": f"cannot be read ({e})"}
+    except json.JSONDecodeError as e:
+        return {"file": name, "error": f"not valid JSON ({e.msg}, line {e.lineno})"}
+    if not isinstance(data, dict):
+        return {"file": name, "error": f"not a JSON object (a {type(data).__name__})"}
+    return {"file": name, "summary": data}
+
+
+def _failing_cases(entry: dict[str, Any], rows_path: Path, limit: int) -> None:
+    """Add the failing cases of a cases summary from its rows file beside it (`failing`, `failing_total`),
+    or say why they cannot be listed (`rows_error`)."""
+    if not rows_path.is_file():
+        entry["rows_error"] = f"{rows_path.name} (the per-case rows) is not beside it"
+        return
+    try:
+        rows = list(read_jsonl(rows_path))
+    except (OSError, ValueError) as e:
+        entry["rows_error"] = str(e)
+        return
+    failing = [r for r in rows if isinstance(r, dict) and not r.get("passed")]
+    entry["failing"], entry["failing_total"] = failing[:limit], len(failing)
+
+
+def _moved_replies(entry: dict[str, Any], rows_path: Path, width: int = MAX_REPLY_CHARS) -> None:
+    """Add the two responses of a diff's pairs that moved most (`replies`: record id -> [r1, r2], each
+    cut at `width` characters) from the per-pair rows beside it, or say why not (`rows_error`)."""
+    top = entry["summary"].get("top")
+    want = {t.get("record_id") for t in top if isinstance(t, dict)} if isinstance(top, list) else set()
+    if not want:
+        return
+    if not rows_path.is_file():
+        entry["rows_error"] = f"{rows_path.name} (the per-pair rows) is not beside it"
+        return
+    try:
+        rows = list(read_jsonl(rows_path))
+    except (OSError, ValueError) as e:
+        entry["rows_error"] = str(e)
+        return
+    replies = {}
+    for r in rows:
+        if isinstance(r, dict) and r.get("record_id") in want and isinstance(r.get("responses"), list):
+            replies[r["record_id"]] = [t if len(t := str(x)) <= width else t[: width - 1] + "…"
+                                       for x in r["responses"][:2]]
+    entry["replies"] = replies
+
+
+def constitution_code(run: Path, max_failing: int = MAX_FAILING_CASES) -> dict[str, list[dict[str, Any]]] | None:
+    """The results of the constitution-as-code commands found in the run (`CODE_RESULTS`): per kind,
+    one entry per file, {file, summary} or {file, error}; None when there are none."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for kind, pattern in CODE_RESULTS.items():
+        entries = []
+        for path in sorted(run.glob(pattern)):
+            if not path.is_file():
+                continue
+            entry = _summary_file(run, path)
+            if kind == "cases" and "summary" in entry:
+                _failing_cases(entry, path.with_name(path.name[: -len(".summary.json")] + ".jsonl"), max_failing)
+            if kind == "diff" and "summary" in entry:
+                _moved_replies(entry, path.with_name("rows.jsonl"))
+            entries.append(entry)
+        if entries:
+            out[kind] = entries
+    return out or None
+
+
 # ---- the whole run --------------------------------------------------------------------------
 
 
@@ -306,4 +404,5 @@ def load_run(run_dir: str | Path, max_traces: int = MAX_TRACES, max_chars: int =
         "preferences": {"counts": prefs.get("counts") or {}, "status": prefs.get("status")} if prefs else None,
         "training": {n: t for n in ("sft", "pm", "ppo", "dpo") if (t := training(run, n)) is not None},
         "eval": summary,
+        "constitution_code": constitution_code(run),
     }

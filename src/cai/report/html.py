@@ -654,6 +654,238 @@ def training_part(t: Mapping[str, Any], title: str) -> str:
     return "".join(out)
 
 
+# ---- the constitution as code ---------------------------------------------------------------
+
+# A results file whose content is not what its command writes is a note naming it, not a crash.
+MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+
+
+def pair_ci(value: Any, interval: Any, fmt: str = "{:.3f}") -> str:
+    """A value with its interval given as [low, high] (the cases, audit, diff and red-team summaries)."""
+    if value is None:
+        return "–"
+    if not interval or len(interval) != 2 or None in interval:
+        return num(value, fmt)
+    return f"{num(value, fmt)} <span class=reasons>[{num(interval[0], fmt)}, {num(interval[1], fmt)}]</span>"
+
+
+def _file_head(entry: Mapping[str, Any], what: str) -> str:
+    return f"<h4><code>{e(entry['file'])}</code>{(' · ' + what) if what else ''}</h4>"
+
+
+def _cases_part(entry: Mapping[str, Any]) -> str:
+    s = entry["summary"]
+    o = s["outcomes"]
+    out = [_file_head(entry, f"constitution {e(s.get('constitution', '?'))} <span class=reasons>"
+                             f"{e(s.get('constitution_hash', ''))}</span>, judge <code>{e(s.get('judge', '?'))}</code>"),
+           f"<p>passed {num(s['passed'], '{:d}')} of {num(s['n'], '{:d}')}: "
+           f"{pair_ci(s['pass_rate'], s.get('pass_ci'), '{:.0%}')}; failures: "
+           + (", ".join(f"{e(k.replace('_', ' '))} {num(v, '{:d}')}" for k, v in o.items() if k != "pass" and v)
+              or "none") + "</p>"]
+    out.append(table(["category", "cases", "passed", "pass rate (95% interval)"],
+                     [[e(c), num(v["n"], "{:d}"), num(v["passed"], "{:d}"), pair_ci(v["pass_rate"], v.get("pass_ci"),
+                                                                                       "{:.0%}")]
+                      for c, v in s["by_category"].items()], num_cols=[1, 2, 3]))
+    if entry.get("rows_error"):
+        out.append(f"<p class=note>The failing cases cannot be listed: {e(entry['rows_error'])}.</p>")
+    elif entry.get("failing"):
+        more = entry["failing_total"] - len(entry["failing"])
+        out.append(table(["failing case", "kind", "category", "expected", "outcome", "soft label", "principles", "note"],
+                         [[f"<code>{e(r.get('id'))}</code>", e(r.get("kind")), e(r.get("category")), e(r.get("expect")),
+                           e(r.get("outcome")) + (f" <span class=reasons>({e(r.get('reason'))})</span>"
+                                                  if r.get("reason") else ""),
+                           num(r.get("soft_label")), " ".join(f"<code>{e(p)}</code>" for p in r.get("principle_ids") or []),
+                           e(r.get("note") or "")] for r in entry["failing"]], num_cols=[5]))
+        if more > 0:
+            out.append(f"<p class=note>and {more} more failing cases in the rows file.</p>")
+    return "".join(out)
+
+
+def _flips(name: str, v: Mapping[str, Any]) -> list[str]:
+    return [name, num(v["n"], "{:d}"), pair_ci(v["soft"], v.get("soft_ci")), num(v["hard_flips"], "{:d}"),
+            pair_ci(v["hard"], v.get("hard_ci"), "{:.0%}")]
+
+
+def _diff_part(entry: Mapping[str, Any]) -> str:
+    s = entry["summary"]
+    a, b = s["a"], s["b"]
+    out = [_file_head(entry, f"{e(a['name'])} <span class=reasons>{e(a.get('hash'))}</span> → {e(b['name'])} "
+                             f"<span class=reasons>{e(b.get('hash'))}</span>, judge <code>{e(s.get('judge'))}</code>")]
+    rows = [_flips("<b>all pairs</b>", s["overall"])]
+    rows += [_flips(f"principle category {e(c)}", v) for c, v in s["by_principle_category"].items()]
+    rows += [_flips(f"harm category {e(c)}", v) for c, v in s["by_harm_category"].items()]
+    out.append(table(["pairs", "n", "soft flip: mean |p<sub>A</sub> − p<sub>B</sub>| (95%)", "hard flips",
+                      "hard flip rate (95%)"], rows, num_cols=[1, 2, 3, 4]))
+    missing = {side: v for side, v in (s.get("not_labelled") or {}).items() if v}
+    if missing:
+        out.append("<p class=note>Not labelled, left out: " + "; ".join(
+            f"under {e(side.upper())}: {reasons(v)}" for side, v in missing.items()) + ".</p>")
+    if s.get("top"):
+        replies = entry.get("replies") or {}
+
+        def pair(r: Mapping[str, Any]) -> str:
+            two = replies.get(r["record_id"]) or []
+            return "".join(f"<div class=reasons>response {k + 1}: {e(t)}</div>" for k, t in enumerate(two))
+
+        out.append(table(["pair that moved most", "prompt and responses", "category", "p under A", "p under B",
+                          "soft", "hard"],
+                         [[f"<code>{e(r['record_id'])}</code>", e(r.get("prompt")) + pair(r), e(r.get("category") or ""),
+                           num(r["p_a"]), num(r["p_b"]), num(r["soft"]), "flip" if r["hard"] else ""]
+                          for r in s["top"]], num_cols=[3, 4, 5]))
+        if entry.get("rows_error"):
+            out.append(f"<p class=note>Their responses cannot be shown: {e(entry['rows_error'])}.</p>")
+    return "".join(out)
+
+
+def _attribution_part(entry: Mapping[str, Any]) -> str:
+    s = entry["summary"]
+    c = s["consistency"]
+    out = [_file_head(entry, f"{num(s['rows'], '{:d}')} labelled pairs ({num(s['ok'], '{:d}')} usable); "
+                             f"stored labels recombined from their entries: {num(c['checked'] - c['mismatched'], '{:d}')}"
+                             f" of {num(c['checked'], '{:d}')} agree")]
+    rows = [[f"<code>{e(p['principle_id'])}</code>", e(p.get("category") or "?"), num(p["drawn"], "{:d}"),
+             num(p["usable"], "{:d}"), ci(p["decisiveness"], "mean"), rate_ci(p["decisive"]),
+             rate_ci(p["orders_agree"]), rate_ci(p["agree_label"]), rate_ci(p["agree_others"])]
+            for p in s["principles"] if p["drawn"]]
+    out.append(table(["principle", "category", "drawn", "usable", "decisiveness: mean |p − 0.5|",
+                      f"decisive (&gt; {num(s.get('margin'), '{:g}')})", "orders agree", "agrees with the label",
+                      "agrees with the others"], rows, num_cols=[2, 3, 4, 5, 6, 7, 8]))
+    notes = []
+    if s.get("never_drawn"):
+        notes.append("never drawn: " + " ".join(f"<code>{e(p)}</code>" for p in s["never_drawn"]))
+    if s.get("constitution_matches") is False:
+        notes.append("RUN/constitution.yaml is not the constitution these labels were made with")
+    if s.get("not_ok_by_reason"):
+        notes.append(f"not labelled: {reasons(s['not_ok_by_reason'])}")
+    if notes:
+        out.append(f"<p class=note>{'; '.join(notes)}.</p>")
+    return "".join(out)
+
+
+def _accuracy(pmr: Mapping[str, Any] | None) -> str:
+    if pmr is None:
+        return "–"
+    if not pmr.get("retrained"):
+        return f"<span class=reasons>{e(pmr.get('why') or 'not retrained')}</span>"
+    acc = pmr.get("accuracy")
+    if not acc:
+        return "<span class=reasons>no finished preference model</span>"
+    parts = []
+    for g in ("overall", "ai", "human"):
+        v = acc.get(g) or {}
+        if v.get("run") and v.get("ablated"):
+            parts.append(f"{e(g)} {pct(v['run']['accuracy'], 1)} → {pct(v['ablated']['accuracy'], 1)} "
+                         f"({num(v.get('change'), '{:+.3f}')}, n {num(v['ablated']['n'], '{:d}')})")
+    return "<br>".join(parts) or "–"
+
+
+def _ablation_part(entry: Mapping[str, Any]) -> str:
+    s = entry["summary"]
+    out = [_file_head(entry, f"by {e(s['by'])}, {num(s['pairs'], '{:d}')} labelled pairs, judge "
+                             f"<code>{e(s.get('feedback_model'))}</code>")]
+    rows = []
+    for a in s["ablations"]:
+        name = f"<code>{e(a['name'])}</code>"
+        if a.get("skipped"):
+            rows.append([name, f"<span class=reasons>skipped: {e(a['skipped'])}</span>", "", "", "", "", ""])
+            continue
+        lost = a.get("ablated_not_ok_by_reason")
+        rows.append([name, num(a["relabelled"], "{:d}"), ci(a["mean_abs_dp"], "mean"), rate_ci(a["flips"]),
+                     rate_ci(a["relabelled_flips"]), reasons(lost) or "–", _accuracy(a.get("pm"))])
+    out.append(table(["removed", "pairs relabelled", "label change: mean |Δp| (95%)", "flipped labels",
+                      "flipped among the relabelled", "not labelled without it", "retrained PM held-out accuracy"],
+                     rows, num_cols=[1, 2, 3, 4]))
+    if s.get("harm"):
+        out.append(f"<p class=note>Harm: {e(s['harm'])}.</p>")
+    return "".join(out)
+
+
+def _flag_row(name: str, v: Mapping[str, Any]) -> list[str]:
+    return [name, num(v["n"], "{:d}"), num(v["judged"], "{:d}"), num(v["flagged"], "{:d}"),
+            pair_ci(v["flag_rate"], v.get("flag_ci"), "{:.0%}"), num(v.get("abstain"), "{:d}"),
+            num(v.get("failed"), "{:d}")]
+
+
+def _audit_part(entry: Mapping[str, Any]) -> str:
+    s = entry["summary"]
+    out = [_file_head(entry, f"<code>{e(s.get('input', '?'))}</code>, judge <code>{e(s.get('judge'))}</code>, "
+                             f"threshold {num(s['threshold'], '{:g}')}"),
+           f"<p>{num(s['flagged'], '{:d}')} of {num(s['judged'], '{:d}')} judged replies flagged: "
+           f"{pair_ci(s['flag_rate'], s.get('flag_ci'), '{:.0%}')} ({num(s['n'], '{:d}')} replies"
+           + (f"; not judged: {reasons(s['not_ok_by_reason'])}" if s.get("not_ok_by_reason") else "")
+           + (f"; skipped: {reasons(s['skipped'])}" if s.get("skipped") else "") + ").</p>"]
+    head = ["", "n", "judged", "flagged", "flag rate (95%)", "abstained", "failed"]
+    out.append(table(["principle", *head[1:], "mean score"],
+                     [[*_flag_row(f"<code>{e(p)}</code>", v), num(v.get("mean_score"))]
+                      for p, v in s["by_principle"].items()], num_cols=[1, 2, 3, 4, 5, 6, 7]))
+    out.append(table(["category", *head[1:]], [_flag_row(e(c), v) for c, v in s["by_category"].items()],
+                     num_cols=[1, 2, 3, 4, 5, 6]))
+    return "".join(out)
+
+
+def _redteam_part(entry: Mapping[str, Any]) -> str:
+    s = entry["summary"]
+    out = [_file_head(entry, f"generator <code>{e(s.get('generator'))}</code>"),
+           f"<p>kept {num(s['kept'], '{:d}')} of {num(s['candidates'], '{:d}')} candidates: "
+           f"{pair_ci(s['kept_rate'], s.get('kept_interval'), '{:.0%}')}"
+           + (f"; rejected: {reasons(s['rejected_by_reason'])}" if s.get("rejected_by_reason") else "") + ".</p>"]
+    out.append(table(["category", "seeds", "candidates", "kept", "rejected by reason"],
+                     [[e(c), num(v["seeds"], "{:d}"), num(v["candidates"], "{:d}"), num(v["kept"], "{:d}"),
+                       reasons(v["rejected_by_reason"]) or "–"] for c, v in s["by_category"].items()],
+                     num_cols=[1, 2, 3]))
+    out.append(table(["diversity", "prompts", "mean words", "distinct-1", "distinct-2", "distinct-3",
+                      "self-similarity (words)", "self-similarity (3-grams)"],
+                     [[e(k), num(d["prompts"], "{:d}"), num(d["mean_words"], "{:.1f}"), num(d["distinct_1"]),
+                       num(d["distinct_2"]), num(d["distinct_3"]), num(d["self_similarity_1"]),
+                       num(d["self_similarity_3"])] for k, d in s["diversity"].items()],
+                     num_cols=[1, 2, 3, 4, 5, 6, 7]))
+    if "probes" in s:
+        p = s["probes"]
+        out.append(f"<p class=note>Multi-turn probes: {num(p.get('ok'), '{:d}')} of {num(p.get('probes'), '{:d}')} "
+                   f"written.</p>")
+    return "".join(out)
+
+
+CODE_PARTS: tuple[tuple[str, str, str, Callable[[Mapping[str, Any]], str]], ...] = (
+    ("cases", "Regression cases", "<code>cai constitution test</code>: each case's soft label against the side the "
+     "constitution should take; pass rates with 95% Wilson intervals.", _cases_part),
+    ("diff", "Behavioural diffs", "<code>cai constitution diff A B --pairs RUN</code>: the run's pairs relabelled "
+     "under A and under B. Soft flip: mean |p<sub>A</sub> − p<sub>B</sub>| with a bootstrap interval; hard: the "
+     "label changed side (Wilson interval).", _diff_part),
+    ("attribution", "Attribution", "<code>cai eval attribution RUN</code>: per preference principle of the run's AI "
+     "labels, how often drawn, how decisive, and how often it agrees with the label and with the other principles of "
+     "the pair (95% intervals).", _attribution_part),
+    ("ablation", "Ablations", "<code>cai eval ablate RUN</code>: the run's pairs relabelled with each principle (or "
+     "category) removed; the label change against the run's labels, and with <code>--retrain</code> the held-out "
+     "accuracy of a preference model trained on the new labels.", _ablation_part),
+    ("audit", "Audits", "<code>cai audit FILE</code>: stored replies judged against each critique principle; a reply "
+     "is flagged when any principle's score is above the threshold.", _audit_part),
+    ("redteam", "Red-team generation", "<code>cai redteam generate</code>: candidates kept and rejected by reason, "
+     "and the diversity of the kept prompts beside their seeds'.", _redteam_part),
+)
+
+
+def constitution_code_section(cc: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """The results of the constitution-as-code commands found in the run (cai/report/data.py
+    `CODE_RESULTS`); a file that is malformed is a one-line note naming it."""
+    out = []
+    for kind, title, note, render in CODE_PARTS:
+        entries = cc.get(kind) or []
+        if not entries:
+            continue
+        out.append(f"<h3>{e(title)}</h3><p class=note>{note}</p>")
+        for entry in entries:
+            if "error" in entry:
+                out.append(f"<p class=note>Not shown: <code>{e(entry['file'])}</code> is {e(entry['error'])}.</p>")
+                continue
+            try:
+                out.append(render(entry))
+            except MALFORMED as x:
+                out.append(f"<p class=note>Not shown: <code>{e(entry['file'])}</code> is not a summary this "
+                           f"version writes ({e(type(x).__name__)}: {e(x)}).</p>")
+    return section("constitution-code", "The constitution as code", "".join(out))
+
+
 # ---- the page -------------------------------------------------------------------------------
 
 
@@ -683,6 +915,8 @@ def page(d: Mapping[str, Any]) -> str:
             if n == "dpo":
                 body += held_out(tr[n].get("eval"), "DPO's implicit reward")
         parts.append(("training", "PPO / DPO / SFT", section("training", "Training: SFT, PPO, DPO", body)))
+    if d.get("constitution_code"):
+        parts.append(("constitution-code", "Constitution as code", constitution_code_section(d["constitution_code"])))
     nav = "".join(f"<a href=\"#{a}\">{e(t)}</a>" for a, t, _ in parts)
     when = time.strftime("%Y-%m-%d %H:%M %Z")
     return (

@@ -472,7 +472,7 @@ def run(cfg: PipelineConfig, factory: Callable[[str], Callable[[], LM]], release
                 def reward(path: str) -> Any:
                     return load_reward(path, device=cfg.model.device)
             rows, pm_summary = pm_view(reward(pm_path), names, records, sl_rows, ev.bootstrap, cfg.seed)
-            pm_summary = {"model": pm_path, **suite._r(pm_summary)}
+            pm_summary = {"model": pm_path, **suite.rounded(pm_summary)}
             stage.rows_path.unlink(missing_ok=True)
             stage.append(rows)
             write_json(summary_path, pm_summary)
