@@ -99,3 +99,16 @@ def test_trained_models_join_the_inputs_fingerprint(tmp_path, monkeypatch):
     prefs_hash = Stage.view(run_dir, "preferences").content_hash()
     sft_dir, pm_dir = str(run_dir / "sft" / "model"), str(run_dir / "pm" / "model")
     assert got == {"ppo": (f"{prompts_hash}:fp-sft:fp-pm", sft_dir, pm_dir), "dpo": (f"{prefs_hash}:fp-sft", sft_dir)}
+
+
+def test_the_judge_of_the_commands_is_the_feedback_model_and_sft_means_the_run_s_model(tmp_path):
+    import pytest
+
+    cfg = load_config("configs/quickstart.yaml", [f"run_dir={tmp_path}", "feedback.model=some/judge", "model.dtype=float32"])
+    mc = pipeline.judge_config(cfg)
+    assert mc.name == "some/judge" and mc.dtype == "float32" and mc.backend == cfg.model.backend
+    sft_cfg = load_config("configs/quickstart.yaml", [f"run_dir={tmp_path}", "feedback.model=sft"])
+    with pytest.raises(pipeline.PipelineError, match="stage 'sft' has no finished model"):
+        pipeline.judge_config(sft_cfg)
+    _finished(tmp_path, "sft", "fp-sft", model=True)
+    assert pipeline.judge_config(sft_cfg).name == str(tmp_path / "sft" / "model")

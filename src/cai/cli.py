@@ -278,6 +278,7 @@ def constitution_test(args: argparse.Namespace) -> int:
     from cai import constitution as C
     from cai.evals import cases as cases_mod
     from cai.lm import load_lm
+    from cai.pipeline import judge_config
 
     if not 0.0 <= args.min_pass <= 1.0:
         raise ValueError(f"--min-pass must be in [0, 1], got {args.min_pass}")
@@ -288,7 +289,7 @@ def constitution_test(args: argparse.Namespace) -> int:
     constitution = C.load(args.constitution)
     path = rest[0] if rest else cases_mod.cases_path_for(constitution)
     cases = cases_mod.read_cases(path, constitution)  # every case is checked before the model loads
-    lm = load_lm(dataclasses.replace(cfg.model, name=cfg.feedback.model))
+    lm = load_lm(judge_config(cfg))
     with tqdm(total=len(cases), desc="cases", unit="case") as bar:
         rows = cases_mod.run_cases(lm, constitution, cases, cfg.feedback, cfg.seed, bar.update)
     summary = cases_mod.summarise(rows)
@@ -384,6 +385,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from cai.constitution import load as load_constitution
     from cai.evals import labeller
     from cai.lm import load_lm
+    from cai.pipeline import judge_config
     from cai.sources import read_items
 
     files, cfg = command_config(args, [*args.files, *args.overrides])
@@ -398,7 +400,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not any(s.items for s in sources):
         raise ValueError(f"no usable items in {', '.join(files)}")
     # The judge is the feedback stage's: its settings, and the model config under its model name.
-    lm = load_lm(dataclasses.replace(cfg.model, name=cfg.feedback.model))
+    lm = load_lm(judge_config(cfg))
     report = labeller.run(sources, lm, constitution, cfg.feedback, cfg.seed, args.principle, args.out)
     print(labeller.table(report))
     if args.out:
@@ -462,6 +464,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from cai import constitution as C
     from cai.evals import audit
     from cai.lm import load_lm
+    from cai.pipeline import judge_config
 
     if not 0.0 <= args.threshold < 1.0:
         raise ValueError(f"--threshold must be in [0, 1), got {args.threshold}")
@@ -477,7 +480,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     pids = audit.principles_to_check(constitution, args.principle)
 
     def judge_lm():
-        return load_lm(dataclasses.replace(cfg.model, name=cfg.feedback.model))
+        return load_lm(judge_config(cfg))
 
     if serving:
         return audit_serve(args, cfg, constitution, pids, judge_lm)

@@ -101,6 +101,13 @@ def policy_model(cfg: PipelineConfig, name: str) -> tuple[str, str]:
     return _trained(cfg, "sft") if name == "sft" else (name, name)
 
 
+def judge_config(cfg: PipelineConfig) -> Any:
+    """The model config of the feedback stage's judge, which every command that asks its questions
+    uses: `cfg.model` under the name `feedback.model` (`sft`: this run's SL-CAI model)."""
+    name, _ = policy_model(cfg, cfg.feedback.model)
+    return dataclasses.replace(cfg.model, name=name)
+
+
 def select(start: str | None, stop: str | None, method: str = "ppo", evaluate: bool = False) -> list[str]:
     """The stages from `start` to `stop` that run with `rl.method` = `method`; `evaluate` only when
     `eval.enabled` (`evaluate`)."""

@@ -36,7 +36,6 @@ to `--out` when given.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import re
@@ -324,12 +323,13 @@ def run(run_dir: str | Path, a: Constitution, b: Constitution, overrides: Sequen
     is also written to the folder's `report.json`. `lm_factory` builds the judge (default: the run's
     feedback model with the overrides); `on_chunk(i)` follows each written chunk (tests stop a run
     with it)."""
+    from cai import pipeline
     from cai.lm import load_lm
     from cai.stages.chunked import run_chunks
 
     cfg = run_config(run_dir, overrides)
     pair_list = run_pairs(run_dir, limit)
-    mc = dataclasses.replace(cfg.model, name=cfg.feedback.model)
+    mc = pipeline.judge_config(cfg)
     settings = plain({"a": a.hash, "b": b.hash, "judge": model_identity(mc), "feedback": cfg.feedback,
                       "seed": cfg.seed, "pairs": Stage.view(run_dir, pairs.NAME).content_hash()})
     stage, changed = open_folder(Path(folder) if folder else default_folder(run_dir, a, b), settings)
