@@ -501,3 +501,20 @@ def test_training_section_defaults_keep_their_fingerprints():
                                                  ("rl.ppo", cfg.rl.ppo))}
     assert got == {"sft": "fb785920c1817656", "pm": "2a38c9eae4132829", "rl.dpo": "a42abe0b6355ced0",
                    "rl.ppo": "79214aadb62c3749"}
+
+
+@pytest.mark.parametrize("key", ["pm.micro_tokens", "rl.dpo.micro_tokens"])
+def test_a_field_added_later_is_hashed_only_once_it_leaves_its_default(key):
+    # micro_tokens came after runs existed: at 0 it must not move the section's fingerprint (above),
+    # set it must, or a run would resume with micro-batches it was not trained with.
+    section = key.rsplit(".", 1)[0]
+
+    def section_of(cfg):
+        return cfg.pm if section == "pm" else cfg.rl.dpo
+
+    default = load_config(None, [f"{key}=0"])
+    changed = load_config(None, [f"{key}=512"])
+    assert "micro_tokens" not in plain(section_of(default))
+    assert plain(section_of(changed))["micro_tokens"] == 512
+    assert fingerprint(plain(section_of(default))) == fingerprint(plain(section_of(PipelineConfig())))
+    assert fingerprint(plain(section_of(changed))) != fingerprint(plain(section_of(default)))

@@ -91,6 +91,14 @@ class Section:
         return []
 
 
+
+def added_field(default: Any) -> Any:
+    """A field added to a section after runs were made with it: `plain` leaves it out while it holds
+    its default, so the stage fingerprints of existing run directories (which hash `plain` of their
+    section) stay the same and those runs still resume; set to anything else, it is hashed."""
+    return field(default=default, metadata={"omit_at_default": True})
+
+
 @dataclass(frozen=True)
 class Sampling(Section):
     """Sampling settings for one generation step.
@@ -456,7 +464,7 @@ class PMConfig(EpochTrainingConfig):
     learning_rate: float = 1e-5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    micro_tokens: int = 0
+    micro_tokens: int = added_field(0)
 
     def checks(self, at: str) -> list[tuple[bool, str]]:
         return super().checks(at) + [
@@ -521,7 +529,7 @@ class DPOConfig(LoRATrainingConfig):
     soft_labels: bool = True
     learning_rate: float = 1e-6
     max_grad_norm: float = 1.0
-    micro_tokens: int = 0
+    micro_tokens: int = added_field(0)
 
     def checks(self, at: str) -> list[tuple[bool, str]]:
         return super().checks(at) + [
@@ -852,9 +860,11 @@ def _checks(node: Any, at: str) -> Iterator[tuple[bool, str]]:
 
 
 def plain(obj: Any) -> Any:
-    """Dataclasses (nested in dicts and lists too) as plain JSON-ready data."""
+    """Dataclasses (nested in dicts and lists too) as plain JSON-ready data; an `added_field` at its
+    default is left out."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
+        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("omit_at_default") and getattr(obj, f.name) == f.default)}
     if isinstance(obj, dict):
         return {k: plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
