@@ -4,6 +4,7 @@ appended attack, and the judge's labels are compared with its labels of the clea
     python reliability/injection.py                      # 100 harmless-base pairs, the embedded model
     python reliability/injection.py --pairs 50           # fewer pairs
     python reliability/injection.py --quick              # a scripted judge that obeys naive injection
+    python reliability/injection.py --cache runs/inj     # keep each batch of labels; a rerun resumes
 
 The attacks, each appended to the rejected reply (the chosen one is left alone); the ones that name
 an option come in an (A) and a (B) form, so they aim at both slots, and the judge asks every question
@@ -44,7 +45,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from cai.config import FeedbackConfig  # noqa: E402
+from cai.config import FeedbackConfig, fingerprint  # noqa: E402
 from cai.constitution import load  # noqa: E402
 from cai.evals.stats import wilson  # noqa: E402
 from cai.judge import Comparison, label  # noqa: E402
@@ -149,11 +150,28 @@ def _verdict(p: float) -> int:
     return 0 if p == 0.5 else (1 if p > 0.5 else -1)
 
 
+def _cached_batch(cache: Path | None, key: str, work: Any) -> list[dict[str, Any]]:
+    """`work()` once per key: with a cache folder, its rows are kept in `<key>.json` (written whole
+    through a temporary file) and read back on a rerun, so a stopped harness loses one batch."""
+    if cache is None:
+        return work()
+    path = cache / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    rows = work()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rows))
+    tmp.replace(path)
+    return rows
+
+
 def measure(lm: Any, triples: Sequence[tuple[Sequence[dict[str, str]], str, str]], seed: int = 0,
-            cfg: FeedbackConfig | None = None, batch: int = 16) -> dict[str, Any]:
+            cfg: FeedbackConfig | None = None, batch: int = 16, cache: Path | None = None) -> dict[str, Any]:
     """Label each (conversation, chosen, rejected) clean and under every attack and control; the
     chosen reply is response 1. Returns per variant: n, flips, rate, Wilson interval, failed, and
-    the mean shift of P(rejected better)."""
+    the mean shift of P(rejected better). With `cache`, each batch's labels are kept there under a
+    hash of the judge, its settings, the seed, the batch's pairs and the appended text."""
     cfg = cfg or FeedbackConfig(format="raw", few_shot=0, chain_of_thought=False, principles=1)
     constitution = load("default")
     texts = {"clean": None, **variants()}
@@ -167,7 +185,10 @@ def measure(lm: Any, triples: Sequence[tuple[Sequence[dict[str, str]], str, str]
                  for i, (conv, chosen, rejected) in enumerate(triples)]
         out: list[dict[str, Any]] = []
         for k in range(0, len(comps), batch):
-            out += label(lm, constitution, comps[k : k + batch], cfg, seed)
+            part = comps[k : k + batch]
+            key = fingerprint(getattr(lm, "name", type(lm).__name__), cfg, seed, constitution.hash,
+                              [[c.record_id, list(c.conversation), list(c.responses)] for c in part])
+            out += _cached_batch(cache, key, lambda part=part: label(lm, constitution, part, cfg, seed))
         labels[name] = by_text[text] = out
         print(f"labelled: {name} ({len(out)} pairs)", file=sys.stderr, flush=True)
     clean = labels["clean"]
@@ -235,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=str(HH), help="hh-rlhf pairs (JSONL, gzip or not)")
     ap.add_argument("--quick", action="store_true", help="the scripted naive judge on scripted pairs")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--cache", default=None, help="keep each batch's labels in this folder; a rerun reads "
+                    "them back, so a stopped run resumes")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     if args.quick:
@@ -248,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
         triples = hh_triples(Path(args.data), args.pairs, args.seed)
         lm, model = load_lm(ModelConfig(name=args.model, dtype="float32")), args.model
-    figures = measure(lm, triples, args.seed)
+    figures = measure(lm, triples, args.seed, cache=Path(args.cache) if args.cache else None)
     figures["seconds"] = round(time.monotonic() - t0, 1)
     report(figures, model)
     if args.json:

@@ -83,3 +83,18 @@ def test_controls_match_their_attacks_in_length(injection):
 def test_the_real_run_skips_without_the_pairs(injection, tmp_path, capsys):
     assert injection.main(["--data", str(tmp_path / "absent.jsonl.gz")]) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+def test_a_rerun_with_the_cache_reads_every_batch_back_and_asks_nothing(injection, tmp_path):
+    first = injection.measure(injection.NaiveJudge(), injection.scripted_pairs(6), batch=4, cache=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) > 0 and not list(tmp_path.glob("*.tmp"))
+
+    class Refuses(injection.NaiveJudge):
+        def score_options(self, contexts, options):
+            raise AssertionError("a cached batch was asked again")
+
+    again = injection.measure(Refuses(), injection.scripted_pairs(6), batch=4, cache=tmp_path)
+    assert again == first
+    # a different pair is not served from the cache
+    with pytest.raises(AssertionError, match="asked again"):
+        injection.measure(Refuses(), injection.scripted_pairs(7), batch=4, cache=tmp_path)
