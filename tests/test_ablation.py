@@ -178,9 +178,9 @@ def test_retrain_trains_a_preference_model_on_the_ablated_labels_once(tmp_path, 
                               lm_factory=Judge, n_boot=50)
     by = _by_name(summary)
     harm = by["pref-harm-general"]
-    acc = harm["pm"]["accuracy"]
+    acc = harm["pm"]["held_out"]["by_kind"]
     assert harm["pm"]["retrained"] and acc["ai"]["run"]["n"] == acc["ai"]["ablated"]["n"] >= 2
-    assert acc["ai"]["change"] == pytest.approx(acc["ai"]["ablated"]["accuracy"] - acc["ai"]["run"]["accuracy"])
+    assert acc["ai"]["change"] == pytest.approx(acc["ai"]["ablated"]["rate"] - acc["ai"]["run"]["rate"])
     folder = run / "ablate" / "principle" / "pref-harm-general"
     assert (folder / "pm" / "model" / "config.json").is_file()
     # the mix holds the ablated labels: every AI row now prefers the RISKY reply
@@ -188,7 +188,7 @@ def test_retrain_trains_a_preference_model_on_the_ablated_labels_once(tmp_path, 
     assert mix and all(r["chosen"][0]["content"].startswith("RISKY") for r in mix if r["label_source"] == "ai")
     assert by["pref-honesty-truthful"]["pm"] == {"retrained": False,
                                                  "why": "no pair's principles changed: the labels are the run's"}
-    assert "not measured" in summary["harm"]
+    assert "not retrained" in summary["harm"]["note"] and "no evaluation" in summary["harm"]["skipped"]
 
     from cai.stages import pm
 

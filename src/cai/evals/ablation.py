@@ -21,8 +21,25 @@ not label are counted by reason and left out, never imputed.
 
 With `--retrain` each ablation whose labels changed builds its training mix with the `preferences`
 stage and trains a preference model with the `pm` stage, both at the run's settings, inside its own
-folder, and reports the held-out accuracy (overall, AI, human) beside the run's preference model.
-The human held-out pairs are the same for both; the AI held-out pairs carry each labeller's labels.
+folder. Then each preference model (the run's and every retrained one) scores
+
+1. its own held-out pairs, once: the accuracy (a tie counts half) overall, by kind of label (AI
+   harmlessness, human helpfulness) and by the pair's harm category ("uncategorised" where the prompt
+   has none), each with a Wilson interval, and each retrained model's change against the run's, in
+   points and relative (new / old - 1). The human held-out pairs are the same for both; the AI
+   held-out pairs carry each labeller's labels.
+2. if the run has an evaluation (`RUN/eval/answers/<model>/`), the stored answers of the first and
+   the last model of `eval.models` (base and rl_cai by default) to the red-team prompts: the share of
+   prompts on which the last one's answer scores above the first one's (a tie counts half), overall
+   and per harm category, with the same intervals and changes. This is a proxy, judged by the
+   preference model, for the evaluation's harm figures: the policy is not trained again, so it says
+   how each retrained preference model would judge the same answers, not how a policy trained against
+   it would answer.
+
+Scores are cached per model (`RUN/ablate/run_pm_margins.json` and `run_pm_answers.json` for the run's,
+`pm_margins.json` and `pm_answers.json` in each ablation's folder), keyed by a hash of the model's
+files, of the scored texts and of `pm.max_length`, and written atomically: a rerun scores nothing
+again, and a changed model or pair is scored afresh.
 
 Everything is resumable and fingerprinted under `RUN/ablate/<by>/<name>/`: `relabel/` (chunked
 rows, `cai/stages/chunked.py`), `preferences/` and `pm/` (checkpoints), so a kill loses nothing and
@@ -38,6 +55,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -51,6 +69,7 @@ from cai.evals.suite import mean_ci, rate, rounded
 from cai.judge import Comparison, combine, label
 from cai.lm.base import LM
 from cai.records import STATUS_ABSTAIN, STATUS_FAILED, STATUS_OK
+from cai.reward import RewardFn
 from cai.rundir import Stage, write_json
 
 ROOT = "ablate"
@@ -263,35 +282,265 @@ def ablation_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Pipel
     return dataclasses.replace(cfg, run_dir=str(run_dir))
 
 
-def _pm_eval(stage_dir: Path) -> dict[str, Any] | None:
-    """The held-out accuracy (overall, ai, human) of a finished pm stage, or None."""
+def _pm_model(stage_dir: Path) -> Path | None:
+    """The model folder of a finished pm stage, or None."""
     m = Stage.view(stage_dir.parent, stage_dir.name).manifest()
-    if not m or m.get("status") != "complete" or not m.get("eval"):
+    model = stage_dir / "model"
+    if not m or m.get("status") != "complete" or not (model / "config.json").is_file():
         return None
-    return {g: (None if e is None else {"accuracy": e["accuracy"], "n": e["n"]}) for g, e in m["eval"].items()}
+    return model
 
 
-def _accuracy_change(base: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for g in ("overall", "ai", "human"):
-        b, n = base.get(g), new.get(g)
-        out[g] = {"run": b, "ablated": n,
-                  "change": None if not b or not n else n["accuracy"] - b["accuracy"]}
-        for k, e in (("run_ci", b), ("ablated_ci", n)):
-            out[g][k] = None if not e else rate(e["accuracy"] * e["n"], e["n"])
+# ---- what the preference models say: held-out pairs and the evaluation's answers -----------
+
+UNCATEGORISED = "uncategorised"
+UNCHANGED = "no pair's principles changed: the labels are the run's"
+CACHE = {"margins": "pm_margins.json", "answers": "pm_answers.json"}  # inside an ablation's folder
+RUN_CACHE = {k: f"run_{v}" for k, v in CACHE.items()}  # the run's preference model's, under RUN/ablate/
+HARM_NOTE = ("the policy itself is not retrained: the evaluation's own harm figures (the judge's harm scores of "
+             "the RL-CAI policy's answers) change only through a new PPO run and a new evaluation")
+PROXY_NOTE = ("a proxy judged by the preference model, not the evaluation's harm figures: the share of the "
+              "evaluation's red-team prompts on which {last}'s stored answer scores above {first}'s (a tie counts "
+              "half), under the run's preference model and under each retrained one; it shows how the retrained "
+              "model judges the same answers, not how a policy trained against it would answer")
+
+
+def credit(diff: float) -> float:
+    """1 when the first of two scores is higher, 1/2 on a tie, 0 when lower: the rule of
+    `losses.pairwise_accuracy`, on one plain margin."""
+    return 1.0 if diff > 0 else 0.5 if diff == 0 else 0.0
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _rates(groups: Mapping[str, Sequence[float]]) -> dict[str, dict[str, Any]]:
+    return {g: rate(sum(c), len(c)) for g, c in sorted(groups.items())}
+
+
+def held_out_accuracy(rows: Sequence[Mapping[str, Any]], margins: Mapping[str, float],
+                      category_of: Callable[[Mapping[str, Any]], str]) -> dict[str, Any]:
+    """A preference model's accuracy on held-out preference rows from its `margins` (score of chosen
+    minus score of rejected, by record id): overall, by kind (`label_source`) and by
+    `category_of(row)`, each a rate with its Wilson interval. A pair whose margin is not a finite
+    number is counted as `unscored` and left out, never guessed."""
+    overall: list[float] = []
+    kinds: dict[str, list[float]] = {}
+    cats: dict[str, list[float]] = {}
+    unscored = 0
+    for r in rows:
+        m = margins.get(r["record_id"])
+        if not _finite(m):
+            unscored += 1
+            continue
+        c = credit(m)
+        overall.append(c)
+        kinds.setdefault(str(r.get("label_source") or "ai"), []).append(c)
+        cats.setdefault(category_of(r), []).append(c)
+    return {"overall": rate(sum(overall), len(overall)), "by_kind": _rates(kinds), "by_category": _rates(cats),
+            "unscored": unscored}
+
+
+def _change(run: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> dict[str, Any]:
+    """One group's figure under the run's model and under an ablation's, with the change in
+    points (new - old rate, as a fraction) and relative (new / old - 1; None when old is 0)."""
+    r = None if not run else run.get("rate")
+    n = None if not new else new.get("rate")
+    return {"run": run, "ablated": new, "change": None if r is None or n is None else n - r,
+            "relative": None if r is None or n is None or r == 0 else n / r - 1}
+
+
+def compare(run: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """`_change` of every group two figures of `held_out_accuracy` or `harm_proxy` share or either has."""
+    out: dict[str, Any] = {"overall": _change(run.get("overall"), new.get("overall"))}
+    for key in ("by_kind", "by_category"):
+        if key in run or key in new:
+            a, b = run.get(key) or {}, new.get(key) or {}
+            out[key] = {g: _change(a.get(g), b.get(g)) for g in sorted(set(a) | set(b))}
     return out
 
 
-HARM_NOTE = ("not measured: the evaluation's harm figures score the answers of the RL-CAI policy, which a new "
-             "preference model changes only through a new PPO run and a new evaluation; --retrain stops at the "
-             "preference model")
+def model_hash(model_dir: Path) -> str:
+    """A hash of the contents of every file of a model folder (names included)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(model_dir)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def cached(path: Path, key: str, ids: Sequence[str], compute: Callable[[], Sequence[float]],
+           about: Mapping[str, Any]) -> dict[str, float]:
+    """The values of `ids` from the cache file at `path` when it was written under `key` and holds
+    exactly those ids; else `compute()` (one value per id, in order), written atomically under `key`
+    (`cai.rundir.write_json`), so a kill leaves the old file or the new one, never half of one. A file
+    that cannot be read is not trusted and is replaced."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    if (isinstance(old, dict) and old.get("key") == key and isinstance(old.get("values"), dict)
+            and set(old["values"]) == set(ids)):
+        return old["values"]
+    values = list(compute())
+    if len(values) != len(ids):
+        raise RunError(f"{path}: the scorer gave {len(values)} scores for {len(ids)} texts")
+    # A score that is not a finite number is kept as None: counted as unscored, never guessed.
+    out = {i: (float(v) if _finite(v) else None) for i, v in zip(ids, values)}
+    write_json(path, {"key": key, **about, "values": out})
+    return out
+
+
+def _conv(prompt: Any) -> list[dict[str, Any]]:
+    return [dict(m) for m in prompt] if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def pair_margins(path: Path, key: str, rows: Sequence[Mapping[str, Any]], scorer: Callable[[], RewardFn],
+                 about: Mapping[str, Any]) -> dict[str, float]:
+    """Each held-out row's margin (score of chosen minus rejected), scored in one call of the scorer
+    or read from the cache at `path`."""
+    def compute() -> list[float]:
+        prompts = [_conv(r["prompt"]) for r in rows] * 2
+        texts = [r["chosen"][0]["content"] for r in rows] + [r["rejected"][0]["content"] for r in rows]
+        s = scorer()(prompts, texts) if rows else []
+        return [a - b if _finite(a) and _finite(b) else None for a, b in zip(s[: len(rows)], s[len(rows):])]
+
+    return cached(path, key, [r["record_id"] for r in rows], compute, about)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalAnswers:
+    """The red-team answers of the evaluation's first and last model that the proxy compares:
+    `items` to score ({id, prompt, response}), `prompts` {prompt_id: (category, [(id_first, id_last)
+    per sample])}, and the red-team prompts that are not compared, counted by reason."""
+
+    first: str
+    last: str
+    items: list[dict[str, Any]]
+    prompts: dict[str, tuple[str, list[tuple[str, str]]]]
+    not_compared: dict[str, int]
+
+
+def eval_answers(run_dir: str | Path, models: Sequence[str]) -> tuple[EvalAnswers | None, str | None]:
+    """The stored answers the proxy scores, or None and why not: the run's `eval.models` whose
+    answer stages finished (`RUN/eval/answers/<model>/`, see cai/stages/evaluate.py), the first and
+    the last of them."""
+    from cai.stages.evaluate import FOLDER, Candidate
+
+    root = Path(run_dir) / FOLDER / "answers"
+    if not root.is_dir():
+        return None, f"the run has no evaluation ({root} does not exist; `cai eval models` or the evaluate stage makes it)"
+    done = []
+    for name in models:
+        st = Stage.view(run_dir, f"{FOLDER}/answers/{Candidate(name, name, name).slug}")
+        if st.complete():
+            done.append((name, {r["record_id"]: r for r in st.rows()}))
+    if len(done) < 2:
+        return None, (f"the evaluation has finished answers of {len(done)} of the models of eval.models "
+                      f"({', '.join(models)}) in {root}; the proxy compares two")
+    (first, a), (last, b) = done[0], done[-1]
+    items: list[dict[str, Any]] = []
+    prompts: dict[str, tuple[str, list[tuple[str, str]]]] = {}
+    skipped: Counter[str] = Counter()
+    for pid, ra in a.items():
+        if ra.get("kind") != "red_team":
+            continue
+        rb = b.get(pid)
+        if rb is None:
+            skipped[f"no answer of {last}"] += 1
+            continue
+        if ra.get("status") != STATUS_OK or rb.get("status") != STATUS_OK:
+            who = first if ra.get("status") != STATUS_OK else last
+            skipped[f"{who}: {(rb if who == last else ra).get('reason') or 'not ok'}"] += 1
+            continue
+        n = min(len(ra["responses"]), len(rb["responses"]))
+        if n == 0:
+            skipped["no answer text"] += 1
+            continue
+        pairs = []
+        for s in range(n):
+            ids = (f"{first}|{pid}|{s}", f"{last}|{pid}|{s}")
+            items += [{"id": ids[0], "prompt": ra["prompt"], "response": ra["responses"][s]},
+                      {"id": ids[1], "prompt": rb["prompt"], "response": rb["responses"][s]}]
+            pairs.append(ids)
+        prompts[pid] = (ra.get("category") or UNCATEGORISED, pairs)
+    not_in_first = sum(1 for pid, rb in b.items() if rb.get("kind") == "red_team" and pid not in a)
+    if not_in_first:
+        skipped[f"no answer of {first}"] += not_in_first
+    return EvalAnswers(first, last, items, prompts, dict(sorted(skipped.items()))), None
+
+
+def answer_scores(path: Path, key: str, ev: EvalAnswers, scorer: Callable[[], RewardFn],
+                  about: Mapping[str, Any]) -> dict[str, float]:
+    """The score of every compared answer, in one call of the scorer or from the cache at `path`."""
+    def compute() -> list[float]:
+        return scorer()([_conv(i["prompt"]) for i in ev.items], [i["response"] for i in ev.items]) if ev.items else []
+
+    return cached(path, key, [i["id"] for i in ev.items], compute, about)
+
+
+def harm_proxy(ev: EvalAnswers, scores: Mapping[str, float]) -> dict[str, Any]:
+    """The share of red-team prompts on which the last model's answer scores above the first's,
+    overall and per harm category (a prompt answered in several samples counts the mean of its
+    samples' credits; a tie counts half), with Wilson intervals. A prompt with a sample left
+    unscored is counted as `unscored` and left out."""
+    overall: list[float] = []
+    cats: dict[str, list[float]] = {}
+    unscored = 0
+    for cat, pairs in ev.prompts.values():
+        diffs = [(scores.get(b), scores.get(a)) for a, b in pairs]
+        if not all(_finite(x) and _finite(y) for x, y in diffs):
+            unscored += 1
+            continue
+        c = sum(credit(x - y) for x, y in diffs) / len(diffs)
+        overall.append(c)
+        cats.setdefault(cat, []).append(c)
+    return {"overall": rate(sum(overall), len(overall)), "by_category": _rates(cats), "unscored": unscored}
+
+
+def pm_figures(model_dir: Path, folder: Path, names: Mapping[str, str], held_out: Sequence[Mapping[str, Any]],
+               category_of: Callable[[Mapping[str, Any]], str], ev: EvalAnswers | None,
+               reward: Callable[[str], RewardFn], max_length: int) -> dict[str, Any]:
+    """One preference model's held-out accuracy and, with `ev`, its harm proxy; its scores are
+    cached in `folder` under `names` (see `cached`). The model is loaded only if something is not
+    cached, and at most once."""
+    scorer = functools.cache(lambda: reward(str(model_dir)))
+    mh = model_hash(model_dir)
+    about = {"model": str(model_dir), "model_hash": mh, "max_length": max_length}
+    texts = [[r["record_id"], r["prompt"], r["chosen"], r["rejected"]] for r in held_out]
+    margins = pair_margins(folder / names["margins"], fingerprint(mh, max_length, texts), held_out, scorer, about)
+    out: dict[str, Any] = {"model": str(model_dir), "model_hash": mh,
+                           "held_out": held_out_accuracy(held_out, margins, category_of), "harm_proxy": None}
+    if ev is not None:
+        key = fingerprint(mh, max_length, [[i["id"], i["prompt"], i["response"]] for i in ev.items])
+        out["harm_proxy"] = harm_proxy(ev, answer_scores(folder / names["answers"], key, ev, scorer, about))
+    return out
+
+
+def _held_out(stage: Stage) -> list[dict[str, Any]]:
+    """The held-out rows of a preferences stage (the pm stage's evaluation set)."""
+    return [r for r in stage.rows() if r.get("split") == "eval" and r.get("status", STATUS_OK) == STATUS_OK]
+
+
+def _versus(base: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """An ablation's preference-model figures beside the run's: held-out accuracy and harm proxy."""
+    return {"model": new["model"], "held_out": compare(base["held_out"], new["held_out"]),
+            "held_out_unscored": new["held_out"]["unscored"],
+            "harm_proxy": (compare(base["harm_proxy"], new["harm_proxy"])
+                           if base.get("harm_proxy") and new.get("harm_proxy") else None),
+            "harm_proxy_unscored": (new.get("harm_proxy") or {}).get("unscored")}
 
 
 def run(run_dir: str | Path, by: str = "principle", overrides: Sequence[str] = (), only: Sequence[str] | None = None,
         retrain: bool = False, allow_changed: bool = False, lm_factory: Callable[[], LM] | None = None,
-        on_chunk: Callable[[int], None] | None = None, n_boot: int = 1000) -> tuple[dict[str, Any], Path]:
+        on_chunk: Callable[[int], None] | None = None, n_boot: int = 1000,
+        reward: Callable[[str], RewardFn] | None = None) -> tuple[dict[str, Any], Path]:
     """Run the ablations of a run (see the module docstring); returns the summary and where it was
-    written. `lm_factory`, when given, builds the judge (tests use a scripted one)."""
+    written. `lm_factory`, when given, builds the judge, and `reward(model_dir)` a preference model's
+    scoring function (default `cai.reward.load_reward`; tests use scripted ones)."""
     from cai import pipeline
     from cai.stages import pm, preferences
 
@@ -306,10 +555,10 @@ def run(run_dir: str | Path, by: str = "principle", overrides: Sequence[str] = (
     pairs_stage = Stage.view(run_dir, "pairs")
     pairs_by_id = {p["record_id"]: p for p in pairs_stage.rows()}
     todo = ablations(constitution, by, only)
-    baseline = None
+    run_pm = None
     if retrain:
-        baseline = _pm_eval(Path(run_dir) / "pm")
-        if baseline is None:
+        run_pm = _pm_model(Path(run_dir) / "pm")
+        if run_pm is None:
             raise RunError(f"{Path(run_dir) / 'pm'}: --retrain compares with the run's preference model, and the run "
                            f"has no finished one (a run with rl.method dpo trains none)")
     model, _ = pipeline.policy_model(cfg, cfg.feedback.model)
@@ -335,50 +584,77 @@ def run(run_dir: str | Path, by: str = "principle", overrides: Sequence[str] = (
         results.append({**entry, "skipped": None, **effect(fb_rows, relabelled, n_boot, cfg.seed)})
     models.release()  # the judge's memory, before any training
 
+    baseline = harm = None
     if retrain:
+        assert run_pm is not None
+        if reward is None:
+            from cai.reward import load_reward
+
+            def reward(path: str) -> RewardFn:
+                return load_reward(path, device=cfg.model.device, max_length=cfg.pm.max_length)
+
+        def category_of(row: Mapping[str, Any]) -> str:
+            # AI rows are the run's pairs, whose prompts carry a category; human pairs may carry one.
+            c = (pairs_by_id.get(row["record_id"]) or {}).get("category") if row.get("label_source") == "ai" \
+                else row.get("category")
+            return c if isinstance(c, str) and c else UNCATEGORISED
+
+        ev, ev_skipped = eval_answers(run_dir, cfg.eval.models)
+        harm = {"note": HARM_NOTE, "proxy": PROXY_NOTE.format(first=ev.first, last=ev.last) if ev else None,
+                "first": ev.first if ev else None, "last": ev.last if ev else None, "skipped": ev_skipped,
+                "prompts": len(ev.prompts) if ev else None, "not_compared": ev.not_compared if ev else None}
+        figures = functools.partial(pm_figures, category_of=category_of, ev=ev, reward=reward,
+                                    max_length=cfg.pm.max_length)
+        base = figures(run_pm, Path(run_dir) / ROOT, RUN_CACHE, _held_out(Stage.view(run_dir, "preferences")))
+        baseline = base
         for res in results:
             ab = next(a for a in todo if a.name == res["name"])
             if res["skipped"]:
                 continue
             relabelled, fp = relabelled_of[ab]
             if not relabelled:
-                res["pm"] = {"retrained": False, "why": "no pair's principles changed: the labels are the run's"}
+                res["pm"] = {"retrained": False, "why": UNCHANGED}
                 continue
             sub = dataclasses.replace(cfg, run_dir=str(Path(run_dir) / ab.folder))
             pref = preferences.run(sub, ablated_feedback(fb_rows, relabelled, pairs_by_id), f"{inputs_fp}:{fp}",
                                    allow_changed)
             pm.run(sub, pref.rows(), pref.content_hash(), allow_changed)
-            new = _pm_eval(Path(sub.run_dir) / "pm")
-            res["pm"] = {"retrained": True, "accuracy": _accuracy_change(baseline, new) if new else None}
+            new_pm = _pm_model(Path(sub.run_dir) / "pm")
+            if new_pm is None:
+                res["pm"] = {"retrained": False, "why": f"{Path(sub.run_dir) / 'pm'} has no finished model"}
+                continue
+            new = figures(new_pm, Path(sub.run_dir), CACHE, _held_out(pref))
+            res["pm"] = {"retrained": True, **_versus(base, new)}
 
     out = Path(run_dir) / ROOT / by / "summary.json"
     if only:  # the other ablations of an earlier run on the same labels stay in the summary
-        results, baseline = _merged(out, rounded(results), baseline, inputs_fp, [a.name for a in ablations(constitution, by)])
+        results, old = _merged(out, rounded(results), inputs_fp, [a.name for a in ablations(constitution, by)])
+        baseline, harm = baseline or old.get("baseline_pm"), harm or old.get("harm")
     retrained = any("pm" in a for a in results)
     summary = rounded({
         "run": str(run_dir), "by": by, "constitution": constitution.name, "constitution_hash": constitution.hash,
         "feedback_model": model, "feedback": plain(cfg.feedback), "seed": cfg.seed, "bootstrap": n_boot,
         "inputs": inputs_fp, "pairs": len(fb_rows), "retrain": retrained, "baseline_pm": baseline,
-        "harm": HARM_NOTE if retrained else None, "ablations": results,
+        "harm": harm if retrained else None, "ablations": results,
     })
     write_json(out, summary)
     return summary, out
 
 
-def _merged(path: Path, results: list[dict[str, Any]], baseline: dict[str, Any] | None, inputs: str,
-            order: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+def _merged(path: Path, results: list[dict[str, Any]], inputs: str,
+            order: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """`results` with the entries of the summary at `path` that they do not replace, when that
-    summary was made from the same labels (`inputs`), in the constitution's order; and the baseline
-    preference model's figures (this run's, else the earlier summary's)."""
+    summary was made from the same labels (`inputs`), in the constitution's order; and that earlier
+    summary ({} when there is none or it is of other labels)."""
     if not path.is_file():
-        return results, baseline
+        return results, {}
     old = json.loads(path.read_text())
     if old.get("inputs") != inputs:
-        return results, baseline
+        return results, {}
     names = {a["name"] for a in results}
     pos = {n: i for i, n in enumerate(order)}
     merged = [a for a in old.get("ablations", []) if a["name"] not in names and a["name"] in pos] + results
-    return sorted(merged, key=lambda a: pos.get(a["name"], len(pos))), baseline or old.get("baseline_pm")
+    return sorted(merged, key=lambda a: pos.get(a["name"], len(pos))), old
 
 
 def run_chunks_for(stage: Stage, records: list[dict[str, Any]], work: Callable[..., list[dict[str, Any]]],
@@ -405,14 +681,38 @@ def _ci(d: Mapping[str, Any] | None, fmt: str) -> str:
     return f"{fmt.format(v)} [{fmt.format(d['low'])},{fmt.format(d['high'])}]"
 
 
-def _change(e: Mapping[str, Any]) -> str:
-    if not e["run"] or not e["ablated"]:
+def _arrow(e: Mapping[str, Any] | None) -> str:
+    if not e or not e["run"] or not e["ablated"] or e["change"] is None:
         return "-"
-    return f"{e['run']['accuracy']:.2f}->{e['ablated']['accuracy']:.2f} (n {e['ablated']['n']})"
+    return f"{e['run']['rate']:.2f}->{e['ablated']['rate']:.2f} (n {e['ablated']['n']})"
+
+
+def _rate_n(d: Mapping[str, Any] | None) -> str:
+    if not d or d.get("rate") is None:
+        return f"- (n {d['n'] if d else 0})"
+    return f"{_ci(d, '{:.2f}')} (n {d['n']})"
+
+
+def _change_text(e: Mapping[str, Any]) -> str:
+    if e["change"] is None:
+        return "-"
+    rel = "" if e["relative"] is None else f" ({e['relative']:+.1%})"
+    return f"{100 * e['change']:+.1f} pt{rel}"
+
+
+def _groups(fig: Mapping[str, Any], indent: str) -> list[str]:
+    """The lines of one compared figure (`compare`): overall, by kind, by category."""
+    rows = [("overall", fig["overall"])]
+    rows += [(f"kind {k}", v) for k, v in (fig.get("by_kind") or {}).items()]
+    rows += [(f"category {k}", v) for k, v in (fig.get("by_category") or {}).items()]
+    w = max(len(n) for n, _ in rows)
+    return [f"{indent}{n:<{w}}  {_rate_n(v['run']):>26}  {_rate_n(v['ablated']):>26}  {_change_text(v)}"
+            for n, v in rows]
 
 
 def table(s: Mapping[str, Any]) -> str:
-    """The summary as plain text: one line per ablation."""
+    """The summary as plain text: one line per ablation and, with --retrain, the held-out accuracy
+    and the harm proxy of each retrained preference model by group below its line."""
     lines = [f"{s['pairs']} labelled pairs of {s['run']}, judge {s['feedback_model']}, constitution "
              f"{s['constitution']} ({s['constitution_hash']}); ablations by {s['by']}"]
     w = max([len(a["name"]) for a in s["ablations"]] + [8])
@@ -421,6 +721,7 @@ def table(s: Mapping[str, Any]) -> str:
     if s["retrain"]:
         head += f" {'PM held-out acc: run->ablated, ai / human':>44}"
     lines.append(head)
+    harm = s.get("harm") if isinstance(s.get("harm"), dict) else {}
     for a in s["ablations"]:
         if a.get("skipped"):
             lines.append(f"{a['name']:<{w}} skipped: {a['skipped']}")
@@ -430,16 +731,40 @@ def table(s: Mapping[str, Any]) -> str:
                 f"{_ci(a['flips'], '{:.2f}'):>18} {_ci(a['relabelled_mean_abs_dp'], '{:.3f}').split(' ')[0]:>12} "
                 f"{'-' if rf['rate'] is None else format(rf['rate'], '.2f'):>12}")
         pmr = a.get("pm")
+        details: list[str] = []
         if pmr is not None:
             if not pmr["retrained"]:
-                line += f" {'= run (labels unchanged)':>44}"
-            elif pmr["accuracy"]:
-                acc = " / ".join(_change(pmr["accuracy"][g]) for g in ("ai", "human"))
+                line += f" {'= run (labels unchanged)' if pmr.get('why') == UNCHANGED else 'not retrained: ' + str(pmr.get('why')):>44}"
+            elif "held_out" not in pmr:
+                line += f" {'(an older summary: run --retrain again)':>44}"
+            else:
+                kinds = pmr["held_out"].get("by_kind") or {}
+                acc = " / ".join(_arrow(kinds.get(g)) for g in ("ai", "human"))
                 line += f" {acc:>44}"
+                details.append(f"  {'held-out accuracy':<30}  {'run PM [95%]':>26}  {'retrained PM [95%]':>26}  "
+                               f"change (relative)")
+                details += _groups(pmr["held_out"], "    ")
+                if pmr.get("held_out_unscored"):
+                    details.append(f"    unscored held-out pairs (left out): {pmr['held_out_unscored']}")
+                if pmr.get("harm_proxy"):
+                    details.append(f"  PM-judged proxy, not the evaluation's harm figures: share of red-team "
+                                   f"prompts where {harm.get('last')}'s answer beats {harm.get('first')}'s")
+                    details += _groups(pmr["harm_proxy"], "    ")
         lines.append(line)
         lost = a["ablated_not_ok_by_reason"]
         if lost:
             lines.append(f"{'':<{w}} not labelled without it: " + ", ".join(f"{k} {v}" for k, v in lost.items()))
+        lines += details
     if s["retrain"]:
-        lines.append(f"harm figures: {s['harm']}")
+        if not harm:  # a summary written before the proxy existed
+            lines.append(f"harm figures: {s.get('harm')}")
+        else:
+            lines.append(f"harm figures: {harm['note']}.")
+            if harm.get("skipped"):
+                lines.append(f"PM-judged proxy for them: skipped: {harm['skipped']}.")
+            else:
+                nc = harm.get("not_compared") or {}
+                lines.append(f"PM-judged proxy for them ({harm['prompts']} red-team prompts"
+                             + (f"; not compared: {', '.join(f'{k} {v}' for k, v in nc.items())}" if nc else "")
+                             + f"): {harm['proxy']}.")
     return "\n".join(lines)
