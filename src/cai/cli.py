@@ -703,7 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ablate only this principle id or category (repeat for more)")
     eb.add_argument("--retrain", action="store_true",
                     help="train the preference model again on each ablation's labels at the run's pm settings and "
-                         "report its held-out accuracy beside the run's")
+                         "report, beside the run's, its held-out accuracy overall, by kind of label and by harm "
+                         "category, and (when the run has an evaluation) a PM-judged proxy for the evaluation's harm "
+                         "figures: how often the last evaluated model's red-team answers score above the first's")
     eb.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of each interval")
     eb.add_argument("--allow-config-change", action="store_true",
                     help="resume an ablation even though its inputs changed")

@@ -705,7 +705,7 @@ def _groups(fig: Mapping[str, Any], indent: str) -> list[str]:
     rows = [("overall", fig["overall"])]
     rows += [(f"kind {k}", v) for k, v in (fig.get("by_kind") or {}).items()]
     rows += [(f"category {k}", v) for k, v in (fig.get("by_category") or {}).items()]
-    w = max(len(n) for n, _ in rows)
+    w = max([len(n) for n, _ in rows] + [32 - len(indent)])  # the columns of the header line above
     return [f"{indent}{n:<{w}}  {_rate_n(v['run']):>26}  {_rate_n(v['ablated']):>26}  {_change_text(v)}"
             for n, v in rows]
 

@@ -763,27 +763,47 @@ def _attribution_part(entry: Mapping[str, Any]) -> str:
 
 
 def _accuracy(pmr: Mapping[str, Any] | None) -> str:
+    """The main table's cell: the held-out accuracy, run's PM → retrained PM, overall and by kind."""
     if pmr is None:
         return "–"
     if not pmr.get("retrained"):
         return f"<span class=reasons>{e(pmr.get('why') or 'not retrained')}</span>"
-    acc = pmr.get("accuracy")
-    if not acc:
-        return "<span class=reasons>no finished preference model</span>"
+    if "held_out" in pmr:
+        h = pmr["held_out"]
+        groups = [("overall", h.get("overall"))] + list((h.get("by_kind") or {}).items())
+        old = False
+    else:  # a summary written before the accuracies were disaggregated
+        groups, old = [(g, (pmr.get("accuracy") or {}).get(g)) for g in ("overall", "ai", "human")], True
     parts = []
-    for g in ("overall", "ai", "human"):
-        v = acc.get(g) or {}
+    for g, v in groups:
+        v = v or {}
         if v.get("run") and v.get("ablated"):
-            parts.append(f"{e(g)} {pct(v['run']['accuracy'], 1)} → {pct(v['ablated']['accuracy'], 1)} "
-                         f"({num(v.get('change'), '{:+.3f}')}, n {num(v['ablated']['n'], '{:d}')})")
+            key = "accuracy" if old else "rate"
+            parts.append(f"{e(g)} {pct(v['run'][key], 1)} → {pct(v['ablated'][key], 1)} "
+                         f"({_points(v.get('change'))}, n {num(v['ablated']['n'], '{:d}')})")
     return "<br>".join(parts) or "–"
+
+
+def _points(change: Any) -> str:
+    return "–" if change is None else num(100 * change, "{:+.1f}") + " pt"
+
+
+def _retrained_rows(name: str, what: str, fig: Mapping[str, Any]) -> list[list[str]]:
+    """Rows of the retrained-figures table for one compared figure (`ablation.compare`)."""
+    groups = [("overall", fig["overall"])]
+    groups += [(f"kind: {k}", v) for k, v in (fig.get("by_kind") or {}).items()]
+    groups += [(f"category: {k}", v) for k, v in (fig.get("by_category") or {}).items()]
+    return [[name, what, e(g), rate_ci(v.get("run")), rate_ci(v.get("ablated")), _points(v.get("change")),
+             num(v.get("relative"), "{:+.1%}")] for g, v in groups]
 
 
 def _ablation_part(entry: Mapping[str, Any]) -> str:
     s = entry["summary"]
     out = [_file_head(entry, f"by {e(s['by'])}, {num(s['pairs'], '{:d}')} labelled pairs, judge "
                              f"<code>{e(s.get('feedback_model'))}</code>")]
-    rows = []
+    rows, retrained = [], []
+    harm = s.get("harm") if isinstance(s.get("harm"), dict) else {}
+    proxy = f"PM-judged: {e(harm.get('last'))} beats {e(harm.get('first'))} (red-team prompts)"
     for a in s["ablations"]:
         name = f"<code>{e(a['name'])}</code>"
         if a.get("skipped"):
@@ -792,10 +812,31 @@ def _ablation_part(entry: Mapping[str, Any]) -> str:
         lost = a.get("ablated_not_ok_by_reason")
         rows.append([name, num(a["relabelled"], "{:d}"), ci(a["mean_abs_dp"], "mean"), rate_ci(a["flips"]),
                      rate_ci(a["relabelled_flips"]), reasons(lost) or "–", _accuracy(a.get("pm"))])
+        pmr = a.get("pm") or {}
+        if pmr.get("held_out"):
+            retrained += _retrained_rows(name, "held-out accuracy", pmr["held_out"])
+        if pmr.get("harm_proxy"):
+            retrained += _retrained_rows(name, proxy, pmr["harm_proxy"])
     out.append(table(["removed", "pairs relabelled", "label change: mean |Δp| (95%)", "flipped labels",
                       "flipped among the relabelled", "not labelled without it", "retrained PM held-out accuracy"],
                      rows, num_cols=[1, 2, 3, 4]))
-    if s.get("harm"):
+    if retrained:
+        out.append("<p>Each retrained preference model beside the run's: its accuracy on its own held-out pairs "
+                   "(a tie counts half), and the share of the evaluation's red-team prompts on which the last "
+                   "evaluated model's stored answer scores above the first's, by kind of label and harm category, "
+                   "with 95% Wilson intervals; the change in points and relative (new / old − 1).</p>")
+        out.append(table(["removed", "figure", "group", "run's PM (95%)", "retrained PM (95%)", "change",
+                          "relative"], retrained, num_cols=[3, 4, 5, 6]))
+    if harm:
+        notes = [f"Harm: {e(harm.get('note'))}."]
+        if harm.get("skipped"):
+            notes.append(f"PM-judged proxy: skipped: {e(harm['skipped'])}.")
+        elif harm.get("proxy"):
+            nc = reasons(harm.get("not_compared"))
+            notes.append(f"PM-judged proxy ({num(harm.get('prompts'), '{:d}')} red-team prompts"
+                         f"{'; not compared: ' + nc if nc else ''}): {e(harm['proxy'])}.")
+        out.append(f"<p class=note>{' '.join(notes)}</p>")
+    elif s.get("harm"):
         out.append(f"<p class=note>Harm: {e(s['harm'])}.</p>")
     return "".join(out)
 
@@ -857,7 +898,9 @@ CODE_PARTS: tuple[tuple[str, str, str, Callable[[Mapping[str, Any]], str]], ...]
      "the pair (95% intervals).", _attribution_part),
     ("ablation", "Ablations", "<code>cai eval ablate RUN</code>: the run's pairs relabelled with each principle (or "
      "category) removed; the label change against the run's labels, and with <code>--retrain</code> the held-out "
-     "accuracy of a preference model trained on the new labels.", _ablation_part),
+     "accuracy of a preference model trained on the new labels (overall, by kind of label and by harm category) "
+     "and, when the run has an evaluation, a PM-judged proxy for its harm figures: the policy is not retrained.",
+     _ablation_part),
     ("audit", "Audits", "<code>cai audit FILE</code>: stored replies judged against each critique principle; a reply "
      "is flagged when any principle's score is above the threshold.", _audit_part),
     ("redteam", "Red-team generation", "<code>cai redteam generate</code>: candidates kept and rejected by reason, "
