@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", metavar="OUT.png", help="where to write the screenshot")
     p.add_argument("--width", type=int, default=1280, help="viewport width in CSS pixels (default 1280)")
     p.add_argument("--height", type=int, default=1000, help="viewport height, the shot's height (default 1000)")
-    p.add_argument("--section", help="scroll to this section first: overview, evaluation, sl, feedback, pm, training")
+    p.add_argument("--section", help="scroll to this section first: overview, evaluation, sl, feedback, pm, training, constitution-code")
     p.add_argument("--open-trace", type=int, metavar="N", help="expand the N-th trace of the trace browser (from 1)")
     p.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium", help="the browser binary")
     args = p.parse_args(argv)
