@@ -518,3 +518,17 @@ def test_a_field_added_later_is_hashed_only_once_it_leaves_its_default(key):
     assert plain(section_of(changed))["micro_tokens"] == 512
     assert fingerprint(plain(section_of(default))) == fingerprint(plain(section_of(PipelineConfig())))
     assert fingerprint(plain(section_of(changed))) != fingerprint(plain(section_of(default)))
+
+
+def test_extra_body_is_a_mapping_that_leaves_the_fingerprints_alone_until_set():
+    from cai.config import model_identity
+
+    base = load_config(None, ["model.backend=openai"])
+    assert "extra_body" not in model_identity(base.model)["openai"]
+    cfg = load_config(None, ["model.backend=openai", "model.openai.extra_body.top_k=20"])
+    assert cfg.model.openai.extra_body == {"top_k": 20}
+    assert model_identity(cfg.model)["openai"]["extra_body"] == {"top_k": 20}
+    with pytest.raises(ConfigError, match=r"model\.openai\.extra_body may not set seed, temperature"):
+        load_config(None, ["model.openai.extra_body.seed=1", "model.openai.extra_body.temperature=0"])
+    with pytest.raises(ConfigError, match=r"model\.openai\.extra_body: expected a mapping"):
+        load_config(None, ["model.openai.extra_body=5"])

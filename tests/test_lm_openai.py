@@ -601,3 +601,19 @@ def test_a_raw_text_prompt_is_sent_to_completions_as_the_tokens_the_in_process_b
     scores = lm.score_options([raw], [["A", "B"]])
     expected, _ = _expected(tiny_hf, [raw], [["A", "B"]])
     assert scores[0] == pytest.approx(expected[0], abs=1e-9)
+
+
+def test_extra_body_reaches_every_request_and_cannot_override_the_run(server, tiny_model_dir, monkeypatch):
+    cfg = load_config(None, ["model.backend=openai", f"model.openai.base_url={server.url}", "model.name=served-model",
+                             "model.openai.extra_body.top_k=20", "model.openai.extra_body.repetition_penalty=1.1",
+                             f"model.openai.tokenizer={tiny_model_dir}"])
+    lm = OpenAIModel.from_config(cfg.model)
+    lm.generate(_convs(1), Sampling(temperature=0.7, max_new_tokens=4), seeds=[3])
+    lm.score_options(CONTEXTS[:1], OPTIONS[:1])
+    gen, score = server.requests[0]["body"], server.requests[-1]["body"]
+    assert gen["top_k"] == 20 and gen["repetition_penalty"] == 1.1 and gen["seed"] == 3 and gen["temperature"] == 0.7
+    assert score["top_k"] == 20 and score["max_tokens"] == 1
+    # the back-end's own fields win even over a mapping built by hand
+    lm2 = _model(server, extra_body={"seed": 99, "min_p": 0.05})
+    lm2.generate(_convs(1), Sampling(max_new_tokens=4), seeds=[5])
+    assert server.requests[-1]["body"]["seed"] == 5 and server.requests[-1]["body"]["min_p"] == 0.05

@@ -92,11 +92,17 @@ class Section:
 
 
 
-def added_field(default: Any) -> Any:
+def added_field(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING) -> Any:
     """A field added to a section after runs were made with it: `plain` leaves it out while it holds
     its default, so the stage fingerprints of existing run directories (which hash `plain` of their
     section) stay the same and those runs still resume; set to anything else, it is hashed."""
-    return field(default=default, metadata={"omit_at_default": True})
+    return field(default=default, default_factory=default_factory, metadata={"omit_at_default": True})
+
+
+def _at_default(f: dataclasses.Field, value: Any) -> bool:
+    if f.default is not dataclasses.MISSING:
+        return value == f.default
+    return f.default_factory is not dataclasses.MISSING and value == f.default_factory()
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,11 @@ class Sampling(Section):
         ]
 
 
+# Request fields the OpenAI back-end fills from the run's settings; `extra_body` may not touch them.
+EXTRA_BODY_RESERVED = frozenset({"model", "messages", "prompt", "n", "seed", "temperature", "top_p", "max_tokens",
+                                 "stop", "stream", "echo", "logprobs", "prompt_logprobs"})
+
+
 @dataclass(frozen=True)
 class OpenAIConfig(Section):
     """An OpenAI-compatible server (`model.backend: openai`): vLLM, TGI, llama.cpp, Ollama, `cai serve`.
@@ -138,6 +149,10 @@ class OpenAIConfig(Section):
     `tokenizer` (a model name, folder or hub id; default `model.name`) renders the chat template
     for option scoring, which goes through `/v1/completions` with prompt log-probabilities:
     `scoring: echo` asks for `echo` + `logprobs`, `prompt_logprobs` uses the vLLM extension.
+    `extra_body` is merged into every request body, for a server's own sampling parameters (vLLM's
+    `top_k`, `min_p`, `repetition_penalty`, llama.cpp's `cache_prompt`); it may not set what the
+    back-end sets itself (`EXTRA_BODY_RESERVED`), and it is written into the run's config, so it is no
+    place for a secret.
     """
 
     base_url: str = "http://127.0.0.1:8000/v1"
@@ -150,9 +165,12 @@ class OpenAIConfig(Section):
     max_backoff_s: float = 30.0
     timeout_s: float = 300.0
     request_budget: int | None = None
+    extra_body: dict[str, Any] = added_field(default_factory=dict)
 
     def checks(self, at: str) -> list[tuple[bool, str]]:
         return [
+            (not (bad := sorted(set(self.extra_body) & EXTRA_BODY_RESERVED)),
+             f"{at}.extra_body may not set {', '.join(bad)}: the back-end sets it from the run's settings"),
             (self.max_concurrency >= 1, f"{at}.max_concurrency must be >= 1"),
             (self.max_retries >= 0, f"{at}.max_retries must be >= 0"),
             (0 < self.backoff_s <= self.max_backoff_s, f"{at}.backoff_s must be > 0 and <= {at}.max_backoff_s"),
@@ -217,10 +235,9 @@ _OPERATIONAL = {"batch_size", "max_concurrency", "max_retries", "backoff_s", "ma
 def model_identity(cfg: ModelConfig) -> dict[str, Any]:
     """The parts of a model config that decide its outputs (for stage fingerprints): the
     back-end's own section only, without operational settings."""
-    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _OPERATIONAL | {"openai", "vllm"}}
+    d = {k: v for k, v in plain(cfg).items() if k not in _OPERATIONAL | {"openai", "vllm"}}
     if cfg.backend in ("openai", "vllm"):
-        d[cfg.backend] = {k: v for k, v in dataclasses.asdict(getattr(cfg, cfg.backend)).items()
-                          if k not in _OPERATIONAL}
+        d[cfg.backend] = {k: v for k, v in plain(getattr(cfg, cfg.backend)).items() if k not in _OPERATIONAL}
     return d
 
 
@@ -713,6 +730,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {short_repr(value)}")
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {short_repr(value)}")
+        return {_coerce(k, key_tp, f"{where} (a key)"): _coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -864,7 +888,7 @@ def plain(obj: Any) -> Any:
     default is left out."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                if not (f.metadata.get("omit_at_default") and getattr(obj, f.name) == f.default)}
+                if not (f.metadata.get("omit_at_default") and _at_default(f, getattr(obj, f.name)))}
     if isinstance(obj, dict):
         return {k: plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

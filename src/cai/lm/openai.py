@@ -29,7 +29,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
@@ -101,11 +101,13 @@ class OpenAIModel:
                  tokenizer: str | None = None, scoring: str = "echo", max_concurrency: int = 8,
                  max_retries: int = 5, backoff_s: float = 0.5, max_backoff_s: float = 30.0,
                  timeout_s: float = 300.0, request_budget: int | None = None, score_batch_size: int = 32,
-                 revision: str | None = None, trust_remote_code: bool = False):
+                 revision: str | None = None, trust_remote_code: bool = False,
+                 extra_body: Mapping[str, Any] | None = None):
         if scoring not in _OTHER_MODE:
             raise ValueError(f"model.openai.scoring: must be 'echo' or 'prompt_logprobs', got {scoring!r}")
         self.name = name
         self.base_url = base_url.rstrip("/")
+        self.extra_body = dict(extra_body or {})  # under every request body; the back-end's own fields win
         self.scoring = scoring
         self.max_concurrency = max_concurrency
         self.max_retries = max_retries
@@ -143,7 +145,7 @@ class OpenAIModel:
                    scoring=o.scoring, max_concurrency=o.max_concurrency, max_retries=o.max_retries,
                    backoff_s=o.backoff_s, max_backoff_s=o.max_backoff_s, timeout_s=o.timeout_s,
                    request_budget=o.request_budget, score_batch_size=cfg.batch_size,
-                   revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+                   revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, extra_body=o.extra_body)
 
     def __repr__(self) -> str:
         return (f"OpenAIModel(name={self.name!r}, base_url={self.base_url!r}, scoring={self.scoring!r}, "
@@ -328,7 +330,7 @@ class OpenAIModel:
             payload["messages"] = [{"role": m["role"], "content": m["content"]} for m in conversation]
         if s.stop:
             payload["stop"] = list(s.stop)
-        return payload
+        return {**self.extra_body, **payload}
 
     def _choices(self, body: dict[str, Any], n: int, sampling: Sampling, what: str,
                  path: str = "/chat/completions") -> list[tuple[str, str, int]]:
@@ -420,7 +422,7 @@ class OpenAIModel:
             payload.update(echo=True, logprobs=1)
         else:
             payload["prompt_logprobs"] = 0
-        return payload
+        return {**self.extra_body, **payload}
 
     def _no_capability(self, what: str, detail: str) -> BackendError:
         other = _OTHER_MODE[self.scoring]
