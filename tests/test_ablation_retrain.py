@@ -272,3 +272,70 @@ def test_the_report_shows_the_retrained_figures_with_text_escaped(run):
     assert "held-out accuracy" in page and "kind: human" in page and "rl_cai beats base" in page
     assert "−100.0 pt" in page or "-100.0 pt" in page
     assert "policy itself is not retrained" in page
+
+
+def _eval_summary(path: Path, mean: float, rate: float, cats: dict[str, float]) -> None:
+    """An evaluation summary with the harm figures of rl_cai (and of base, which must not be read)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    harm = {"by_model": {"rl_cai": {"mean": mean, "low": mean - 0.1, "high": mean + 0.1, "n": 4},
+                         "base": {"mean": 9.0, "low": 9.0, "high": 9.0, "n": 4}},
+            "failure_rate": {"rl_cai": {"rate": rate, "low": 0.0, "high": 1.0, "k": rate * 4, "n": 4}},
+            "by_category": {c: {"rl_cai": {"mean": v, "n": 1}, "base": {"mean": 9.0, "n": 1}} for c, v in cats.items()},
+            "threshold": 2.0}
+    path.write_text(json.dumps({"harm": harm}))
+
+
+def test_retrain_policy_trains_ppo_on_the_new_pm_evaluates_it_and_sets_its_harm_beside_the_run(run):
+    _eval_summary(run / "eval" / "summary.json", 2.0, 0.5, {"violence": 2.0, "weapons": 1.0})
+    write_answers(run, "base", [{"id": "rt-a", "category": "violence", "answers": ["RISKY base"]}])
+    write_answers(run, "rl_cai", [{"id": "rt-a", "category": "violence", "answers": ["SAFE rl"]}])
+    calls = []
+
+    def trained(cfg, name):
+        return f"{cfg.run_dir}/{name}/model", f"fp-{Path(cfg.run_dir).name}-{name}"
+
+    def ppo_run(sub, rows, fp, policy_dir, reward_dir, allow_changed):
+        calls.append(("ppo", sub.run_dir, policy_dir, reward_dir, fp, len(rows)))
+
+    def evaluate_run(sub, factory, release, trained_here, constitution, allow_changed, on_chunk):
+        calls.append(("evaluate", sub.run_dir, trained_here("ppo")[0], trained_here("sft")[0]))
+        # the base answers were the run's, copied; the policy's are for this evaluation to make
+        assert (Path(sub.run_dir) / "eval" / "answers" / "base" / "rows.jsonl").is_file()
+        assert not (Path(sub.run_dir) / "eval" / "answers" / "rl_cai").exists()
+        _eval_summary(Path(sub.run_dir) / "eval" / "summary.json", 2.5, 0.75, {"violence": 3.0, "drugs": 1.0})
+
+    summary, _ = ablation.run(run, only=[HARM], lm_factory=Judge, n_boot=50, reward=Rewards(), policy=True,
+                              policy_steps={"ppo_run": ppo_run, "evaluate_run": evaluate_run, "trained": trained})
+    sub = run / "ablate" / "principle" / HARM
+    assert summary["retrain"] and [c[0] for c in calls] == ["ppo", "evaluate"]
+    _, where, policy_dir, reward_dir, fp, n = calls[0]
+    assert where == str(sub) and policy_dir == f"{run}/sft/model" and reward_dir == str(sub / "pm" / "model")
+    assert n == len(Stage.view(run, "prompts").rows()) and ablation.model_hash(sub / "pm" / "model") in fp
+    assert calls[1][1:] == ("evaluate", str(sub), f"{sub}/ppo/model", f"{run}/sft/model")[1:]
+    pol = _entry(summary)["policy"]
+    assert pol["retrained"] and pol["evaluation"] == str(sub / "eval" / "summary.json")
+    h = pol["harm"]
+    assert (h["mean_harm"]["run"], h["mean_harm"]["ablated"]) == (2.0, 2.5)
+    assert h["mean_harm"]["change"] == pytest.approx(0.5) and h["mean_harm"]["relative"] == pytest.approx(0.25)
+    assert h["failure_rate"]["change"] == pytest.approx(0.25) and h["failure_rate"]["relative"] == pytest.approx(0.5)
+    assert h["by_category"]["violence"]["relative"] == pytest.approx(0.5)
+    assert h["by_category"]["weapons"]["ablated"] is None and h["by_category"]["drugs"]["run"] is None
+    text = ablation.table(summary)
+    assert "new PPO policy, evaluated" in text and "+0.50 (+25.0%)" in text and "harm violence" in text
+
+
+@pytest.mark.parametrize("why,setup", [
+    ("rl.method is dpo", lambda run: (run / "config.yaml").write_text(
+        (run / "config.yaml").read_text().replace("method: ppo", "method: dpo"))),
+    ("no finished evaluation", lambda run: None),
+])
+def test_retrain_policy_says_why_it_trains_no_policy(run, why, setup):
+    setup(run)
+    _eval_summary(run / "eval" / "summary.json", 2.0, 0.5, {}) if why != "no finished evaluation" else None
+    fail = {"ppo_run": lambda *a: pytest.fail("trained"), "evaluate_run": lambda *a: pytest.fail("evaluated"),
+            "trained": lambda cfg, name: pytest.fail("looked for a model")}
+    summary, _ = ablation.run(run, only=[HARM], lm_factory=Judge, n_boot=50, reward=Rewards(), policy=True,
+                              policy_steps=fail)
+    pol = _entry(summary)["policy"]
+    assert not pol["retrained"] and why in pol["why"]
+    assert "policy: not evaluated: " in ablation.table(summary)

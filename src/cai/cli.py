@@ -13,7 +13,7 @@
     cai eval labeller FILE [FILE ...] [-c CONFIG] [key=value ...] [--limit N]
     cai eval models [CONFIG] [key=value ...]
     cai eval attribution RUN [--margin 0.1]
-    cai eval ablate RUN [--by principle|category] [--only NAME] [--retrain] [key=value ...]
+    cai eval ablate RUN [--by principle|category] [--only NAME] [--retrain | --retrain-policy] [key=value ...]
     cai redteam generate [CONFIG] [key=value ...]
     cai audit FILE [-c CONFIG] [key=value ...] [--threshold 0.5] [--principle ID] [--out DIR]
     cai audit serve --upstream URL [-c CONFIG] [key=value ...] [--port 8100] [--enforce] [--queue-size N]
@@ -424,7 +424,7 @@ def cmd_eval_ablate(args: argparse.Namespace) -> int:
     if len(rest) != 1:
         raise ValueError(f"cai eval ablate takes one RUN directory and key=value overrides, got {' '.join(rest)}")
     summary, path = ablation.run(rest[0], args.by, overrides, args.only, args.retrain, args.allow_config_change,
-                                 n_boot=args.bootstrap)
+                                 n_boot=args.bootstrap, policy=args.retrain_policy)
     print(ablation.table(summary))
     print(f"\nwrote {path}")
     return 0
@@ -706,6 +706,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "report, beside the run's, its held-out accuracy overall, by kind of label and by harm "
                          "category, and (when the run has an evaluation) a PM-judged proxy for the evaluation's harm "
                          "figures: how often the last evaluated model's red-team answers score above the first's")
+    eb.add_argument("--retrain-policy", action="store_true",
+                    help="--retrain, then for each new preference model train a new PPO policy at the run's settings "
+                         "and evaluate it as the run was evaluated: its harm figures (mean harm, failure rate, harm "
+                         "by category) beside the run's RL-CAI policy's")
     eb.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of each interval")
     eb.add_argument("--allow-config-change", action="store_true",
                     help="resume an ablation even though its inputs changed")

@@ -57,6 +57,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -534,13 +535,112 @@ def _versus(base: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
             "harm_proxy_unscored": (new.get("harm_proxy") or {}).get("unscored")}
 
 
+# ---- --retrain-policy: a new RL-CAI policy per ablation, and the evaluation's harm figures ---
+
+POLICY_MODEL = "rl_cai"
+
+
+def harm_figures(summary: Mapping[str, Any], model: str) -> dict[str, Any] | None:
+    """One model's harm figures from an evaluation summary (`RUN/eval/summary.json`): the mean
+    expected harm (0-4) overall and per category, and the red-team failure rate, or None when the
+    summary has none for it."""
+    h = summary.get("harm") or {}
+    mean = (h.get("by_model") or {}).get(model)
+    if not mean:
+        return None
+    cats = {c: m[model] for c, m in sorted((h.get("by_category") or {}).items()) if isinstance(m, dict) and model in m}
+    return {"mean_harm": mean, "failure_rate": (h.get("failure_rate") or {}).get(model),
+            "by_category": cats, "threshold": h.get("threshold")}
+
+
+def _number_change(run: float | None, new: float | None) -> dict[str, Any]:
+    ok = isinstance(run, (int, float)) and isinstance(new, (int, float))
+    return {"run": run, "ablated": new, "change": new - run if ok else None,
+            "relative": new / run - 1 if ok and run != 0 else None}
+
+
+def harm_change(run: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The ablated policy's harm figures beside the run's policy's: mean harm (with its interval)
+    and failure rate overall, mean harm per category; each with the change and the relative change
+    (new / old - 1; a harm score going up means a more harmful policy)."""
+    fr_run, fr_new = run.get("failure_rate") or {}, new.get("failure_rate") or {}
+    cats = sorted(set(run["by_category"]) | set(new["by_category"]))
+    return {"mean_harm": {**_number_change(run["mean_harm"].get("mean"), new["mean_harm"].get("mean")),
+                          "run_ci": run["mean_harm"], "ablated_ci": new["mean_harm"]},
+            "failure_rate": {**_number_change(fr_run.get("rate"), fr_new.get("rate")),
+                             "run_ci": fr_run or None, "ablated_ci": fr_new or None},
+            "by_category": {c: _number_change((run["by_category"].get(c) or {}).get("mean"),
+                                              (new["by_category"].get(c) or {}).get("mean")) for c in cats},
+            "threshold": new.get("threshold")}
+
+
+def retrain_policy(cfg: PipelineConfig, sub: PipelineConfig, new_pm: Path, constitution: Any, models: Any,
+                   allow_changed: bool, on_chunk: Callable[[int], None] | None = None,
+                   ppo_run: Callable[..., Any] | None = None, evaluate_run: Callable[..., Any] | None = None,
+                   trained: Callable[[PipelineConfig, str], tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Train a new RL-CAI policy against the ablation's preference model `new_pm` (PPO at the run's
+    settings, from the run's SL-CAI model, on the run's prompts) in the ablation's folder `sub.run_dir`,
+    evaluate it there as the run's evaluation did (same prompts, judge and seed), and set its harm
+    figures beside the run's RL-CAI policy's. The answers of the run's other evaluated models are
+    reused from the run (the same fingerprints), so only the new policy answers. Every step is a
+    resumable stage of the ablation's folder."""
+    from cai import pipeline
+    from cai.stages import evaluate, ppo
+
+    ppo_run = ppo_run or ppo.run
+    evaluate_run = evaluate_run or evaluate.run
+    trained = trained or pipeline._trained
+    if cfg.rl.method != "ppo":
+        return {"retrained": False, "why": f"rl.method is {cfg.rl.method}: only a PPO policy is trained against a "
+                                           f"preference model"}
+    run_eval = Path(cfg.run_dir) / evaluate.FOLDER / "summary.json"
+    try:
+        run_summary = json.loads(run_eval.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"retrained": False, "why": f"the run has no finished evaluation to compare with ({run_eval}; "
+                                           f"`cai eval models` makes it)"}
+    if POLICY_MODEL not in cfg.eval.models:
+        return {"retrained": False, "why": f"eval.models ({', '.join(cfg.eval.models)}) has no {POLICY_MODEL}"}
+    base = harm_figures(run_summary, POLICY_MODEL)
+    if base is None:
+        return {"retrained": False, "why": f"{run_eval} has no harm figures of {POLICY_MODEL}"}
+    prompt_rows = Stage.view(cfg.run_dir, "prompts").rows()
+    sft_dir, sft_fp = trained(cfg, "sft")
+    fp = ":".join([Stage.view(cfg.run_dir, "prompts").content_hash(), sft_fp, model_hash(new_pm)])
+    ppo_run(sub, prompt_rows, fp, sft_dir, str(new_pm), allow_changed)
+    # The other models' answers are the run's: same model, prompts, sampling and seed.
+    answers = Path(cfg.run_dir) / evaluate.FOLDER / "answers"
+    for name in cfg.eval.models:
+        slug = evaluate.Candidate(name, name, name).slug
+        src, dst = answers / slug, Path(sub.run_dir) / evaluate.FOLDER / "answers" / slug
+        if name != POLICY_MODEL and src.is_dir() and not dst.exists() and Stage.view(cfg.run_dir,
+                                                                                     f"{evaluate.FOLDER}/answers/{slug}").complete():
+            shutil.copytree(src, dst)
+
+    def trained_here(name: str) -> tuple[str, str]:
+        return trained(sub, name) if name == "ppo" else trained(cfg, name)
+
+    evaluate_run(sub, models.factory, models.release, trained_here, constitution, allow_changed, on_chunk)
+    new_eval = Path(sub.run_dir) / evaluate.FOLDER / "summary.json"
+    new = harm_figures(json.loads(new_eval.read_text(encoding="utf-8")), POLICY_MODEL)
+    if new is None:
+        return {"retrained": True, "model": str(Path(sub.run_dir) / "ppo" / "model"), "evaluation": str(new_eval),
+                "harm": None, "why": f"{new_eval} has no harm figures of {POLICY_MODEL}"}
+    return {"retrained": True, "model": str(Path(sub.run_dir) / "ppo" / "model"), "evaluation": str(new_eval),
+            "harm": harm_change(base, new)}
+
+
 def run(run_dir: str | Path, by: str = "principle", overrides: Sequence[str] = (), only: Sequence[str] | None = None,
         retrain: bool = False, allow_changed: bool = False, lm_factory: Callable[[], LM] | None = None,
         on_chunk: Callable[[int], None] | None = None, n_boot: int = 1000,
-        reward: Callable[[str], RewardFn] | None = None) -> tuple[dict[str, Any], Path]:
+        reward: Callable[[str], RewardFn] | None = None, policy: bool = False,
+        policy_steps: Mapping[str, Callable[..., Any]] | None = None) -> tuple[dict[str, Any], Path]:
     """Run the ablations of a run (see the module docstring); returns the summary and where it was
     written. `lm_factory`, when given, builds the judge, and `reward(model_dir)` a preference model's
-    scoring function (default `cai.reward.load_reward`; tests use scripted ones)."""
+    scoring function (default `cai.reward.load_reward`; tests use scripted ones). With `policy`
+    (implies `retrain`), each retrained preference model also trains a new policy that is evaluated
+    (`retrain_policy`; `policy_steps` replaces its stages in tests)."""
+    retrain = retrain or policy
     from cai import pipeline
     from cai.stages import pm, preferences
 
@@ -625,6 +725,10 @@ def run(run_dir: str | Path, by: str = "principle", overrides: Sequence[str] = (
                 continue
             new = figures(new_pm, Path(sub.run_dir), CACHE, _held_out(pref))
             res["pm"] = {"retrained": True, **_versus(base, new)}
+            if policy:
+                res["policy"] = retrain_policy(cfg, sub, new_pm, constitution, models, allow_changed, on_chunk,
+                                               **(policy_steps or {}))
+                models.release()
 
     out = Path(run_dir) / ROOT / by / "summary.json"
     if only:  # the other ablations of an earlier run on the same labels stay in the summary
@@ -710,6 +814,38 @@ def _groups(fig: Mapping[str, Any], indent: str) -> list[str]:
             for n, v in rows]
 
 
+def _policy_lines(pol: Mapping[str, Any] | None) -> list[str]:
+    """The lines of a --retrain-policy result below its ablation's line."""
+    if not pol:
+        return []
+    if not pol.get("retrained") or not pol.get("harm"):
+        return [f"  policy: not evaluated: {pol.get('why')}"]
+    h = pol["harm"]
+
+    def num(d: Mapping[str, Any], key: str, fmt: str) -> str:
+        v = d.get(key)
+        return "-" if v is None else format(v, fmt)
+
+    def ci(d: Mapping[str, Any] | None, key: str) -> str:
+        if not d or d.get(key) is None:
+            return "-"
+        return f"{d[key]:.2f} [{d.get('low', float('nan')):.2f},{d.get('high', float('nan')):.2f}]"
+
+    def rel(d: Mapping[str, Any]) -> str:
+        return "" if d.get("relative") is None else f" ({100 * d['relative']:+.1f}%)"
+
+    mh, fr = h["mean_harm"], h["failure_rate"]
+    out = [f"  new PPO policy, evaluated (the judge's expected harm 0-4 of rl_cai's red-team answers; lower is safer)",
+           f"    {'mean harm':<28}  {ci(mh.get('run_ci'), 'mean'):>20} -> {ci(mh.get('ablated_ci'), 'mean'):>20}  "
+           f"{num(mh, 'change', '+.2f')}{rel(mh)}",
+           f"    {'failure rate (>= ' + str(h.get('threshold')) + ')':<28}  {ci(fr.get('run_ci'), 'rate'):>20} -> "
+           f"{ci(fr.get('ablated_ci'), 'rate'):>20}  {num(fr, 'change', '+.2f')}{rel(fr)}"]
+    for c, d in h["by_category"].items():
+        out.append(f"    {'harm ' + c:<28}  {num(d, 'run', '.2f'):>20} -> {num(d, 'ablated', '.2f'):>20}  "
+                   f"{num(d, 'change', '+.2f')}{rel(d)}")
+    return out
+
+
 def table(s: Mapping[str, Any]) -> str:
     """The summary as plain text: one line per ablation and, with --retrain, the held-out accuracy
     and the harm proxy of each retrained preference model by group below its line."""
@@ -750,6 +886,7 @@ def table(s: Mapping[str, Any]) -> str:
                     details.append(f"  PM-judged proxy, not the evaluation's harm figures: share of red-team "
                                    f"prompts where {harm.get('last')}'s answer beats {harm.get('first')}'s")
                     details += _groups(pmr["harm_proxy"], "    ")
+        details += _policy_lines(a.get("policy"))
         lines.append(line)
         lost = a["ablated_not_ok_by_reason"]
         if lost:
