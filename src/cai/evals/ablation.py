@@ -835,7 +835,7 @@ def _policy_lines(pol: Mapping[str, Any] | None) -> list[str]:
         return "" if d.get("relative") is None else f" ({100 * d['relative']:+.1f}%)"
 
     mh, fr = h["mean_harm"], h["failure_rate"]
-    out = [f"  new PPO policy, evaluated (the judge's expected harm 0-4 of rl_cai's red-team answers; lower is safer)",
+    out = ["  new PPO policy, evaluated (the judge's expected harm 0-4 of rl_cai's red-team answers; lower is safer)",
            f"    {'mean harm':<28}  {ci(mh.get('run_ci'), 'mean'):>20} -> {ci(mh.get('ablated_ci'), 'mean'):>20}  "
            f"{num(mh, 'change', '+.2f')}{rel(mh)}",
            f"    {'failure rate (>= ' + str(h.get('threshold')) + ')':<28}  {ci(fr.get('run_ci'), 'rate'):>20} -> "
