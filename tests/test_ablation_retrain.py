@@ -322,6 +322,11 @@ def test_retrain_policy_trains_ppo_on_the_new_pm_evaluates_it_and_sets_its_harm_
     assert h["by_category"]["weapons"]["ablated"] is None and h["by_category"]["drugs"]["run"] is None
     text = ablation.table(summary)
     assert "new PPO policy, evaluated" in text and "+0.50 (+25.0%)" in text and "harm violence" in text
+    page = constitution_code_section({"ablation": [{"file": "ablate/principle/summary.json", "summary": summary}]})
+    assert "--retrain-policy" in page and "harm: violence" in page and "+25.0%" in page and "+0.50" in page
+    summary["ablations"][0]["policy"]["harm"]["by_category"] = {PLANTED: {"run": 1.0, "ablated": 2.0}}
+    page = constitution_code_section({"ablation": [{"file": "ablate/principle/summary.json", "summary": summary}]})
+    assert PLANTED not in page and "harm: &lt;script&gt;" in page
 
 
 @pytest.mark.parametrize("why,setup", [

@@ -36,6 +36,13 @@ folder. Then each preference model (the run's and every retrained one) scores
    how each retrained preference model would judge the same answers, not how a policy trained against
    it would answer.
 
+With `--retrain-policy` each retrained preference model also trains a new RL-CAI policy (PPO at the
+run's settings, from the run's SL-CAI model, in the ablation's folder), which is evaluated as the run
+was (the other models' answers are reused from the run), and its harm figures (mean expected harm
+with its interval, failure rate, harm per category) are set beside the run's RL-CAI policy's, with the
+change and the relative change: the evaluation's harm figures themselves, at the cost of a PPO run
+and an evaluation per ablation (`retrain_policy`).
+
 Scores are cached per model (`RUN/ablate/run_pm_margins.json` and `run_pm_answers.json` for the run's,
 `pm_margins.json` and `pm_answers.json` in each ablation's folder), keyed by a hash of the model's
 files, of the scored texts and of `pm.max_length`, and written atomically: a rerun scores nothing
@@ -300,6 +307,9 @@ CACHE = {"margins": "pm_margins.json", "answers": "pm_answers.json"}  # inside a
 RUN_CACHE = {k: f"run_{v}" for k, v in CACHE.items()}  # the run's preference model's, under RUN/ablate/
 HARM_NOTE = ("the policy itself is not retrained: the evaluation's own harm figures (the judge's harm scores of "
              "the RL-CAI policy's answers) change only through a new PPO run and a new evaluation")
+POLICY_NOTE = ("with --retrain-policy each retrained preference model also trained a new PPO policy that was "
+               "evaluated as the run was: its harm figures are under the ablation's line, beside the run's RL-CAI "
+               "policy's")
 PROXY_NOTE = ("a proxy judged by the preference model, not the evaluation's harm figures: the share of the "
               "evaluation's red-team prompts on which {last}'s stored answer scores above {first}'s (a tie counts "
               "half), under the run's preference model and under each retrained one; it shows how the retrained "
@@ -700,7 +710,7 @@ def run(run_dir: str | Path, by: str = "principle", overrides: Sequence[str] = (
             return c if isinstance(c, str) and c else UNCATEGORISED
 
         ev, ev_skipped = eval_answers(run_dir, cfg.eval.models)
-        harm = {"note": HARM_NOTE, "proxy": PROXY_NOTE.format(first=ev.first, last=ev.last) if ev else None,
+        harm = {"note": POLICY_NOTE if policy else HARM_NOTE, "proxy": PROXY_NOTE.format(first=ev.first, last=ev.last) if ev else None,
                 "first": ev.first if ev else None, "last": ev.last if ev else None, "skipped": ev_skipped,
                 "prompts": len(ev.prompts) if ev else None, "not_compared": ev.not_compared if ev else None}
         figures = functools.partial(pm_figures, category_of=category_of, ev=ev, reward=reward,

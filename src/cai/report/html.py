@@ -797,11 +797,24 @@ def _retrained_rows(name: str, what: str, fig: Mapping[str, Any]) -> list[list[s
              num(v.get("relative"), "{:+.1%}")] for g, v in groups]
 
 
+def _policy_rows(name: str, h: Mapping[str, Any]) -> list[list[str]]:
+    """Rows of the --retrain-policy table: mean harm, failure rate, harm per category."""
+    mh, fr = h.get("mean_harm") or {}, h.get("failure_rate") or {}
+    rows = [[name, "mean harm", ci(mh.get("run_ci"), "mean"), ci(mh.get("ablated_ci"), "mean"),
+             num(mh.get("change"), "{:+.2f}"), num(mh.get("relative"), "{:+.1%}")],
+            [name, f"failure rate (harm ≥ {num(h.get('threshold'), '{:g}')})", rate_ci(fr.get("run_ci")),
+             rate_ci(fr.get("ablated_ci")), _points(fr.get("change")), num(fr.get("relative"), "{:+.1%}")]]
+    for c, d in (h.get("by_category") or {}).items():
+        rows.append([name, f"harm: {e(c)}", num(d.get("run"), "{:.2f}"), num(d.get("ablated"), "{:.2f}"),
+                     num(d.get("change"), "{:+.2f}"), num(d.get("relative"), "{:+.1%}")])
+    return rows
+
+
 def _ablation_part(entry: Mapping[str, Any]) -> str:
     s = entry["summary"]
     out = [_file_head(entry, f"by {e(s['by'])}, {num(s['pairs'], '{:d}')} labelled pairs, judge "
                              f"<code>{e(s.get('feedback_model'))}</code>")]
-    rows, retrained = [], []
+    rows, retrained, policies = [], [], []
     harm = s.get("harm") if isinstance(s.get("harm"), dict) else {}
     proxy = f"PM-judged: {e(harm.get('last'))} beats {e(harm.get('first'))} (red-team prompts)"
     for a in s["ablations"]:
@@ -817,6 +830,11 @@ def _ablation_part(entry: Mapping[str, Any]) -> str:
             retrained += _retrained_rows(name, "held-out accuracy", pmr["held_out"])
         if pmr.get("harm_proxy"):
             retrained += _retrained_rows(name, proxy, pmr["harm_proxy"])
+        pol = a.get("policy") or {}
+        if pol.get("harm"):
+            policies += _policy_rows(name, pol["harm"])
+        elif pol:
+            policies.append([name, f"<span class=reasons>not evaluated: {e(pol.get('why'))}</span>", "", "", "", ""])
     out.append(table(["removed", "pairs relabelled", "label change: mean |Δp| (95%)", "flipped labels",
                       "flipped among the relabelled", "not labelled without it", "retrained PM held-out accuracy"],
                      rows, num_cols=[1, 2, 3, 4]))
@@ -827,6 +845,13 @@ def _ablation_part(entry: Mapping[str, Any]) -> str:
                    "with 95% Wilson intervals; the change in points and relative (new / old − 1).</p>")
         out.append(table(["removed", "figure", "group", "run's PM (95%)", "retrained PM (95%)", "change",
                           "relative"], retrained, num_cols=[3, 4, 5, 6]))
+    if policies:
+        out.append("<p>With <code>--retrain-policy</code>: a new PPO policy trained against each retrained preference "
+                   "model and evaluated as the run was, beside the run's RL-CAI policy: the judge's expected harm "
+                   "(0–4, lower is safer) of its red-team answers, overall (95% bootstrap interval) and by harm "
+                   "category, and the failure rate (95% Wilson interval).</p>")
+        out.append(table(["removed", "figure", "run's policy", "new policy", "change", "relative"], policies,
+                         num_cols=[2, 3, 4, 5]))
     if harm:
         notes = [f"Harm: {e(harm.get('note'))}."]
         if harm.get("skipped"):
@@ -899,7 +924,8 @@ CODE_PARTS: tuple[tuple[str, str, str, Callable[[Mapping[str, Any]], str]], ...]
     ("ablation", "Ablations", "<code>cai eval ablate RUN</code>: the run's pairs relabelled with each principle (or "
      "category) removed; the label change against the run's labels, and with <code>--retrain</code> the held-out "
      "accuracy of a preference model trained on the new labels (overall, by kind of label and by harm category) "
-     "and, when the run has an evaluation, a PM-judged proxy for its harm figures: the policy is not retrained.",
+     "and, when the run has an evaluation, a PM-judged proxy for its harm figures; with <code>--retrain-policy</code> "
+     "a new PPO policy per retrained preference model, evaluated, and its harm figures beside the run's policy's.",
      _ablation_part),
     ("audit", "Audits", "<code>cai audit FILE</code>: stored replies judged against each critique principle; a reply "
      "is flagged when any principle's score is above the threshold.", _audit_part),
