@@ -5,13 +5,20 @@ conversation at a time through `model.generate` (no batching, no shared-prefix c
 first script would. Prints generated tokens per second for both, their ratio, and seconds per
 finished revision.
 
-    python bench/bench_sl_cai.py                       # 32 prompts batched, 4 naive
+With the engines installed (scripts/llama_cpp.sh makes .venv-llama, scripts/vllm_cpu.sh .venv-vllm),
+the same prompts with the same settings also go through the project's OpenAI back-end to llama.cpp's
+server and to vLLM's OpenAI server on its CPU engine, each started on 127.0.0.1 for the run; an engine
+that is not installed is skipped with a note.
+
+    python bench/bench_sl_cai.py                       # 32 prompts batched, 4 naive, every installed engine
     python bench/bench_sl_cai.py --prompts 64 --naive-prompts 8 --rounds 2
+    python bench/bench_sl_cai.py --engines none        # the in-process back-end and the naive loop only
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import replace
 
@@ -57,10 +64,10 @@ class NaiveLM:
         raise NotImplementedError
 
 
-def run_stage(lm, rows, constitution, sl, counter) -> tuple[float, int, int]:
+def run_stage(lm, rows, constitution, sl, counter, on_call=None) -> tuple[float, int, int]:
     start_tokens = counter()
     t = time.perf_counter()
-    out = process_chunk(rows, lm, constitution, sl, seed=0)
+    out = process_chunk(rows, lm, constitution, sl, seed=0, on_call=on_call)
     dt = time.perf_counter() - t
     revisions = sum(1 for r in out for rd in r["rounds"])
     return dt, counter() - start_tokens, revisions
@@ -73,6 +80,8 @@ def main() -> None:
     ap.add_argument("--naive-prompts", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--engines", default="llama_cpp,vllm", help="comma-separated engines to run beside the "
+                    "in-process back-end, each only where installed: llama_cpp, vllm; 'none' for none")
     ap.add_argument("--dtype", default=None, help="model dtype (default: the config's; auto = bf16 where the CPU "
                     "has it natively, else float32); float32 on a bf16 CPU stands in for one without")
     args = ap.parse_args()
@@ -99,15 +108,58 @@ def main() -> None:
     b_dt, b_tok, b_rev = run_stage(lm, rows, constitution, sl, lambda: lm.stats["generated_tokens"])
     n_dt, n_tok, n_rev = run_stage(naive, rows[: args.naive_prompts], constitution, sl, lambda: naive.generated)
 
+    dtype = str(lm.model.dtype).removeprefix("torch.")
+    engines = [] if args.engines == "none" else [e.strip() for e in args.engines.split(",") if e.strip()]
+    engine_rows = [run_engine(e, rows, constitution, sl, dtype) for e in engines]
+
     b_rate, n_rate = b_tok / b_dt, n_tok / n_dt
-    print(f"{'':10} {'prompts':>8} {'tokens':>8} {'seconds':>8} {'tok/s':>8} {'s/revision':>11}")
-    print(f"{'batched':10} {len(rows):>8} {b_tok:>8} {b_dt:>8.1f} {b_rate:>8.1f} {b_dt / b_rev:>11.2f}")
-    print(f"{'naive':10} {args.naive_prompts:>8} {n_tok:>8} {n_dt:>8.1f} {n_rate:>8.1f} {n_dt / n_rev:>11.2f}")
+    print(f"{'':22} {'prompts':>8} {'tokens':>8} {'seconds':>8} {'tok/s':>8} {'s/revision':>11} {'x naive':>8}")
+    table = [("in-process (batched)", len(rows), b_tok, b_dt, b_rev), ("naive loop", args.naive_prompts, n_tok, n_dt, n_rev)]
+    table += [r for r in engine_rows if r is not None]
+    for name, n, tok, dt, rev in table:
+        print(f"{name:22} {n:>8} {tok:>8} {dt:>8.1f} {tok / dt:>8.1f} {dt / rev:>11.2f} {tok / dt / n_rate:>8.1f}")
     print(f"speed-up: {b_rate / n_rate:.1f}x tokens/s, {(n_dt / n_rev) / (b_dt / b_rev):.1f}x per revision")
+    for name, _, tok, dt, rev in table[2:]:
+        print(f"in-process against {name}: {b_rate / (tok / dt):.2f}x tokens/s, {(dt / rev) / (b_dt / b_rev):.2f}x per revision")
     st = lm.stats
     print(f"prefix tokens reused: {st['prefix_tokens_reused']} of {st['prompt_tokens']} prompt tokens; "
           f"prefill {st['prefill_s']:.1f}s, decode {st['decode_s']:.1f}s over {st['decode_steps']} steps")
     roofline(lm.model, st)
+
+
+def run_engine(engine, rows, constitution, sl, dtype):
+    """The same workload through the OpenAI back-end to `engine`'s server, started here for the run;
+    None (with a note) when the engine is not installed. Returns a row of the table."""
+    from cai.config import ModelConfig, OpenAIConfig
+    from cai.lm import load_lm
+    from cai.testing import llama_cpp_python, llama_cpp_server, vllm_cpu_python, vllm_cpu_server
+
+    if engine == "llama_cpp":
+        if llama_cpp_python() is None:
+            print("llama.cpp: skipped (not installed; scripts/llama_cpp.sh installs it in .venv-llama)")
+            return None
+        server, name = llama_cpp_server(log="/tmp/cai-bench-llama-cpp.log"), "llama.cpp server"
+        note = "the embedded model's Q4_1 GGUF (the weights the in-process model is de-quantised from)"
+    elif engine == "vllm":
+        if vllm_cpu_python() is None:
+            print("vLLM CPU: skipped (not installed; scripts/vllm_cpu.sh installs it in .venv-vllm)")
+            return None
+        server, name = vllm_cpu_server(dtype=dtype, log="/tmp/cai-bench-vllm.log"), "vLLM CPU server"
+        note = f"{dtype}, eager, VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'all cores')}"
+    else:
+        raise SystemExit(f"--engines: unknown engine {engine!r} (llama_cpp, vllm)")
+    with server as (base_url, startup_s):
+        print(f"{name}: answered after {startup_s:.1f} s; {note}")
+        cfg = ModelConfig(name="smollm2-135m", backend="openai", openai=OpenAIConfig(base_url=base_url, max_concurrency=32))
+        with load_lm(cfg) as lm:
+            process_chunk(rows[:1], lm, constitution, replace(sl, rounds=1), seed=1)  # warm-up, not timed
+            tokens = [0]
+
+            def count(n=0, **_):
+                tokens[0] += n
+
+            dt, tok, rev = run_stage(lm, rows, constitution, sl, lambda: tokens[0], on_call=count)
+    return name, len(rows), tok, dt, rev
 
 
 def roofline(model, st) -> None:

@@ -160,6 +160,10 @@ class FakeServer:
         mode = "prompt_logprobs" if "prompt_logprobs" in body else "echo" if body.get("echo") else None
         if mode and self.scoring[mode] == "reject":
             return 400, {}, _error(f"unsupported parameter: {mode}")
+        if mode and self.scoring[mode] == "invalid500":  # llama-cpp-python: a body it cannot parse is a 500
+            detail = "".join(f"\n  {{'type': 'string_type', 'loc': ('body', 'prompt', 'list[str]', {k}), "
+                             f"'msg': 'Input should be a valid string', 'input': {p}}}" for k, p in enumerate(prompts))
+            return 500, {}, _error(f"{len(prompts)} validation errors:{detail}")
         choices = []
         for k, ids in enumerate(prompts):
             lps = [None] + [canned_logprob(a, b) for a, b in zip(ids, ids[1:])]
@@ -543,7 +547,7 @@ def test_both_scoring_modes_give_the_same_scores(server, tiny_model_dir):
     assert echo == plp
 
 
-@pytest.mark.parametrize("scoring,behaviour", [("echo", "silent"), ("echo", "reject"),
+@pytest.mark.parametrize("scoring,behaviour", [("echo", "silent"), ("echo", "reject"), ("echo", "invalid500"),
                                                ("prompt_logprobs", "silent"), ("prompt_logprobs", "reject")])
 def test_a_server_that_cannot_score_says_so(server, tiny_model_dir, scoring, behaviour):
     server.scoring[scoring] = behaviour
@@ -557,7 +561,24 @@ def test_a_server_that_cannot_score_says_so(server, tiny_model_dir, scoring, beh
         assert part in msg
     if behaviour == "reject":
         assert f"unsupported parameter: {scoring}" in msg
+    if behaviour == "invalid500":
+        assert "HTTP 422" in msg and "validation errors" in msg
     assert len(server.requests) == 1  # not retried
+
+
+def test_a_5xx_that_is_a_validation_error_is_not_retried_and_long_messages_are_cut(server):
+    message = "2 validation errors:\n  prompt: " + "x" * 5000
+    server.faults.extend([(500, {}, message)] * 3)
+    pauses: list[float] = []
+    with pytest.raises(RequestFailed) as err:
+        _model(server, pauses).generate(_convs(1), Sampling(temperature=0.0))
+    assert err.value.status == 422 and pauses == [] and len(server.requests) == 1
+    assert "not retried" in str(err.value) and f"({len(message)} characters)" in str(err.value) and len(str(err.value)) < 1400
+    # Any other 5xx is still retried.
+    server.faults.clear()
+    server.faults.append((500, {}, "internal error"))
+    assert _model(server, pauses).generate(_convs(1), Sampling(temperature=0.0))[0][0].text
+    assert len(pauses) == 1
 
 
 def test_the_embedded_default_resolves_to_its_tokenizer(server, model_dir):

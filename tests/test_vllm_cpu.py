@@ -11,18 +11,15 @@ The transformers reference (`hf_ref`, conftest.py) runs in the main venv (CAI_HF
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 
 from cai.config import ModelConfig, OpenAIConfig, Sampling
 from cai.constitution import load
 from cai.lm import load_lm
+from cai.testing import vllm_cpu_server
 
 pytestmark = pytest.mark.vllm_cpu
 
@@ -103,51 +100,20 @@ def test_too_long_prompts_are_refused_before_the_engine(vllm_lm):
 # ---- the OpenAI back-end against `vllm serve` ----------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_server(model_dir, tmp_path_factory):
     """`vllm serve` of the embedded model on 127.0.0.1 and a free port, serving it as `smollm2-135m`
-    (the name the OpenAI back-end also loads its tokenizer by). Yields (base_url, start-up seconds)."""
+    (the name the OpenAI back-end also loads its tokenizer by), from this interpreter, fp32, with the
+    engine's own core binding unless VLLM_CPU_OMP_THREADS_BIND says otherwise. Yields (base_url,
+    start-up seconds)."""
     pytest.importorskip("vllm")
-    port = _free_port()
     log = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
-    # `vllm serve`'s server, started as a module: vllm-cpu 0.32.0's `vllm` command stops at once, as
-    # it asks importlib.metadata for the distribution "vllm" and this one is "vllm-cpu".
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-           "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", "smollm2-135m", "--dtype", "float32", "--max-model-len", "2048",
-           "--enforce-eager", "--disable-uvicorn-access-log"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "auto")
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            if time.perf_counter() - t0 > 600:
-                pytest.fail(f"vllm serve not healthy after 600 s:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        yield f"{base}/v1", time.perf_counter() - t0
-    finally:
-        if proc.poll() is None:  # the server and its engine process: the group this test started
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        with vllm_cpu_server(model_dir, dtype="float32", log=log, python=sys.executable) as served:
+            yield served
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")

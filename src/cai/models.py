@@ -130,6 +130,30 @@ def ensure_embedded(name: str) -> Path:
     return target
 
 
+def embedded_gguf(name: str) -> Path:
+    """Return the embedded model's own GGUF file (quantised, as shipped in its wheel), checked against
+    the pinned sha256 and kept under `$CAI_CACHE/gguf/` for engines that read GGUF (llama.cpp). The
+    in-process back-ends use `ensure_embedded`, its de-quantised safetensors."""
+    spec = EMBEDDED[name]
+    target = cache_dir() / "gguf" / spec.gguf_sha256[:12] / Path(spec.member).name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_file():
+            return target
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            gguf = _gguf_from_installed(spec) or _fetch_gguf(spec, Path(tmp))
+            got = sha256_file(gguf)
+            if got != spec.gguf_sha256:
+                raise ModelError(f"{gguf}: sha256 {got} does not match the pinned {spec.gguf_sha256}")
+            part = Path(tmp) / "part.gguf"
+            shutil.copyfile(gguf, part)
+            part.rename(target)
+    return target
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

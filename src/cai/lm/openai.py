@@ -27,6 +27,7 @@ import email.utils
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -44,6 +45,11 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({408, 409, 429})  # and every 5xx
 # Statuses on the scoring route that mean "this server cannot do this", not "this request was bad".
 _NO_CAPABILITY = frozenset({400, 404, 422, 501})
+# A 5xx whose message is a request validation error (llama-cpp-python's server answers a request body it
+# cannot parse, such as token-id prompts, with HTTP 500 and pydantic's "N validation errors: ..."): the
+# same request would fail again, so it is not retried, and on the scoring route it is read as a 422.
+_VALIDATION_ERROR = re.compile(r"^\d+ validation errors?\b")
+_MESSAGE_CHARS = 1000  # of a server's error message quoted in ours (some quote the whole request back)
 _OTHER_MODE = {"echo": "prompt_logprobs", "prompt_logprobs": "echo"}
 _CAPABILITY = {"echo": "prompt log-probabilities through `echo` + `logprobs` on token-id prompts",
                "prompt_logprobs": "the `prompt_logprobs` extension on token-id prompts"}
@@ -263,7 +269,12 @@ class OpenAIModel:
                                             f"object: {self._redact(resp.text[:200])!r}", status)
                     return body
                 server_message = self._server_message(resp)
-                problem = f"HTTP {status}: {server_message}"
+                shown = server_message if len(server_message) <= _MESSAGE_CHARS else \
+                    server_message[:_MESSAGE_CHARS] + f"... ({len(server_message)} characters)"
+                problem = f"HTTP {status}: {shown}"
+                if status >= 500 and _VALIDATION_ERROR.match(server_message):
+                    raise RequestFailed(f"{self.name}: {request}: {problem} (a request validation error: not "
+                                        "retried)", 422, shown)
                 if status not in RETRY_STATUSES and status < 500:
                     hint = ""
                     if status in (401, 403):
@@ -271,7 +282,7 @@ class OpenAIModel:
                                 "model.openai.api_key_env)" if self._api_key_env else
                                 " (the server wants an API key: set model.openai.api_key_env to the name of the "
                                 "environment variable that holds it)")
-                    raise RequestFailed(f"{self.name}: {request}: {problem}{hint}", status, server_message)
+                    raise RequestFailed(f"{self.name}: {request}: {problem}{hint}", status, shown)
                 retry_after = retry_after_seconds(resp.headers.get("retry-after"))
             if attempt >= self.max_retries:
                 raise RequestFailed(f"{self.name}: {request}: {problem} (gave up after {attempt + 1} attempts, "
