@@ -148,17 +148,24 @@ def run_engine(engine, rows, constitution, sl, dtype):
         note = f"{dtype}, eager, VLLM_CPU_OMP_THREADS_BIND={os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'all cores')}"
     else:
         raise SystemExit(f"--engines: unknown engine {engine!r} (llama_cpp, vllm)")
-    with server as (base_url, startup_s):
-        print(f"{name}: answered after {startup_s:.1f} s; {note}")
-        cfg = ModelConfig(name="smollm2-135m", backend="openai", openai=OpenAIConfig(base_url=base_url, max_concurrency=32))
-        with load_lm(cfg) as lm:
-            process_chunk(rows[:1], lm, constitution, replace(sl, rounds=1), seed=1)  # warm-up, not timed
-            tokens = [0]
+    # llama-cpp-python's server answers one request at a time: more in flight would only queue there
+    concurrency = 2 if engine == "llama_cpp" else len(rows)
+    try:
+        with server as (base_url, startup_s):
+            print(f"{name}: answered after {startup_s:.1f} s; {note}")
+            cfg = ModelConfig(name="smollm2-135m", backend="openai",
+                              openai=OpenAIConfig(base_url=base_url, max_concurrency=concurrency, timeout_s=900))
+            with load_lm(cfg) as lm:
+                process_chunk(rows[:1], lm, constitution, replace(sl, rounds=1), seed=1)  # warm-up, not timed
+                tokens = [0]
 
-            def count(n=0, **_):
-                tokens[0] += n
+                def count(n=0, **_):
+                    tokens[0] += n
 
-            dt, tok, rev = run_stage(lm, rows, constitution, sl, lambda: tokens[0], on_call=count)
+                dt, tok, rev = run_stage(lm, rows, constitution, sl, lambda: tokens[0], on_call=count)
+    except RuntimeError as e:  # the server did not start: say so and go on with the others
+        print(f"{name}: skipped, {e}")
+        return None
     return name, len(rows), tok, dt, rev
 
 
