@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # llama.cpp's OpenAI-compatible server (from PyPI's llama-cpp-python, built from source here) in a
 # venv of its own (.venv-llama, git-ignored), for the project's `openai` back-end on a machine without
-# a GPU, as a speed anchor (bench/bench_llama_cpp.py) and for the tests marked `llama_cpp`. Safe to
+# a GPU, as a speed anchor (bench/bench_sl_cai.py --engines llama_cpp) and for the tests marked `llama_cpp`. Safe to
 # run again: each step only does what is missing.
 #
 #   scripts/llama_cpp.sh                 # set up (or check) .venv-llama and print the versions
 #   .venv/bin/python -m pytest -m llama_cpp tests/test_llama_cpp.py -p no:cacheprovider
-#   .venv/bin/python bench/bench_llama_cpp.py
+#   .venv/bin/python bench/bench_sl_cai.py --engines llama_cpp
 #
 # The build compiles llama.cpp (about 5 minutes on 2 cores with tests and examples left out, as here; longer under load). Only the server runs
 # in .venv-llama; the project's client, tests and benchmark run in the main venv (.venv) and start the

@@ -4,6 +4,7 @@ under `-m slow`), and CI runs the README's test command."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cai.cli import build_parser, main
 
@@ -141,10 +143,31 @@ def test_readme_python_snippet_names_real_columns():
         assert col in COLUMNS
 
 
-def _quickstart(tmp_path, model_dir, *extra) -> subprocess.CompletedProcess:
+def _quickstart(tmp_path, model_dir, *extra, size="full") -> subprocess.CompletedProcess:
     args = [f"run_dir={tmp_path / 'qs'}", f"model.name={model_dir}", *extra]
+    env = {**os.environ, "CAI_QUICKSTART_SIZE": size}
     return subprocess.run(["bash", "scripts/quickstart.sh", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=3600)
+                          timeout=3600, env=env)
+
+
+def test_quickstart_size_is_checked_before_anything_runs(tmp_path, model_dir):
+    proc = _quickstart(tmp_path, model_dir, size="small")
+    assert proc.returncode == 2
+    assert "CAI_QUICKSTART_SIZE=small: expected auto, full or reduced" in proc.stderr
+    assert not (tmp_path / "qs").exists()
+
+
+def test_quickstart_reduced_size_is_said_and_your_arguments_win(tmp_path, model_dir):
+    proc = _quickstart(tmp_path, model_dir, "sl.rounds=3", "--to", "prompts", size="reduced")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "runs at a reduced size: prompts.red_team.0.limit=24 sl.rounds=2" in proc.stdout
+    assert "CAI_QUICKSTART_SIZE=full" in proc.stdout  # how to run the full size
+    cfg = yaml.safe_load((tmp_path / "qs" / "config.yaml").read_text())
+    assert cfg["prompts"]["red_team"][0]["limit"] == 24
+    assert cfg["rl"]["ppo"]["steps"] == 4
+    assert cfg["eval"]["models"] == ["base", "rl_cai"]
+    assert cfg["sl"]["rounds"] == 3  # given after the reduction, so it wins
+    assert "== prompts: complete" in proc.stdout  # `--to` reached cai run, and cai show found the run
 
 
 def test_quickstart_script_runs_end_to_end_small(tmp_path, model_dir):
