@@ -170,6 +170,7 @@ def test_quickstart_reduced_size_is_said_and_your_arguments_win(tmp_path, model_
     assert "== prompts: complete" in proc.stdout  # `--to` reached cai run, and cai show found the run
 
 
+@pytest.mark.slow  # 3.6 min on an AVX2-only 2-core CPU; the script's own logic is checked above in seconds
 def test_quickstart_script_runs_end_to_end_small(tmp_path, model_dir):
     proc = _quickstart(tmp_path, model_dir, "prompts.red_team.0.limit=3", "sl.helpful_fraction=0.5", "sl.rounds=1",
                        "sl.few_shot=1", "sl.response.max_new_tokens=160", "sl.critique.max_new_tokens=48",
