@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from cai.lm.hf import HFModel
 from cai.lm.openai import OpenAIModel
 from cai.sources import read_source
 from cai.stages.sl_generate import calls_per_chunk, process_chunk
+from cai.testing import free_port
 
 
 def capped(s: Sampling, n: int) -> Sampling:
@@ -45,9 +45,7 @@ def generated_tokens(rows, tokenizer) -> int:
 
 
 def start_server(model: str, dtype: str, batch_size: int) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cai.cli", "serve", model, "--port", str(port), f"model.dtype={dtype}",
                              f"model.batch_size={batch_size}"], stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 300

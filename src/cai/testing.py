@@ -34,7 +34,8 @@ def tiny_llama(out: str | Path, tokenizer_from: str | Path | None = None, *, max
     return str(out)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server a test or benchmark starts)."""
     import socket
 
     with socket.socket() as s:
@@ -121,7 +122,7 @@ def llama_cpp_server(gguf: str | Path | None = None, *, alias: str = "smollm2-13
         raise RuntimeError("llama-cpp-python's server is not installed: run scripts/llama_cpp.sh "
                            "(or set CAI_LLAMA_PYTHON to an interpreter that has llama_cpp.server)")
     gguf = Path(gguf) if gguf is not None else embedded_gguf("smollm2-135m")
-    port = _free_port()
+    port = free_port()
     cmd = [py, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,
            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx),
            "--n_threads", str(threads or os.cpu_count() or 1), *extra_args]
@@ -148,7 +149,7 @@ def vllm_cpu_server(model_dir: str | Path | None = None, *, alias: str = "smollm
         from cai.models import ensure_embedded
 
         model_dir = ensure_embedded("smollm2-135m")
-    port = _free_port()
+    port = free_port()
     # started as a module: vllm-cpu 0.32.0's `vllm` command looks up the distribution "vllm" and stops
     cmd = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", alias, "--dtype", dtype,
