@@ -84,6 +84,16 @@ def tiny_model_dir(model_dir, tmp_path_factory) -> str:
     return tiny_llama(tmp_path_factory.mktemp("tiny-llama"), model_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_hf(tiny_model_dir):
+    """The tiny random model behind the transformers back-end, in fp32: for tests of what a stage
+    does with a model's answers (resume, order, counts), not of what the answers say."""
+    from cai.config import ModelConfig
+    from cai.lm.hf import HFModel
+
+    return HFModel.from_config(ModelConfig(name=tiny_model_dir, dtype="float32", batch_size=8))
+
+
 # ---- a real vLLM engine and the transformers reference (tests marked gpu / vllm_cpu) -------------
 
 

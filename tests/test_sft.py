@@ -89,12 +89,12 @@ def test_sft_steps_change_weights_lower_loss_and_reload(model_dir, tmp_path, met
     assert reply[0][0].num_tokens > 0
 
 
-def test_training_resumes_from_the_newest_checkpoint(model_dir, tmp_path):
+def test_training_resumes_from_the_newest_checkpoint(tiny_model_dir, tmp_path):
     cfg = SFTConfig(max_steps=2, batch_size=4, save_steps=2, warmup_ratio=0.0, max_length=96)
-    first = train(ModelConfig(name=model_dir), ROWS, cfg, tmp_path)
+    first = train(ModelConfig(name=tiny_model_dir), ROWS, cfg, tmp_path)
     assert first["resumed_from"] is None and (tmp_path / "checkpoints" / "checkpoint-2").exists()
     more = SFTConfig(max_steps=4, batch_size=4, save_steps=2, warmup_ratio=0.0, max_length=96)
-    second = train(ModelConfig(name=model_dir), ROWS, more, tmp_path)
+    second = train(ModelConfig(name=tiny_model_dir), ROWS, more, tmp_path)
     assert second["resumed_from"].endswith("checkpoint-2") and second["global_step"] == 4
 
 

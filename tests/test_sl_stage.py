@@ -116,7 +116,9 @@ def _tiny(tmp_path, name):
                 "prompts.red_team=[{path: 'builtin:red_team', limit: 4}]", "sl.helpful_fraction=0.34")
 
 
-def test_kill_and_resume_gives_the_same_records(tmp_path, lm):
+def test_kill_and_resume_gives_the_same_records(tmp_path, tiny_hf):
+    # A chunk-level resume on the tiny model (tests/test_journal.py kills the real one inside a chunk).
+    lm = tiny_hf
     whole = _tiny(tmp_path, "whole")
     pipeline.run(whole, stop="sl_generate", lm_factory=lambda: lm)
     expected = (tmp_path / "whole" / "sl_generate" / "rows.jsonl").read_text()
