@@ -113,7 +113,7 @@ def test_critique_revision_runs_on_llama_cpp(served):
     sl = SLConfig(rounds=2)
     calls = []
     t0 = time.perf_counter()
-    out = process_chunk(rows, served, load("default"), sl, seed=0, on_call=lambda n=0, **_: calls.append(n))
+    out = process_chunk(rows, served, load("default"), sl, seed=0, on_call=lambda n=0, ended=False, **_: ended or calls.append(n))
     secs = time.perf_counter() - t0
     print(f"llama.cpp: {len(rows)} prompts x 2 rounds, {len(calls)} calls, {sum(calls)} tokens in {secs:.1f} s "
           f"= {sum(calls) / secs:.1f} tok/s")

@@ -191,3 +191,50 @@ def test_prefix_order_keeps_each_shared_head_together_and_the_rest_by_length():
     plain = [[i] + [5] * (20 - i) for i in range(8)]
     assert prefix_order(plain, min_prefix=4, group=4) == sorted(range(8), key=lambda k: len(plain[k]))
     assert prefix_order([], 4) == [] and prefix_order([[1]], 4) == [0]
+
+
+def _chain(i, log, shots, lengths):
+    """A program of len(lengths) calls, each continuing its conversation after the few-shot block
+    (as SL-CAI's critique and revision do), with its own token limits; it logs each answer."""
+    conv = [*shots, {"role": "user", "content": PROMPTS[i]}]
+    texts = []
+    for k, n in enumerate(lengths):
+        c = yield [dict(m) for m in conv], Sampling(temperature=0.7, max_new_tokens=n), 100 * i + k
+        log.append((i, k))
+        texts.append((c.text, c.finish_reason, c.num_tokens))
+        conv += [{"role": "assistant", "content": c.text}, {"role": "user", "content": "Say more."}]
+    return texts
+
+
+def test_programs_interleave_and_give_the_lockstep_answers(lm32):
+    from cai.lm.base import RunsPrograms, run_programs
+
+    class Lockstep:  # the same model with `generate` alone: programs advance in lockstep
+        name = lm32.name
+
+        def generate(self, *a, **kw):
+            return lm32.generate(*a, **kw)
+
+    shots = C.critique_few_shot(1)
+    # one program with a long first answer and two of short answers, through the fixture's 3 slots
+    lengths = [[40, 4, 4], [3, 3, 3], [3, 3, 3]]
+    assert isinstance(lm32, RunsPrograms)
+
+    def run(lm):
+        log, out = [], {}
+
+        def keep(i):
+            out[i] = yield from _chain(i, log, shots, lengths[i])
+
+        run_programs(lm, [keep(i) for i in range(3)], on_done=lambda *a, **kw: kw.get("ended") and log.append("end"))
+        return log, out
+
+    log, interleaved = run(lm32)
+    # the short programs' later calls joined the batch as slots came free, and their records ended,
+    # while the long first answer was still being written
+    assert max(log.index((1, 2)), log.index((2, 2)), log.index("end")) < log.index((0, 0)), log
+    assert log.count("end") == 3
+    step_log, lockstep = run(Lockstep())
+    assert sorted(step_log[:3]) == [(0, 0), (1, 0), (2, 0)]  # lockstep: every first call, then every second ...
+    # each request is seeded on its own: the same answers, whichever requests shared its batch
+    assert interleaved == lockstep

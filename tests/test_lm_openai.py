@@ -302,7 +302,7 @@ def test_run_programs_interleaves_programs_and_gives_the_lockstep_records(server
     assert isinstance(lm, RunsPrograms) and isinstance(lm, LM)
     seen: list[list[str]] = [[], [], []]
     calls = []
-    run_programs(lm, [_program(i, seen[i]) for i in range(3)], on_done=lambda *_, **__: calls.append(1))
+    run_programs(lm, [_program(i, seen[i]) for i in range(3)], on_done=lambda *_, ended=False, **__: ended or calls.append(1))
     assert len(calls) == 9 and len(server.requests) == 9
     order = [_content(r) for r in server.requests]
     assert order.index("p0 slow step 1") > max(order.index(f"p{i} step {k}") for i in (1, 2) for k in range(3))

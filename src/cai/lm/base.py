@@ -70,16 +70,16 @@ Program = Generator[Request, Completion, Any]
 
 
 # Called after each finished model call with the tokens it generated; `replayed` when the call's
-# completion came from a journal (cai/journal.py) rather than the model.
+# completion came from a journal (cai/journal.py) rather than the model. `run_programs` also calls it
+# with `ended=True` (and no tokens) when a program has ended: its record is finished.
 OnCall = Callable[..., None]
 
 
 @runtime_checkable
 class RunsPrograms(Protocol):
     """A back-end that can interleave programs itself, sending a program's next request as soon
-    as its previous one finishes (a concurrent HTTP back-end, say). The transformers back-end
-    does not: in measurements here, lockstep steps decoded as fast, since most requests of a step
-    run to the same token limit and finish together."""
+    as its previous one finishes: a concurrent HTTP back-end, or the transformers back-end, whose
+    running batch takes a program's next request in the slot its last one left."""
 
     def run_programs(self, programs: Sequence[Program], on_done: OnCall | None = None) -> None: ...
 
@@ -90,12 +90,16 @@ def run_programs(lm: LM, programs: Sequence[Program], on_done: OnCall | None = N
     `generate` call per step for all programs that wait with the same sampling settings.
 
     With a `journal`, requests it holds are answered from it and every finished call is written to
-    it (one line per lockstep step), so a killed run resumes at its last finished step."""
+    it (one line per lockstep step, or per call where the back-end interleaves), so a killed run
+    resumes at its last finished call or step. `on_done` follows each call, and each program's end
+    (`ended=True`)."""
     if journal is not None:
         from cai.journal import journaled
 
         replay = None if on_done is None else (lambda c: on_done(0, replayed=True))
         programs = journaled(programs, journal, replay)
+    if on_done is not None:
+        programs = [_ending(p, on_done) for p in programs]
     if isinstance(lm, RunsPrograms):
         lm.run_programs(programs, on_done)
         return
@@ -107,6 +111,13 @@ def run_programs(lm: LM, programs: Sequence[Program], on_done: OnCall | None = N
         if journal is not None:  # a step cut short by an error is not kept: steps land whole
             journal.discard()
             journal.batched = False
+
+
+def _ending(program: Program, on_done: OnCall) -> Program:
+    """`program`, followed by `on_done(ended=True)` once it returns."""
+    result = yield from program
+    on_done(ended=True)
+    return result
 
 
 def _lockstep(lm: LM, programs: Sequence[Program], on_done: OnCall | None, journal: Journal | None) -> None:

@@ -94,7 +94,7 @@ def _map(stage: Stage, todo: list[list[Row]], total: int, work: Work, lm_factory
         with closing(map_chunks(todo, work, lm_factory, ray_cfg, tick, stage.name)) as results:
             for i, rows in results:
                 stage.append(rows)
-                bar.update(len(rows))
+                bar.update(len(rows) - (tick.ended[i] if tick is not None else 0))
                 if on_chunk is not None:
                     on_chunk(i)
 
@@ -102,16 +102,21 @@ def _map(stage: Stage, todo: list[list[Row]], total: int, work: Work, lm_factory
 class _CallProgress:
     """Model calls as they finish, shown beside the record count: the chunk's calls, tokens per
     second, and the time left at the rate of this run's calls so far (calls answered from a
-    journal count as done, not towards the rate). Records land a chunk at a time; this moves with
-    every call (a lockstep step's calls all finish together, so the last of them is what stays shown)."""
+    journal count as done, not towards the rate). A record counts on the bar as soon as its
+    program ends (`ended`; its calls are journalled by then), before its chunk is written."""
 
     def __init__(self, bar: tqdm, want: list[int]):
         self.bar, self.want = bar, want
         self.made = [0] * len(want)
+        self.ended = [0] * len(want)  # records of each chunk counted on the bar before it is written
         self.fresh = self.tokens = 0
         self.start = time.monotonic()
 
-    def __call__(self, i: int, tokens: int = 0, replayed: bool = False) -> None:
+    def __call__(self, i: int, tokens: int = 0, replayed: bool = False, ended: bool = False) -> None:
+        if ended:
+            self.ended[i] += 1
+            self.bar.update(1)
+            return
         self.made[i] += 1
         if not replayed:
             self.fresh += 1
