@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -59,14 +60,7 @@ def test_a_kill_inside_a_chunk_resumes_at_the_step_it_was_in(tmp_path, scripted)
     assert not (folder / FILE).exists()
 
 
-def test_a_kill_inside_a_chunk_of_the_real_model_resumes_to_the_same_rows(tmp_path, lm32):
-    """The transformers back-end interleaves a chunk's programs and journals each call as it ends; a
-    kill loses the calls in flight, which run again beside other requests than before. Each request
-    is seeded on its own, so the rows are the same (in fp32, where float rounding does not reach a
-    sampled token; the engine's tests hold its answers to the lockstep ones)."""
-    from cai.lm.hf import HFModel
-
-    lm = HFModel(lm32.model, lm32.tokenizer, lm32.name, batch_size=8)  # all of a chunk's rows in one batch
+def test_a_kill_inside_a_chunk_of_the_real_model_resumes_to_the_same_rows(tmp_path, lm):
     tiny = ("sl.rounds=2", "sl.response.max_new_tokens=10", "sl.critique.max_new_tokens=8",
             "sl.revision.max_new_tokens=10", "sl.helpful_fraction=0")
     pipeline.run(_cfg(tmp_path, "whole", *tiny), stop="sl_generate", lm_factory=lambda: lm)
@@ -78,33 +72,18 @@ def test_a_kill_inside_a_chunk_of_the_real_model_resumes_to_the_same_rows(tmp_pa
         name = lm.name
 
         def generate(self, conversations, sampling, n=1, seeds=None):
+            if len(calls) == 3:
+                raise Killed
+            calls.append(len(conversations))
             return lm.generate(conversations, sampling, n, seeds)
 
         def score_options(self, contexts, options):
             return lm.score_options(contexts, options)
 
-        def run_programs(self, programs, on_done=None):
-            def count(*a, **kw):
-                if not kw.get("ended"):
-                    calls.append(1)
-                    if len(calls) == 7:  # the 7th answer is lost before its program sees it
-                        raise Killed
-                if on_done is not None:
-                    on_done(*a, **kw)
-
-            lm.run_programs(programs, count)
-
     broken = _cfg(tmp_path, "broken", *tiny)
     with pytest.raises(Killed):
         pipeline.run(broken, stop="sl_generate", lm_factory=Dying)
-    journal = tmp_path / "broken" / "sl_generate" / FILE
-    assert len(journal.read_text().splitlines()) == 1 + 6  # its header, then a line per call as it ended
-    calls.clear()
-    resumed = Dying()
-    resumed.run_programs = lambda programs, on_done=None: lm.run_programs(
-        programs, lambda *a, **kw: (kw.get("ended") or calls.append(1), on_done and on_done(*a, **kw)))
-    pipeline.run(broken, stop="sl_generate", lm_factory=lambda: resumed)
-    assert len(calls) == 4 * 5 - 6  # only what the journal did not hold: 4 prompts, 5 calls each
+    pipeline.run(broken, stop="sl_generate", lm_factory=lambda: lm)
     assert (tmp_path / "broken" / "sl_generate" / "rows.jsonl").read_bytes() == expected
 
 
@@ -229,7 +208,7 @@ def test_a_back_end_that_interleaves_programs_journals_each_call_as_it_comes(tmp
     assert len(again.inner.calls) == 1  # only b's third call was never made
 
 
-def test_the_bar_counts_each_record_as_it_ends_before_its_chunk_is_written(tmp_path, tiny_hf, monkeypatch):
+def test_the_bar_counts_each_record_as_it_ends_before_its_chunk_is_written(tmp_path, scripted, monkeypatch):
     import cai.stages.chunked as chunked
 
     rows = tmp_path / "run" / "sl_generate" / "rows.jsonl"
@@ -242,12 +221,26 @@ def test_the_bar_counts_each_record_as_it_ends_before_its_chunk_is_written(tmp_p
                 seen.append((self.n, len(rows.read_text().splitlines()) if rows.exists() else 0))
             return out
 
+    class OneAtATime(scripted):
+        """A back-end that interleaves programs itself (as a server back-end does): here it runs
+        each program to its end before the next."""
+
+        def run_programs(self, programs, on_done=None):
+            for program in programs:
+                with contextlib.suppress(StopIteration):
+                    request = next(program)
+                    while True:
+                        conversation, sampling, seed = request
+                        completion = self.generate([conversation], sampling, seeds=[seed])[0][0]
+                        if on_done is not None:
+                            on_done(completion.num_tokens)
+                        request = program.send(completion)
+
     monkeypatch.setattr(chunked, "tqdm", Bar)
-    cfg = _cfg(tmp_path, "run", "sl.rounds=2", "sl.response.max_new_tokens=6", "sl.critique.max_new_tokens=4",
-               "sl.revision.max_new_tokens=6")
-    pipeline.run(cfg, stop="sl_generate", lm_factory=lambda: tiny_hf)
+    lm = OneAtATime()
+    pipeline.run(_cfg(tmp_path, "run"), stop="sl_generate", lm_factory=lambda: lm)
     total = len(rows.read_text().splitlines())
-    assert total == 7  # 4 red-team prompts, 3 helpful ones
-    # one chunk: each record counted as its program ended (the helpful ones after their answer), all
-    # before the chunk's rows were written; the write then adds none twice
+    assert total == 7 and len(lm.calls) == 4 * 7 + 3  # 4 red-team prompts of 7 calls, 3 helpful ones of 1
+    # one chunk: each record counted as its program ended, all before the chunk's rows were written;
+    # the write then counts none twice
     assert seen == [(k, 0) for k in range(1, total + 1)] + [(total, total)]

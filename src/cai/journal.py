@@ -9,11 +9,8 @@ to where it stopped. The journal keeps each finished call's completion under a k
 those completions without a model call. The calls of one lockstep step are written as one line, so
 a resumed chunk's next step batches the same requests together as an uninterrupted run would, and
 its rows are the same. A kill loses at most the step in flight: one answer, critique or revision
-per prompt of one chunk. Back-ends that interleave programs themselves (`RunsPrograms`: the
-transformers back-end and OpenAI-compatible servers) write each completion on its own line as it
-arrives, so a kill loses at most the calls in flight (one batch); those run again beside other
-requests than before, and as each request is seeded on its own, they get the same answers up to
-float rounding.
+per prompt of one chunk. Back-ends that interleave programs themselves (`RunsPrograms`) write each
+completion on its own line as it arrives.
 
 The file sits in the stage folder (`calls.jsonl`), starts with the stage's fingerprint (a journal of
 other settings is ignored and replaced), is flushed after each line (a killed process loses nothing

@@ -11,12 +11,11 @@ and turns the tokens that come back into text. `cai serve` uses the same engine 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 from cai.config import ModelConfig, Sampling
-from cai.lm.base import Completion, Message, OnCall, Program, Request
-from cai.lm.hf_engine import HFEngine, TokenRequest
+from cai.lm.base import Completion, Message
+from cai.lm.hf_engine import HFEngine
 from cai.models import load_model
 from cai.templating import encode_prompt
 
@@ -65,54 +64,6 @@ class HFModel:
             self.engine.check_length(e, sampling, f"conversation {i}")
         done = self.engine.generate_ids(encoded, sampling, n, seeds)
         return [[self.engine.completion(tc, sampling) for tc in row] for row in done]
-
-    def run_programs(self, programs: Sequence[Program], on_done: OnCall | None = None) -> None:
-        """Run programs interleaved: a program's next request joins the running batch as soon as
-        its last one is answered, so the batch stays full while programs have work, instead of
-        draining at the end of each lockstep step (and records finish one by one).
-
-        A request joins a running batch only if its prompt starts with the prefix the batch's rows
-        share (their keys and values are held once) and that prefix is a good part of it: SL-CAI's
-        critiques and revisions all start with the same few-shot examples and run together, but
-        they do not join the batch of first answers, which share only the chat template's header.
-        Those wait, in order, for the next batch. A request's samples are seeded by its own seed,
-        so what it gets does not depend on which batch it ran in (up to float rounding)."""
-        ready: list[TokenRequest] = []
-        owner: dict[int, int] = {}  # id(request) -> its program
-
-        def push(i: int, request: Request) -> None:
-            conversation, sampling, seed = request
-            sampling = sampling.at_round(0)
-            ids = self.encode(conversation)
-            self.engine.check_length(ids, sampling, f"program {i}")
-            req = TokenRequest(ids, sampling, 1, seed)
-            owner[id(req)] = i
-            ready.append(req)
-
-        def done(req: TokenRequest) -> None:
-            i = owner.pop(id(req))
-            completion = self.engine.completion(req.results[0], req.sampling)
-            if on_done is not None:
-                on_done(completion.num_tokens)
-            with contextlib.suppress(StopIteration):
-                push(i, programs[i].send(completion))
-
-        def admit(prefix: Sequence[int]) -> list[TokenRequest]:
-            head = list(prefix)
-            fit, wait = [], []
-            for r in ready:
-                joins = (len(r.prompt) > len(head) >= max(64, len(r.prompt) // 4)
-                         and r.prompt[: len(head)] == head)
-                (fit if joins else wait).append(r)
-            ready[:] = wait
-            return fit
-
-        for i, program in enumerate(programs):
-            with contextlib.suppress(StopIteration):  # a program may need no model at all
-                push(i, next(program))
-        while ready:
-            batch, ready[:] = list(ready), []
-            self.engine.run_requests(batch, admit, done)
 
     def score_options(self, contexts: Sequence[Sequence[Message]], options: Sequence[Sequence[str]]) -> list[list[float]]:
         """Sum of log-probabilities of each option's tokens after its context."""

@@ -103,7 +103,8 @@ class _CallProgress:
     """Model calls as they finish, shown beside the record count: the chunk's calls, tokens per
     second, and the time left at the rate of this run's calls so far (calls answered from a
     journal count as done, not towards the rate). A record counts on the bar as soon as its
-    program ends (`ended`; its calls are journalled by then), before its chunk is written."""
+    program ends (`ended`; its calls are journalled by then), before its chunk is written: one by
+    one where the back-end interleaves programs (servers), at the chunk's last step in lockstep."""
 
     def __init__(self, bar: tqdm, want: list[int]):
         self.bar, self.want = bar, want

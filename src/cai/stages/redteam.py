@@ -24,10 +24,9 @@ prompts this way).
    no-attack baseline). A message is parsed as in step 2; one that already asks the request
    (overlap with it of `max_overlap` or more) is rejected as `asks_early`, and an empty reply as
    `empty_reply`. Rows in `RUN/redteam/probes/`, resumable the same way; a chunk's probes advance
-   together (interleaved on the back-ends that can, else in lockstep, one batched call per step),
-   and each finished call or step goes to a journal (cai/journal.py, `probes/calls.jsonl`), so a
-   kill inside a chunk loses at most the calls in flight (see cai/journal.py for what a resumed
-   chunk's rows are).
+   in lockstep, one batched call per step (a message or a reply for each probe), and each finished
+   step goes to a journal (cai/journal.py, `probes/calls.jsonl`), so a kill inside a chunk loses at
+   most the step in flight and the resumed chunk's rows are those of an uninterrupted run.
 
 Steps 2 and 3 are recomputed from the stored completions on every run (cheap and deterministic), so
 changing `min_words`, `requests_only`, `ngram`, `max_overlap` or `exclude` generates nothing again, and
@@ -301,8 +300,8 @@ def probe_program(row: Row, cfg: RedTeamConfig, seed: int) -> Program:
 
 def probe_chunk(lm: LM, rows: list[Row], on_call: OnCall | None, *, cfg: RedTeamConfig, seed: int,
                 journal: Journal | None = None) -> list[Row]:
-    """One chunk of probes, their programs run together (`run_programs`). With a `journal`, each
-    finished call is kept and a resumed chunk starts after the last ones."""
+    """One chunk of probes, their programs advancing in lockstep (one batched call per step). With a
+    `journal`, each finished step is kept and a resumed chunk starts after its last finished step."""
     out = [dict(r) for r in rows]
     run_programs(lm, [probe_program(o, cfg, seed) for o in out], on_call, journal)
     return [{**o, "generator": lm.name, "seed": seed} for o in out]

@@ -7,13 +7,11 @@ revision (empty, truncated, echoing the scaffold, the critique or the prompt, or
 not replace the answer; it is recorded with its reason. Helpfulness prompts get ordinary answers
 from the same model (zero rounds).
 
-Records are processed in fixed chunks of `sl.chunk_size`, and each finished chunk is appended to
-the run directory (cai/stages/chunked.py). Within a chunk the prompts' chains run together: on the
-transformers back-end and servers, a chain's next request joins the running batch as soon as its
-last one is answered (records end one by one and the progress bar counts them); on other back-ends
-they advance in lockstep, one batched call per step. Each finished call (or step) goes to a journal
-(cai/journal.py), so a killed run resumes where it was and loses at most the calls in flight. With
-`ray.enabled` the chunks are spread over Ray workers (cai/cluster.py); the rows are the same.
+Records are processed in fixed chunks of `sl.chunk_size`, all steps of a chunk batched together,
+and each finished chunk is appended to the run directory (cai/stages/chunked.py); within a chunk,
+each finished step (an answer, critique or revision for every prompt of the chunk) goes to a
+journal (cai/journal.py), so a killed run resumes at the step it was in and loses at most that one. With `ray.enabled` the chunks are spread over Ray workers (cai/cluster.py);
+the rows are the same.
 
     cai run configs/quickstart.yaml --to sl_generate
 """
