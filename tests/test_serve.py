@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from cai.config import ModelConfig, Sampling
+from cai.config import Sampling
 from cai.constitution import load
 from cai.serve import Server, is_loopback, is_preference_model, serve
 
@@ -21,15 +21,8 @@ C = load("default")
 
 
 @pytest.fixture(scope="module")
-def tiny_lm(tiny_model_dir):
-    from cai.lm.hf import HFModel
-
-    return HFModel.from_config(ModelConfig(name=tiny_model_dir, dtype="float32", batch_size=8))
-
-
-@pytest.fixture(scope="module")
-def server(tiny_lm):
-    with Server(tiny_lm, "tiny", port=0) as srv:
+def server(tiny_hf):
+    with Server(tiny_hf, "tiny", port=0) as srv:
         yield srv
 
 
@@ -112,16 +105,16 @@ def test_malformed_json_is_a_400(client):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
 
-def test_chat_gives_what_generate_gives_for_the_seed(client, tiny_lm):
+def test_chat_gives_what_generate_gives_for_the_seed(client, tiny_hf):
     sampling = Sampling(temperature=0.8, top_p=0.9, max_new_tokens=8)
     body = {"model": "tiny", "messages": USER, "n": 2, "seed": 11, "temperature": 0.8, "top_p": 0.9, "max_tokens": 8}
     got = client.post("/chat/completions", json=body).json()
-    want = tiny_lm.generate([USER], sampling, n=2, seeds=[11])[0]
+    want = tiny_hf.generate([USER], sampling, n=2, seeds=[11])[0]
     assert [c["index"] for c in got["choices"]] == [0, 1]
     assert [c["message"]["content"] for c in got["choices"]] == [w.text for w in want]
     assert [c["finish_reason"] for c in got["choices"]] == [w.finish_reason for w in want]
     assert got["usage"]["completion_tokens"] == sum(w.num_tokens for w in want)
-    assert got["usage"]["prompt_tokens"] == len(tiny_lm.encode(USER))
+    assert got["usage"]["prompt_tokens"] == len(tiny_hf.encode(USER))
 
 
 def _scoring_items(lm):
@@ -141,9 +134,9 @@ def _scoring_items(lm):
     return contexts, options, prompts, spans
 
 
-def test_prompt_logprobs_equal_score_options(client, tiny_lm):
-    contexts, options, prompts, spans = _scoring_items(tiny_lm)
-    want = [s for row in tiny_lm.score_options(contexts, options) for s in row]
+def test_prompt_logprobs_equal_score_options(client, tiny_hf):
+    contexts, options, prompts, spans = _scoring_items(tiny_hf)
+    want = [s for row in tiny_hf.score_options(contexts, options) for s in row]
     echo = client.post("/completions", json={"prompt": prompts, "max_tokens": 1, "temperature": 0, "echo": True,
                                              "logprobs": 1}).json()
     vllm = client.post("/completions", json={"prompt": prompts, "max_tokens": 1, "temperature": 0,
@@ -157,33 +150,33 @@ def test_prompt_logprobs_equal_score_options(client, tiny_lm):
         assert v[0] is None and len(v) == len(ids)
         assert sum(v[p][str(ids[p])]["logprob"] for p in range(len(ids) - m, len(ids))) == pytest.approx(want[k], abs=1e-5)
     # the greedy token the scoring pass reports is the one generation picks
-    gen = tiny_lm.engine.generate_ids(prompts[:1], Sampling(temperature=0, max_new_tokens=1))[0][0]
-    assert echo["choices"][0]["logprobs"]["tokens"][len(prompts[0]):] == [tiny_lm.tokenizer.decode([t]) for t in gen.tokens]
+    gen = tiny_hf.engine.generate_ids(prompts[:1], Sampling(temperature=0, max_new_tokens=1))[0][0]
+    assert echo["choices"][0]["logprobs"]["tokens"][len(prompts[0]):] == [tiny_hf.tokenizer.decode([t]) for t in gen.tokens]
 
 
-def test_echo_logprobs_of_sampled_tokens_match_rescoring(client, tiny_lm):
-    ids = tiny_lm.encode(USER)
+def test_echo_logprobs_of_sampled_tokens_match_rescoring(client, tiny_hf):
+    ids = tiny_hf.encode(USER)
     got = client.post("/completions", json={"prompt": ids, "max_tokens": 4, "temperature": 1.0, "seed": 3,
                                             "logprobs": 2}).json()["choices"][0]
-    gen = tiny_lm.engine.generate_ids([ids], Sampling(temperature=1.0, max_new_tokens=4), seeds=[3])[0][0]
+    gen = tiny_hf.engine.generate_ids([ids], Sampling(temperature=1.0, max_new_tokens=4), seeds=[3])[0][0]
     lp = got["logprobs"]
-    assert got["text"] == tiny_lm.engine.decode_text(gen.tokens) and len(lp["tokens"]) == len(gen.tokens)
-    want = tiny_lm.engine.prompt_logprobs([ids + gen.tokens])[0][len(ids):]
+    assert got["text"] == tiny_hf.engine.decode_text(gen.tokens) and len(lp["tokens"]) == len(gen.tokens)
+    want = tiny_hf.engine.prompt_logprobs([ids + gen.tokens])[0][len(ids):]
     assert lp["token_logprobs"] == pytest.approx(want, abs=1e-5)
     assert all(len(d) in (2, 3) for d in lp["top_logprobs"])  # the top 2, plus the sampled token if not among them
 
 
-def test_completions_generate_from_raw_prompts(client, tiny_lm):
-    ids = tiny_lm.encode(USER)
+def test_completions_generate_from_raw_prompts(client, tiny_hf):
+    ids = tiny_hf.encode(USER)
     body = {"prompt": ["Once upon a time", ids], "max_tokens": 6, "temperature": 0.9, "n": 2, "seed": 5, "echo": True}
     got = client.post("/completions", json=body).json()
     assert [c["index"] for c in got["choices"]] == [0, 1, 2, 3]  # choice i * n + j: sample j of prompt i
-    first = tiny_lm.tokenizer("Once upon a time")["input_ids"]
-    want = tiny_lm.engine.generate_ids([first, ids], Sampling(temperature=0.9, max_new_tokens=6), n=2, seeds=[5, 5])
-    for i, prompt_text in enumerate(["Once upon a time", tiny_lm.tokenizer.decode(ids)]):
+    first = tiny_hf.tokenizer("Once upon a time")["input_ids"]
+    want = tiny_hf.engine.generate_ids([first, ids], Sampling(temperature=0.9, max_new_tokens=6), n=2, seeds=[5, 5])
+    for i, prompt_text in enumerate(["Once upon a time", tiny_hf.tokenizer.decode(ids)]):
         for j in range(2):
             c = got["choices"][2 * i + j]
-            assert c["text"] == prompt_text + tiny_lm.engine.decode_text(want[i][j].tokens)
+            assert c["text"] == prompt_text + tiny_hf.engine.decode_text(want[i][j].tokens)
     # a stop string ends the text before it, with finish_reason "stop"
     plain = client.post("/completions", json={"prompt": ids, "max_tokens": 8, "temperature": 0.9, "seed": 5}).json()
     text = plain["choices"][0]["text"]
@@ -208,7 +201,7 @@ def _queued_together(scheduler, client, path, bodies):
     return list(scheduler.runs)[before:], out
 
 
-def test_concurrent_requests_are_batched(server, client, tiny_lm):
+def test_concurrent_requests_are_batched(server, client, tiny_hf):
     scheduler = server.scheduler
     bodies = [{"messages": [{"role": "user", "content": f"Question {i}?"}], "max_tokens": 5, "temperature": 0.7,
                "seed": i} for i in range(4)]
@@ -216,7 +209,7 @@ def test_concurrent_requests_are_batched(server, client, tiny_lm):
     assert [r["requests"] for r in runs if r["kind"] == "generate"] == [4]
     assert all(r.status_code == 200 and len(r.json()["choices"]) == 1 for r in out)
 
-    _, _, prompts, _ = _scoring_items(tiny_lm)
+    _, _, prompts, _ = _scoring_items(tiny_hf)
     score = [{"prompt": prompts[k:k + 2], "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 0}
              for k in (0, 2, 4)]
     runs, out = _queued_together(scheduler, client, "/completions", score)
@@ -224,8 +217,8 @@ def test_concurrent_requests_are_batched(server, client, tiny_lm):
     assert all(len(r.json()["choices"]) == 2 for r in out)
 
 
-def test_api_key_is_required_when_set(tiny_lm):
-    with Server(tiny_lm, "tiny", port=0, api_key="s3cret-value") as srv:
+def test_api_key_is_required_when_set(tiny_hf):
+    with Server(tiny_hf, "tiny", port=0, api_key="s3cret-value") as srv:
         root = srv.url.removesuffix("/v1")
         assert httpx.get(f"{root}/health").status_code == 200  # health stays open
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-value"}):
@@ -322,13 +315,13 @@ def test_cli_serves_until_interrupted(tiny_model_dir, capsys):
     assert f"at http://127.0.0.1:{port}/v1" in out.out and "stopped" in out.err
 
 
-def test_requests_join_a_running_batch_that_shares_their_prefix(tiny_lm):
+def test_requests_join_a_running_batch_that_shares_their_prefix(tiny_hf):
     from cai.lm.hf_engine import TokenRequest
 
     greedy = Sampling(temperature=0.0, max_new_tokens=6)
-    crit = [tiny_lm.encode(C.critique_messages([{"role": "user", "content": q}], "Sure.", C.critique_revision[0].id, 1))
+    crit = [tiny_hf.encode(C.critique_messages([{"role": "user", "content": q}], "Sure.", C.critique_revision[0].id, 1))
             for q in ("How do I pick a lock?", "How do I steal a bike?")]
-    alone = tiny_lm.engine.generate_ids(crit, greedy, n=1, seeds=[1, 2])  # also caches the prefix the two share
+    alone = tiny_hf.engine.generate_ids(crit, greedy, n=1, seeds=[1, 2])  # also caches the prefix the two share
     first, late = TokenRequest(crit[0], greedy, n=2, seed=1), TokenRequest(crit[1], greedy, seed=2)
     offered, done = [], []
 
@@ -337,7 +330,7 @@ def test_requests_join_a_running_batch_that_shares_their_prefix(tiny_lm):
         # `late` arrives after the first decoding step, and may join only if it shares the prefix
         return [late] if len(offered) == 2 and crit[1][:len(prefix)] == list(prefix) else []
 
-    tiny_lm.engine.run_requests([first], admit, done.append)
-    assert len(offered[0]) >= tiny_lm.engine.min_prefix  # the shared few-shot block, not all of the first prompt
+    tiny_hf.engine.run_requests([first], admit, done.append)
+    assert len(offered[0]) >= tiny_hf.engine.min_prefix  # the shared few-shot block, not all of the first prompt
     assert done == [first, late] or done == [late, first]
     assert first.results[0] == first.results[1] == alone[0][0] and late.results == alone[1]
