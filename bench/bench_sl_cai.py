@@ -13,6 +13,7 @@ that is not installed is skipped with a note.
     python bench/bench_sl_cai.py                       # 32 prompts batched, 4 naive, every installed engine
     python bench/bench_sl_cai.py --prompts 64 --naive-prompts 8 --rounds 2
     python bench/bench_sl_cai.py --engines none        # the in-process back-end and the naive loop only
+    python bench/bench_sl_cai.py --pack-weights both   # the in-process back-end with and without packed weights
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ def main() -> None:
                     "in-process back-end, each only where installed: llama_cpp, vllm; 'none' for none")
     ap.add_argument("--dtype", default=None, help="model dtype (default: the config's; auto = bf16 where the CPU "
                     "has it natively, else float32); float32 on a bf16 CPU stands in for one without")
+    ap.add_argument("--pack-weights", default="on", choices=["on", "off", "both"],
+                    help="the in-process back-end's model.pack_weights (on: where it applies, fp32 on a CPU); "
+                    "both = one run with each, side by side")
     args = ap.parse_args()
 
     cfg = load_config(args.config)
@@ -94,7 +98,9 @@ def main() -> None:
     rows = [{**r, "kind": "red_team"} for r in read_source(PromptSource("builtin:red_team", limit=args.prompts))]
     torch.set_num_threads(torch.get_num_threads())
 
-    lm = HFModel.from_config(replace(cfg.model, batch_size=args.batch_size))
+    packs = [True, False] if args.pack_weights == "both" else [args.pack_weights == "on"]
+    lms = [HFModel.from_config(replace(cfg.model, batch_size=args.batch_size, pack_weights=p)) for p in packs]
+    lm = lms[0]
     naive_model, naive_tok = load_model(cfg.model.name, cfg.model.dtype)
     naive = NaiveLM(naive_model, naive_tok)
     print(f"{cpu_description()}; bf16 matrix products {bf16_speed():.2f}x fp32's speed")
@@ -102,10 +108,18 @@ def main() -> None:
           f"{args.rounds} rounds, {sl.few_shot} few-shot examples")
 
     # warm-up (kernels, allocator) on one prompt each, not timed
-    process_chunk(rows[:1], lm, constitution, replace(sl, rounds=1), seed=1)
+    for m in lms:
+        process_chunk(rows[:1], m, constitution, replace(sl, rounds=1), seed=1)
     naive.generate([[{"role": "user", "content": "hi"}]], Sampling(temperature=0, max_new_tokens=4))
 
-    b_dt, b_tok, b_rev = run_stage(lm, rows, constitution, sl, lambda: lm.stats["generated_tokens"])
+    in_process = []
+    for m in lms:
+        stats0 = dict(m.stats)
+        dt, tok, rev = run_stage(m, rows, constitution, sl, lambda m=m: m.stats["generated_tokens"])
+        packed = m.engine._packed is not None
+        in_process.append((f"in-process ({'packed' if packed else 'unpacked'})", len(rows), tok, dt, rev,
+                           {k: v - stats0[k] for k, v in m.stats.items()}))
+    b_tok, b_dt, b_rev = in_process[0][2:5]
     n_dt, n_tok, n_rev = run_stage(naive, rows[: args.naive_prompts], constitution, sl, lambda: naive.generated)
 
     dtype = str(lm.model.dtype).removeprefix("torch.")
@@ -113,18 +127,19 @@ def main() -> None:
     engine_rows = [run_engine(e, rows, constitution, sl, dtype) for e in engines]
 
     b_rate, n_rate = b_tok / b_dt, n_tok / n_dt
-    print(f"{'':22} {'prompts':>8} {'tokens':>8} {'seconds':>8} {'tok/s':>8} {'s/revision':>11} {'x naive':>8}")
-    table = [("in-process (batched)", len(rows), b_tok, b_dt, b_rev), ("naive loop", args.naive_prompts, n_tok, n_dt, n_rev)]
+    print(f"{'':24} {'prompts':>8} {'tokens':>8} {'seconds':>8} {'tok/s':>8} {'s/revision':>11} {'x naive':>8}")
+    table = [r[:5] for r in in_process] + [("naive loop", args.naive_prompts, n_tok, n_dt, n_rev)]
     table += [r for r in engine_rows if r is not None]
     for name, n, tok, dt, rev in table:
-        print(f"{name:22} {n:>8} {tok:>8} {dt:>8.1f} {tok / dt:>8.1f} {dt / rev:>11.2f} {tok / dt / n_rate:>8.1f}")
+        print(f"{name:24} {n:>8} {tok:>8} {dt:>8.1f} {tok / dt:>8.1f} {dt / rev:>11.2f} {tok / dt / n_rate:>8.1f}")
     print(f"speed-up: {b_rate / n_rate:.1f}x tokens/s, {(n_dt / n_rev) / (b_dt / b_rev):.1f}x per revision")
-    for name, _, tok, dt, rev in table[2:]:
-        print(f"in-process against {name}: {b_rate / (tok / dt):.2f}x tokens/s, {(dt / rev) / (b_dt / b_rev):.2f}x per revision")
-    st = lm.stats
-    print(f"prefix tokens reused: {st['prefix_tokens_reused']} of {st['prompt_tokens']} prompt tokens; "
-          f"prefill {st['prefill_s']:.1f}s, decode {st['decode_s']:.1f}s over {st['decode_steps']} steps")
-    roofline(lm.model, st)
+    for name, _, tok, dt, rev in table[1:len(in_process)] + table[len(in_process) + 1:]:
+        print(f"{table[0][0]} against {name}: {b_rate / (tok / dt):.2f}x tokens/s, "
+              f"{(dt / rev) / (b_dt / b_rev):.2f}x per revision")
+    for name, *_, st in in_process:
+        print(f"{name}: prefix tokens reused: {st['prefix_tokens_reused']} of {st['prompt_tokens']} prompt tokens; "
+              f"prefill {st['prefill_s']:.1f}s, decode {st['decode_s']:.1f}s over {st['decode_steps']} steps")
+    roofline(lm.model, in_process[0][5])
 
 
 def run_engine(engine, rows, constitution, sl, dtype):

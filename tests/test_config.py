@@ -386,6 +386,11 @@ def test_model_identity_leaves_out_how_requests_are_sent_but_keeps_what_decides_
     for change in ("model.name=other", "model.openai.scoring=prompt_logprobs", "model.dtype=float32"):
         other = load_config(None, ["model.backend=openai", change])
         assert fingerprint(model_identity(other.model)) != fingerprint(model_identity(base.model)), change
+    # packed weights change how the products are computed, not what a run asks for: runs resume across it
+    packed = load_config(None, ["model.pack_weights=false"])
+    assert fingerprint(model_identity(packed.model)) == fingerprint(model_identity(load_config(None).model))
+    # added after runs existed: left out at its default, so fingerprints that hash the whole section stay
+    assert "pack_weights" not in plain(load_config(None).model) and plain(packed.model)["pack_weights"] is False
     # the hf back-end's identity does not depend on the unused openai/vllm sections
     hf = load_config(None, ["model.openai.scoring=prompt_logprobs", "model.vllm.max_model_len=99"])
     assert model_identity(hf.model) == model_identity(load_config(None).model)

@@ -134,6 +134,58 @@ def test_prompt_logprobs_match_a_plain_forward_exactly(lm32):
         lm32.model.set_attn_implementation("cai_prefix")
 
 
+def test_packed_linear_weights_score_like_the_plain_model_and_follow_weight_changes(tiny_model_dir):
+    """The engine's packed (oneDNN) linear weights against the same model without them: the same
+    log-probabilities, still after the weights change in place (a stale packed copy would differ),
+    and the model itself unchanged for everything outside the engine (forward, gradients, copies)."""
+    import copy
+
+    from cai.lm.hf_engine import HFEngine, _EngineLinear, can_pack
+    from cai.models import load_model
+
+    model, tok = load_model(tiny_model_dir, "float32", chat=False)
+    plain, _ = load_model(tiny_model_dir, "float32", chat=False)
+    if not can_pack(model):
+        pytest.skip("this torch build has no oneDNN")
+    packed_engine, plain_engine = HFEngine(model, tok, pack_weights=True), HFEngine(plain, tok, pack_weights=False)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is _EngineLinear for m in linears)
+    assert not any(type(m) is _EngineLinear for m in plain.modules())
+    rows = [tok(t)["input_ids"] for t in ("Which reply is kinder, the first or the second one?", "Hi", "A b c d e f")]
+
+    def worst() -> float:
+        a, b = packed_engine.prompt_logprobs(rows), plain_engine.prompt_logprobs(rows)
+        return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra[1:], rb[1:]))
+
+    assert worst() < 1e-5  # the same products, summed in another order
+    store = packed_engine._packed
+    groups = {g for g, _ in store.groups.values()}
+    # each layer's query/key/value and gate/up projections are one product each
+    layers = model.config.num_hidden_layers
+    assert sorted(len(g) for g in groups) == [2] * layers + [3] * layers
+    assert len(store.weights) == len(linears) - sum(len(g) - 1 for g in groups) and not store.pending
+    with torch.no_grad():
+        for m in (model, plain):
+            for p in m.parameters():
+                p.mul_(1.5)
+    assert worst() < 1e-5
+    sampling = Sampling(temperature=0, max_new_tokens=8)
+    assert ([c[0].tokens for c in packed_engine.generate_ids(rows, sampling)]
+            == [c[0].tokens for c in plain_engine.generate_ids(rows, sampling)])
+
+    # outside the engine's calls the layers are plain nn.Linear: bit for bit, with gradients
+    ids = torch.tensor([rows[0]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+    for m in (model, plain):
+        m(ids, labels=ids).loss.backward()
+    grads = [(a.grad, b.grad) for a, b in zip(model.parameters(), plain.parameters())]
+    assert grads and all(torch.equal(a, b) for a, b in grads)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(twin(ids).logits, plain(ids).logits)
+
+
 def test_the_key_value_buffer_grows_selects_and_trims_like_concatenation():
     from cai.lm.hf_engine import _BufferLayer, _cache, _merge, _trim
 

@@ -202,7 +202,9 @@ class VLLMConfig(Section):
 @dataclass(frozen=True)
 class ModelConfig(Section):
     """Which model, and how it runs. `name` is `smollm2-135m`, a local directory or a hub id
-    (or, with `backend: openai`, the model id the server serves)."""
+    (or, with `backend: openai`, the model id the server serves). `pack_weights` (transformers
+    back-end): true keeps a copy of the linear layers' weights packed for oneDNN where the model runs
+    in fp32 on a CPU, which decodes faster and takes that much more memory; false never does."""
 
     name: str = "smollm2-135m"
     backend: Literal["hf", "openai", "vllm"] = "hf"
@@ -212,6 +214,7 @@ class ModelConfig(Section):
     max_length: int = 4096
     revision: str | None = None
     trust_remote_code: bool = False
+    pack_weights: bool = added_field(True)
     openai: OpenAIConfig = field(default_factory=OpenAIConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
@@ -229,7 +232,7 @@ class ModelConfig(Section):
 # so a run stopped by its request budget resumes with a larger one.
 _OPERATIONAL = {"batch_size", "max_concurrency", "max_retries", "backoff_s", "max_backoff_s", "timeout_s",
                 "request_budget", "api_key_env", "base_url", "gpu_memory_utilization", "enforce_eager",
-                "tensor_parallel_size", "data_parallel_size"}
+                "tensor_parallel_size", "data_parallel_size", "pack_weights"}
 
 
 def model_identity(cfg: ModelConfig) -> dict[str, Any]:

@@ -25,12 +25,14 @@ class HFModel:
     the other arguments tune its `engine` (see `HFEngine`)."""
 
     def __init__(self, model, tokenizer, name: str, batch_size: int = 32, max_length: int = 4096,
-                 min_prefix: int = 16, prefix_cache_size: int = 8, prefill_rows: int = 8):
+                 min_prefix: int = 16, prefix_cache_size: int = 8, prefill_rows: int = 8,
+                 pack_weights: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.engine = HFEngine(model, tokenizer, batch_size=batch_size, max_length=max_length, min_prefix=min_prefix,
-                               prefix_cache_size=prefix_cache_size, prefill_rows=prefill_rows)
+                               prefix_cache_size=prefix_cache_size, prefill_rows=prefill_rows,
+                               pack_weights=pack_weights)
         self.batch_size = batch_size
         self.max_length = max_length
         self.device = self.engine.device
@@ -39,7 +41,8 @@ class HFModel:
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> HFModel:
         model, tok = load_model(cfg.name, cfg.dtype, cfg.device, cfg.revision, cfg.trust_remote_code, chat=False)
-        return cls(model, tok, cfg.name, batch_size=cfg.batch_size, max_length=cfg.max_length)
+        return cls(model, tok, cfg.name, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                   pack_weights=None if cfg.pack_weights else False)
 
     @property
     def stats(self) -> dict[str, float]:

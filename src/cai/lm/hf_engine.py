@@ -111,13 +111,102 @@ AttentionInterface.register(ATTN_NAME, prefix_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
 
 
+def can_pack(model) -> bool:
+    """Whether packed linear weights (`_EngineLinear`) serve `model`: fp32 on a CPU with oneDNN."""
+    p = next(model.parameters())
+    return p.device.type == "cpu" and p.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+# Sibling layers that read the same input one right after the other in the model families the engine
+# serves (Llama, Mistral, Qwen, SmolLM, ...): one product with their weights stacked serves them all.
+_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _PackedWeights:
+    """An engine's linear weights in oneDNN's packed (blocked) layout, the one `torch.compile` gives CPU
+    linear layers once weights are frozen. `F.linear` re-arranges the weight for the matrix kernel on
+    every call, which at the few rows of a decoding step costs more than the product itself.
+
+    Sibling layers (`_SIBLINGS`: the attention's query, key and value projections, the MLP's gate and
+    up projections) are multiplied together by their stacked weights: the first of them computes all
+    and hands each later one its columns, if that one is then called on the same input tensor (else
+    it computes its own). A packed weight is made on first use and again whenever a weight it holds
+    changes (its version counter or storage), so it cannot go stale."""
+
+    def __init__(self, model, fuse: bool = True):
+        self.weights: dict = {}  # a layer, or a group of siblings -> ((version, pointer), ...), packed weight
+        self.groups: dict = {}  # layer -> (its siblings, its place among them)
+        self.pending: dict = {}  # a later sibling -> (the input, its columns of the first one's product)
+        for m in model.modules():
+            if type(m) is torch.nn.Linear:  # subclasses (quantised layers, adapters) are left alone
+                m.__class__ = _EngineLinear
+        if fuse:
+            for parent in model.modules():
+                for names in _SIBLINGS:
+                    group = tuple(parent._modules.get(n) for n in names)
+                    if (all(isinstance(m, _EngineLinear) for m in group)
+                            and len({(m.in_features, m.bias is None) for m in group}) == 1):
+                        for i, m in enumerate(group):
+                            self.groups[m] = (group, i)
+
+    def _packed(self, key, layers) -> torch.Tensor:
+        version = tuple((m.weight._version, m.weight.data_ptr()) for m in layers)
+        got = self.weights.get(key)
+        if got is None or got[0] != version:
+            w = torch.cat([m.weight.detach() for m in layers]) if len(layers) > 1 else layers[0].weight.detach()
+            got = self.weights[key] = (version, torch.ops.mkldnn._reorder_linear_weight(w, None))
+        return got[1]
+
+    @staticmethod
+    def _product(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, bias, "none", [], "")
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def linear(self, m: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        hit = self.pending.pop(m, None)
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        group, i = self.groups.get(m, ((m,), 0))
+        if i > 0:  # not called right after its first sibling on the same input: on its own
+            group = (m,)
+        bias = None if m.bias is None else torch.cat([s.bias.detach() for s in group])
+        y = self._product(x, self._packed(group, group), bias)
+        if len(group) == 1:
+            return y
+        parts = y.split([s.out_features for s in group], -1)
+        for s, part in zip(group[1:], parts[1:]):
+            self.pending[s] = (x, part)
+        return parts[0]
+
+
+# Inside an engine's model calls: its packed linear weights, or None when the engine does not pack.
+_PACKED: contextvars.ContextVar[_PackedWeights | None] = contextvars.ContextVar("cai_packed", default=None)
+
+
+class _EngineLinear(torch.nn.Linear):
+    """An `nn.Linear` that, inside an engine's inference calls on a CPU in fp32, multiplies by the
+    engine's packed weights (`_PackedWeights`). Outside those calls (training, gradients, other code
+    using the same model, copies of it) it is exactly `nn.Linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = _PACKED.get()
+        if (packed is None or torch.is_grad_enabled() or x.dtype != torch.float32
+                or self.weight.dtype != torch.float32 or x.device.type != "cpu"):
+            return F.linear(x, self.weight, self.bias)
+        return packed.linear(self, x)
+
+
 @contextlib.contextmanager
-def _use_prefix(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+def _use_prefix(kv: list[tuple[torch.Tensor, torch.Tensor]], packed: _PackedWeights | None = None) -> Iterator[None]:
     token = _PREFIX.set(kv)
+    ptoken = _PACKED.set(packed)
     try:
         yield
     finally:
+        _PACKED.reset(ptoken)
         _PREFIX.reset(token)
+        if packed is not None:
+            packed.pending.clear()
 
 
 def prefix_groups(rows: Sequence[Sequence[int]], min_prefix: int = 16, group: int = 2) -> list[list[int]]:
@@ -303,10 +392,13 @@ def _merge(cache: Cache, valid: torch.Tensor, other: Cache, other_valid: torch.T
 class HFEngine:
     """Batched decoding and scoring of token ids over a transformers causal LM (and its tokenizer,
     for padding, stop strings and decoding). It switches the model to the shared-prefix attention.
-    `batch_size` rows decode together; prompt plus continuation stay within `max_length` tokens."""
+    `batch_size` rows decode together; prompt plus continuation stay within `max_length` tokens.
+    `pack_weights` (default: where `can_pack`, that is fp32 on a CPU) multiplies by linear weights
+    packed for oneDNN (`_PackedWeights`): a copy of those weights beside the model's, for faster decoding."""
 
     def __init__(self, model, tokenizer, batch_size: int = 32, max_length: int = 4096,
-                 min_prefix: int = 16, prefix_cache_size: int = 8, prefill_rows: int = 8):
+                 min_prefix: int = 16, prefix_cache_size: int = 8, prefill_rows: int = 8,
+                 pack_weights: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -317,6 +409,9 @@ class HFEngine:
         self._prefix_cache_size = prefix_cache_size
         self._prefix_scores: OrderedDict[tuple, tuple] = OrderedDict()  # see _prefix_logprobs
         model.set_attn_implementation(ATTN_NAME)
+        if pack_weights is None:
+            pack_weights = can_pack(model)
+        self._packed = _PackedWeights(model) if pack_weights else None
         self.eos_ids = eos_token_ids(tokenizer, model.generation_config.eos_token_id)
         self.prefill_rows = prefill_rows
         self.stats: dict[str, float] = {"prompt_tokens": 0, "prefix_tokens_reused": 0, "generated_tokens": 0,
@@ -348,7 +443,7 @@ class HFEngine:
         kv_prev = [(k[:, :, :start], v[:, :, :start]) for k, v in base.kv] if base else None
         if start < len(tokens):
             new = torch.tensor([tokens[start:]], device=self.device)
-            with _use_prefix(kv_prev) if kv_prev else contextlib.nullcontext():
+            with _use_prefix(kv_prev or [], self._packed):
                 out = self.model(
                     input_ids=new,
                     position_ids=torch.arange(start, len(tokens), device=self.device)[None],
@@ -402,7 +497,7 @@ class HFEngine:
         ids = torch.tensor([[pad] * (width - len(t)) + t for t in tails], device=self.device)
         valid = torch.tensor([[False] * (width - len(t)) + [True] * len(t) for t in tails], device=self.device)
         pos = (valid.long().cumsum(1) - 1).clamp(min=0) + lcp
-        with _use_prefix(prefix):
+        with _use_prefix(prefix, self._packed):
             out = self.model(input_ids=ids, attention_mask=self._causal(valid), position_ids=pos,
                              cache=_cache(), use_cache=True, logits_to_keep=keep)
         self.stats["prompt_tokens"] += sum(len(r) for r in rows)
@@ -561,7 +656,7 @@ class HFEngine:
                 cache, valid = _trim(cache, valid)
             t0 = time.perf_counter()
             valid = torch.cat([valid, torch.ones(len(active), 1, dtype=torch.bool, device=self.device)], 1)
-            with _use_prefix(prefix):
+            with _use_prefix(prefix, self._packed):
                 out = self.model(input_ids=toks[:, None], attention_mask=valid[:, None, None, :],
                                  position_ids=next_pos[:, None], cache=cache, use_cache=True)
             next_pos = next_pos + 1
