@@ -8,6 +8,8 @@ per-row part, merged exactly through their log-sum-exps). Rows are left-padded a
 finished rows leave the batch and waiting requests take their slots (continuous batching).
 Sampling runs here, one generator per request, so a request's tokens depend on its seed, not on
 its neighbours.
+In fp32 on a CPU the model's linear layers multiply by weights packed for oneDNN while the engine
+runs them (`_PackedWeights`; plain `nn.Linear` everywhere else).
 
 Its entry points take and give token ids: `generate_ids`, `run_requests` (requests joining a
 running batch, as `cai serve` feeds it), `option_logprobs` and `prompt_logprobs_detail`. `HFModel`
