@@ -1,5 +1,5 @@
 """Benchmark: one linear layer, `F.linear` against the weight packed for oneDNN (what the in-process
-back-end does in fp32 on a CPU, `cai.lm.hf_engine._EngineLinear`), for the embedded model's shapes
+back-end does in fp32 on a CPU, `cai.lm.hf_engine._PackedWeights`), for the embedded model's shapes
 at the row counts of a decoding step and of a prefill.
 
     python bench/bench_linear.py                 # rows 17, 32, 256; every shape of the embedded model

@@ -136,7 +136,7 @@ class _PackedWeights:
     changes (its version counter or storage), so it cannot go stale."""
 
     def __init__(self, model, fuse: bool = True):
-        self.weights: dict = {}  # a layer, or a group of siblings -> ((version, pointer), ...), packed weight
+        self.weights: dict = {}  # layers multiplied together (one, or siblings) -> (their versions, packed weight)
         self.groups: dict = {}  # layer -> (its siblings, its place among them)
         self.pending: dict = {}  # a later sibling -> (the input, its columns of the first one's product)
         for m in model.modules():
@@ -151,12 +151,12 @@ class _PackedWeights:
                         for i, m in enumerate(group):
                             self.groups[m] = (group, i)
 
-    def _packed(self, key, layers) -> torch.Tensor:
+    def _packed(self, layers: tuple[torch.nn.Linear, ...]) -> torch.Tensor:
         version = tuple((m.weight._version, m.weight.data_ptr()) for m in layers)
-        got = self.weights.get(key)
+        got = self.weights.get(layers)
         if got is None or got[0] != version:
             w = torch.cat([m.weight.detach() for m in layers]) if len(layers) > 1 else layers[0].weight.detach()
-            got = self.weights[key] = (version, torch.ops.mkldnn._reorder_linear_weight(w, None))
+            got = self.weights[layers] = (version, torch.ops.mkldnn._reorder_linear_weight(w, None))
         return got[1]
 
     @staticmethod
@@ -172,7 +172,7 @@ class _PackedWeights:
         if i > 0:  # not called right after its first sibling on the same input: on its own
             group = (m,)
         bias = None if m.bias is None else torch.cat([s.bias.detach() for s in group])
-        y = self._product(x, self._packed(group, group), bias)
+        y = self._product(x, self._packed(group), bias)
         if len(group) == 1:
             return y
         parts = y.split([s.out_features for s in group], -1)
